@@ -1,0 +1,38 @@
+"""What a backend runs for one forward step: data, not code, so every technique is a policy over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which parts of the decoder to run for one step.
+
+    skip_layers: whole blocks bypassed (the residual passes through; their KV entries stay empty
+      and later steps mask them out).
+    zero_mlp: blocks whose MLP returns zeros (attention still runs); its weights are not read.
+    """
+
+    skip_layers: frozenset[int] = frozenset()
+    zero_mlp: frozenset[int] = frozenset()
+
+    @property
+    def is_full(self) -> bool:
+        return not self.skip_layers and not self.zero_mlp
+
+
+FULL = StepPlan()
+
+
+class StaticPolicy:
+    """The same plan every step (baseline, lobotomy); adaptive techniques implement the same two calls."""
+
+    def __init__(self, plan: StepPlan = FULL):
+        self._plan = plan
+
+    def plan(self, step: int) -> StepPlan:
+        return self._plan
+
+    def observe(self, logits) -> None:
+        """Called with the last-position logits of each step (backend-native array)."""
