@@ -14,10 +14,16 @@ from pathlib import Path
 def _tmp_sibling(path: Path, *, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
+    # mkdtemp / mkstemp create 0700 / 0600; artifacts get the usual umask-derived modes
+    mask = os.umask(0)
+    os.umask(mask)
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp.chmod(0o777 & ~mask)
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~mask)
     return Path(name)
 
 

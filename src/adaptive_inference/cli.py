@@ -1,0 +1,85 @@
+"""One CLI, one subcommand per pipeline stage; Snakefile and dvc.yaml call exactly these."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _prepare_model(a, params):
+    from . import prepare_model
+
+    return prepare_model.build(params["model"], a.out)
+
+
+def _build_corpus(a, params):
+    from . import corpus
+
+    return corpus.build(params["corpus"], a.out)
+
+
+def _cache_hidden(a, params):
+    from . import hidden_cache
+
+    return hidden_cache.build(params["cache_hidden"], a.model, a.corpus, a.out)
+
+
+def _benchmark(a, params):
+    from . import benchmark
+
+    return benchmark.build(params["benchmark"], a.model, a.corpus, a.out, artifacts=a.artifacts)
+
+
+def _report(a, params):
+    from . import report
+
+    return report.build(params["report"], a.results, a.out)
+
+
+def _paths(p: argparse.ArgumentParser, *names: str) -> None:
+    for n in names:
+        p.add_argument(f"--{n}", type=Path, required=True, help=f"{n} artifact folder")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adaptive-inference", description=__doc__)
+    sub = ap.add_subparsers(dest="stage", required=True)
+
+    def stage(name, fn, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml (validated)")
+        p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+        p.set_defaults(fn=fn)
+        return p
+
+    stage("prepare-model", _prepare_model, "Convert model.source to a plain HF folder.")
+    stage("build-corpus", _build_corpus, "Build categorized train / calib / eval texts.")
+    _paths(stage("cache-hidden", _cache_hidden, "Cache hidden states of the train and calib splits."),
+           "model", "corpus")
+    p = stage("benchmark", _benchmark, "Measure speed and quality of each configuration on each backend.")
+    _paths(p, "model", "corpus")
+    p.add_argument("--artifacts", type=Path, nargs="*", default=[],
+                   help="technique artifact folders the configurations apply")
+    p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
+    p.add_argument("--results", type=Path, nargs="+", required=True, help="benchmark artifact folders")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from . import params as params_mod
+
+        params = params_mod.load(args.params)
+        args.fn(args, params)
+    except UserError as e:
+        print(f"adaptive-inference {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
