@@ -1,0 +1,341 @@
+"""benchmark: speed and quality of every configuration on every backend, on the eval split only.
+
+Each (backend, configuration) is measured in a fresh process, so peak memory and library state
+(MLX's BLAS preload, torch threads) belong to that measurement alone. Speedups are against the
+baseline of the same backend in the same run, beside the structural bound of the plans that ran.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, manifest, techniques
+from .errors import UserError
+from .generation import generate
+from .hidden_cache import read_split
+from .model_config import ModelConfig
+from .plan import StepPlan
+
+GSM8K_INSTRUCTION = "Solve the problem. End your reply with 'The answer is N.' where N is a number."
+
+
+# ---- data (parent process) ---------------------------------------------------------------
+
+def prepare_data(params: dict, model_dir: Path, corpus_dir: Path) -> dict:
+    """Token ids for quality, decode timing and GSM8K, all from the eval split."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = read_split(corpus_dir, "eval")
+    q = params["quality"]
+    texts = rows[: q["max_texts"]] if q["max_texts"] else rows
+    enc = lambda t, n: tok(t, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]  # noqa: E731
+    eval_ids = [ids for ids in (enc(r["text"], q["seq_len"]) for r in texts) if len(ids) >= 2]
+    d = params["decode"]
+    long_enough = [ids for ids in (enc(r["text"], d["prompt_tokens"]) for r in rows)
+                   if len(ids) == d["prompt_tokens"]]
+    if not eval_ids or not long_enough:
+        raise UserError(f"eval split has no text of {d['prompt_tokens']} tokens (benchmark.decode.prompt_tokens)")
+    gsm = [r for r in rows if r.get("source", "").startswith("gsm8k") and "answer" in r]
+    gsm8k = []
+    for r in gsm[: params["gsm8k"]["samples"]]:
+        msgs = [{"role": "user", "content": f"{r['question']}\n{GSM8K_INSTRUCTION}"}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        gsm8k.append({"prompt": list(ids), "answer": r["answer"]})
+    cfg = ModelConfig.from_dir(model_dir)
+    return {
+        "eval_ids": eval_ids,
+        "decode_prompts": long_enough,
+        "gsm8k": gsm8k,
+        "stop_ids": sorted({*cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}),
+    }
+
+
+# ---- measurement helpers (child process) -------------------------------------------------
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": [round(v, 4) for v in values]}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class RecordingPolicy:
+    """Passes a policy through and records the plan of every step (for the structural bound)."""
+
+    def __init__(self, policy):
+        self.policy, self.plans = policy, []
+        self.static = getattr(policy, "static", False)
+
+    def plan(self, step: int) -> StepPlan:
+        p = self.policy.plan(step)
+        self.plans.append(p)
+        return p
+
+    def observe(self, logits) -> None:
+        self.policy.observe(logits)
+
+
+def structural(cfg: ModelConfig, plans: list[StepPlan], context: int) -> dict:
+    """Share of weight bytes and FLOPs a decode step still needs, averaged over the plans that ran."""
+    wb = cfg.weight_bytes(1)
+    attn_flops = 4 * cfg.num_attention_heads * cfg.head_dim * context  # scores + weighted sum
+    full_bytes = wb["layers"] + wb["lm_head"]
+    full_flops = 2 * full_bytes + cfg.num_hidden_layers * attn_flops
+    fb, ff = [], []
+    for p in plans or [StepPlan()]:
+        skipped_bytes = sum(wb["attention_per_layer"] + wb["mlp_per_layer"] for _ in p.skip_layers)
+        skipped_bytes += sum(wb["mlp_per_layer"] for i in p.zero_mlp if i not in p.skip_layers)
+        fb.append(1 - skipped_bytes / full_bytes)
+        ff.append(1 - (2 * skipped_bytes + len(p.skip_layers) * attn_flops) / full_flops)
+    return {"weight_bytes_fraction": float(np.mean(fb)), "flops_fraction": float(np.mean(ff))}
+
+
+def load_backend(name: str, model_dir: Path, dtype: str):
+    if name == "torch":
+        from .torch_backend import TorchLM, default_device
+
+        return TorchLM.load(model_dir, device=default_device(), dtype=dtype)
+    from .mlx_backend import MLXLM
+
+    return MLXLM.load(model_dir, dtype=dtype)
+
+
+def peak_memory_mb(lm) -> float:
+    if lm.name == "torch" and lm.device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def quality(lm, data: dict, new_policy, baseline: bool) -> tuple[dict, list[list[int]]]:
+    nll, kl, agree, top1s = [], [], [], []
+    for ids in data["eval_ids"]:
+        policy = new_policy()
+        logits = lm.logits(ids, policy.plan(0))  # static plans; adaptive policies step per token
+        lp = log_softmax(logits[:-1].astype(np.float64))
+        nll.append(-lp[np.arange(len(ids) - 1), ids[1:]])
+        base = lp if baseline else log_softmax(lm.logits(ids)[:-1].astype(np.float64))
+        kl.append((np.exp(base) * (base - lp)).sum(-1))
+        agree.append(base.argmax(-1) == lp.argmax(-1))
+        top1s.append(logits.argmax(-1).tolist())
+    nll, kl, agree = map(np.concatenate, (nll, kl, agree))
+    return {"perplexity": float(np.exp(nll.mean())), "kl_to_baseline": float(kl.mean()),
+            "top1_agreement": float(agree.mean()), "eval_tokens": int(len(nll))}, top1s
+
+
+def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -> dict:
+    if not data["gsm8k"]:
+        return {}
+    correct = 0
+    for item in data["gsm8k"]:
+        res = generate(lm, item["prompt"], max_new_tokens=max_new_tokens, policy=new_policy(),
+                       stop_ids=data["stop_ids"])
+        numbers = re.findall(r"-?\d[\d,]*\.?\d*", tokenizer.decode(res.tokens))
+        got = numbers[-1].replace(",", "").rstrip(".") if numbers else None
+        correct += got is not None and float(got) == float(item["answer"])
+    return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
+
+
+def decode_speed(lm, data: dict, new_policy, p: dict) -> tuple[dict, list[StepPlan], list[list[int]]]:
+    n = p["decode"]["new_tokens"]
+    prompts = data["decode_prompts"][: p["decode"]["prompts"]]
+    for _ in range(p["decode"]["warmup"]):
+        generate(lm, prompts[0], max_new_tokens=n, policy=new_policy())
+    prefill, decode, latencies, plans, greedy = [], [], [], [], []
+    for rep in range(p["decode"]["repeats"]):
+        runs = []
+        for prompt in prompts:
+            policy = RecordingPolicy(new_policy())
+            runs.append(generate(lm, prompt, max_new_tokens=n, policy=policy))
+            plans += policy.plans[1:]
+        prefill.append(sum(r.prompt_tokens for r in runs) / sum(r.prefill_s for r in runs))
+        decode.append(sum(len(r.token_latencies_s) - 1 for r in runs) / sum(sum(r.token_latencies_s[1:]) for r in runs))
+        latencies += [t for r in runs for t in r.token_latencies_s[1:]]
+        if rep == 0:
+            greedy = [r.tokens for r in runs]
+    lat = np.array(latencies) * 1e3
+    speed = {"prefill_tps": spread(prefill), "decode_tps": spread(decode),
+             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
+    return speed, plans, greedy
+
+
+def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
+    pool, n = data["decode_prompts"], p["batch"]["new_tokens"]
+    out = []
+    for bs in p["batch"]["sizes"]:
+        prompt = np.array([pool[i % len(pool)] for i in range(bs)])
+        values = []
+        for rep in range(1 + p["decode"]["repeats"]):  # first run is the warm-up
+            t0 = time.perf_counter()
+            for _ in lm.generate_step(prompt, max_new_tokens=n, policy=new_policy()):
+                pass
+            if rep:
+                values.append(bs * n / (time.perf_counter() - t0))
+        out.append({"batch_size": bs, "tps": spread(values)})
+    return out
+
+
+def reference_speed(backend: str, model_dir: Path, data: dict, p: dict) -> dict:
+    """Decode tok/s of the library's own generate on the same prompts and token count."""
+    n, prompts = p["decode"]["new_tokens"], data["decode_prompts"][: p["decode"]["prompts"]]
+    values = []
+    if backend == "torch":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .torch_backend import DTYPES, default_device
+
+        dev = default_device()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[p["dtype"]]).to(dev).eval()
+
+        def timed(ids, k):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        with torch.inference_mode():
+            for rep in range(p["decode"]["warmup"] + p["decode"]["repeats"]):
+                total, pre = 0.0, 0.0
+                for prompt in prompts:
+                    ids = torch.tensor([prompt], device=dev)
+                    pre += timed(ids, 1)
+                    total += timed(ids, n)
+                if rep >= p["decode"]["warmup"]:
+                    values.append(len(prompts) * (n - 1) / (total - pre))
+        return {"backend": backend, "impl": "transformers.generate", "decode_tps": spread(values)}
+    from .blas import import_mlx
+
+    import_mlx()
+    from mlx_lm import load, stream_generate
+
+    model, tok = load(str(model_dir))
+    for rep in range(p["decode"]["warmup"] + p["decode"]["repeats"]):
+        tps = []
+        for prompt in prompts:
+            last = None
+            for last in stream_generate(model, tok, prompt, max_tokens=n):
+                pass
+            tps.append(last.generation_tps)
+        if rep >= p["decode"]["warmup"]:
+            values.append(statistics.fmean(tps))
+    return {"backend": backend, "impl": "mlx_lm.generate", "decode_tps": spread(values)}
+
+
+def measure(job: dict) -> dict:
+    """One (backend, configuration): runs in its own process."""
+    from transformers import AutoTokenizer
+
+    p, data = job["params"], job["data"]
+    lm = load_backend(job["backend"], Path(job["model_dir"]), p["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    artifacts = [Path(a) for a in job["artifacts"]]
+
+    def new_policy():
+        return techniques.make_policy(job["techniques"], artifacts, lm.cfg)
+
+    baseline = not job["techniques"]
+    speed, plans, greedy = decode_speed(lm, data, new_policy, p)
+    speed["batch"] = batch_speed(lm, data, new_policy, p)
+    qual, top1s = quality(lm, data, new_policy, baseline)
+    qual.update(gsm8k_accuracy(lm, data, new_policy, p["gsm8k"]["max_new_tokens"], tokenizer))
+    speed["peak_rss_mb"] = peak_memory_mb(lm)
+    context = len(data["decode_prompts"][0]) + p["decode"]["new_tokens"] // 2
+    run = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": job["config"],
+           "techniques": job["techniques"], "speed": speed, "quality": qual,
+           "structural": structural(lm.cfg, plans, context)}
+    extra = {"top1": top1s, "greedy": greedy}
+    if job["backend"] == "mlx":
+        from .blas import blas_info
+
+        extra["blas"] = blas_info()
+    if baseline and p["reference"]:
+        extra["reference"] = reference_speed(job["backend"], Path(job["model_dir"]), data, p)
+    return {"run": run, **extra}
+
+
+def _in_fresh_process(job: dict) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(measure, job).result()
+
+
+# ---- the stage ---------------------------------------------------------------------------
+
+def agreement(baselines: dict[str, dict]) -> dict:
+    if not {"torch", "mlx"} <= set(baselines):
+        return {}
+    t, m = baselines["torch"], baselines["mlx"]
+    same = [np.array(a) == np.array(b) for a, b in zip(t["top1"], m["top1"], strict=True)]
+    greedy = sum(a == b for a, b in zip(t["greedy"], m["greedy"], strict=True))
+    return {"torch_vs_mlx_top1": float(np.concatenate(same).mean()), "tokens": int(sum(map(len, same))),
+            "greedy_identical": int(greedy), "greedy_prompts": len(t["greedy"])}
+
+
+def _decode_weight_bytes(model_dir: Path, dtype: str) -> int:
+    wb = ModelConfig.from_dir(model_dir).weight_bytes(4 if dtype == "float32" else 2)
+    return wb["layers"] + wb["lm_head"]
+
+
+def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, artifacts: list[Path]) -> dict:
+    """Measure every configuration x backend; write results.json and the manifest."""
+    model_m = manifest.verify(model_dir, stage="prepare_model")
+    manifest.verify(corpus_dir, stage="build_corpus")
+    for a in artifacts:
+        manifest.verify(a)
+    techniques.check(params["configs"])
+    if "baseline" not in params["configs"] or params["configs"]["baseline"]["techniques"]:
+        raise UserError("benchmark.configs: a 'baseline' configuration with no techniques is required")
+    data = prepare_data(params, model_dir, corpus_dir)
+    runs, baselines, references, blas = [], {}, [], {}
+    for backend in params["backends"]:
+        for name, spec in params["configs"].items():
+            print(f"benchmark: {backend} / {name}", file=sys.stderr, flush=True)
+            out = _in_fresh_process({"backend": backend, "config": name, "techniques": spec["techniques"],
+                                     "model_dir": str(model_dir), "artifacts": [str(a) for a in artifacts],
+                                     "params": params, "data": data})
+            runs.append(out["run"])
+            blas.update(out.get("blas", {}))
+            if name == "baseline":
+                baselines[backend] = out
+                if "reference" in out:
+                    references.append(out["reference"])
+    for r in runs:
+        base = baselines[r["backend"]]["run"]["speed"]["decode_tps"]["median"]
+        r["speedup_vs_baseline"] = r["speed"]["decode_tps"]["median"] / base
+    for ref in references:
+        ours = baselines[ref["backend"]]["run"]["speed"]["decode_tps"]["median"]
+        ref["ours_over_reference"] = ours / ref["decode_tps"]["median"]
+    outs = model_m["outputs"]
+    results = {
+        "model": {"name": outs.get("name"), "params": outs.get("params"), "num_layers": outs.get("num_layers"),
+                  "weight_bytes": _decode_weight_bytes(model_dir, params["dtype"])},
+        "environment": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
+                        "blas": blas},
+        "runs": runs,
+        "references": references,
+        "agreement": agreement(baselines),
+    }
+    with atomic.output_dir(out_dir) as tmp:
+        atomic.write_json(tmp / "results.json", results)
+        inputs = {"model": model_dir, "corpus": corpus_dir, **{f"artifact_{a.name}": a for a in artifacts}}
+        return manifest.write(tmp, stage="benchmark", inputs=inputs, params=params,
+                              outputs={"runs": len(runs), "agreement": results["agreement"]})

@@ -1,0 +1,28 @@
+rule build_corpus:
+    output:
+        directory("artifacts/corpus"),
+    params:
+        section=config["corpus"],
+    log:
+        "logs/build_corpus.log",
+    conda:
+        "../envs/adaptive-inference.yaml"
+    shell:
+        "adaptive-inference build-corpus --params params.yaml --out {output} > {log} 2>&1"
+
+
+rule cache_hidden:
+    input:
+        model="artifacts/model",
+        corpus="artifacts/corpus",
+    output:
+        directory("artifacts/hidden"),
+    params:
+        section=config["cache_hidden"],
+    log:
+        "logs/cache_hidden.log",
+    conda:
+        "../envs/adaptive-inference.yaml"
+    cache: "omit-software"
+    shell:
+        "adaptive-inference cache-hidden --params params.yaml --model {input.model} --corpus {input.corpus} --out {output} > {log} 2>&1"

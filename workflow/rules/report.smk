@@ -1,0 +1,16 @@
+rule report:
+    input:
+        "artifacts/benchmark",
+    output:
+        md="reports/report.md",
+        html="reports/report.html",
+        metrics="reports/metrics.json",
+        plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput"]),
+    params:
+        section=config["report"],
+    log:
+        "logs/report.log",
+    conda:
+        "../envs/adaptive-inference.yaml"
+    shell:
+        "adaptive-inference report --params params.yaml --results {input} --out reports > {log} 2>&1"
