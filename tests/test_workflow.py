@@ -48,7 +48,7 @@ def test_every_stage_is_a_cli_subcommand_with_a_params_section():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     subcommands = set(cli.parser()._subparsers._group_actions[0].choices)
     sections = set(params_mod.schema()["properties"])
-    for name, stage in dvc.items():
+    for stage in dvc.values():
         assert stage["cmd"].split()[1] in subcommands
         assert set(stage["params"]) <= sections
 

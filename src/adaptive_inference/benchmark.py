@@ -153,12 +153,16 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -
     return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
 
 
-def decode_speed(lm, data: dict, new_policy, p: dict) -> tuple[dict, list[StepPlan], list[list[int]]]:
+def decode_speed(lm, data: dict, new_policy, p: dict, reference=None) -> tuple[dict, list[StepPlan], list]:
+    """Greedy decode of the eval prompts, `repeats` times after `warmup`. A reference (the library's
+    own generate) is timed in the same repeats, interleaved with ours, so both see the same noise."""
     n = p["decode"]["new_tokens"]
     prompts = data["decode_prompts"][: p["decode"]["prompts"]]
     for _ in range(p["decode"]["warmup"]):
         generate(lm, prompts[0], max_new_tokens=n, policy=new_policy())
-    prefill, decode, latencies, plans, greedy = [], [], [], [], []
+        if reference:
+            reference.run(prompts[:1], n)
+    prefill, decode, latencies, plans, greedy, ref = [], [], [], [], [], []
     for rep in range(p["decode"]["repeats"]):
         runs = []
         for prompt in prompts:
@@ -170,10 +174,13 @@ def decode_speed(lm, data: dict, new_policy, p: dict) -> tuple[dict, list[StepPl
         latencies += [t for r in runs for t in r.token_latencies_s[1:]]
         if rep == 0:
             greedy = [r.tokens for r in runs]
+        if reference:
+            ref.append(reference.run(prompts, n))
     lat = np.array(latencies) * 1e3
     speed = {"prefill_tps": spread(prefill), "decode_tps": spread(decode),
              "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
-    return speed, plans, greedy
+    reference_result = {"backend": lm.name, "impl": reference.impl, "decode_tps": spread(ref)} if reference else None
+    return speed, plans, greedy, reference_result
 
 
 def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
@@ -192,52 +199,79 @@ def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
     return out
 
 
-def reference_speed(backend: str, model_dir: Path, data: dict, p: dict) -> dict:
-    """Decode tok/s of the library's own generate on the same prompts and token count."""
-    n, prompts = p["decode"]["new_tokens"], data["decode_prompts"][: p["decode"]["prompts"]]
-    values = []
-    if backend == "torch":
-        import torch
+class TransformersReference:
+    """transformers' generate on the same weights: decode tok/s = (n-1) / (time(n tokens) - time(1 token))."""
+
+    impl = "transformers.generate"
+
+    def __init__(self, model_dir: Path, dtype: str):
         from transformers import AutoModelForCausalLM
 
         from .torch_backend import DTYPES, default_device
 
-        dev = default_device()
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[p["dtype"]]).to(dev).eval()
+        self.device = default_device()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(self.device).eval()
 
-        def timed(ids, k):
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
+    def _timed(self, ids, k: int) -> float:
+        import torch
 
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            for rep in range(p["decode"]["warmup"] + p["decode"]["repeats"]):
-                total, pre = 0.0, 0.0
-                for prompt in prompts:
-                    ids = torch.tensor([prompt], device=dev)
-                    pre += timed(ids, 1)
-                    total += timed(ids, n)
-                if rep >= p["decode"]["warmup"]:
-                    values.append(len(prompts) * (n - 1) / (total - pre))
-        return {"backend": backend, "impl": "transformers.generate", "decode_tps": spread(values)}
-    from .blas import import_mlx
+            self.model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    import_mlx()
-    from mlx_lm import load, stream_generate
+    def run(self, prompts: list[list[int]], n: int) -> float:
+        import torch
 
-    model, tok = load(str(model_dir))
-    for rep in range(p["decode"]["warmup"] + p["decode"]["repeats"]):
+        total = first = 0.0
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=self.device)
+            first += self._timed(ids, 1)
+            total += self._timed(ids, n)
+        return len(prompts) * (n - 1) / (total - first)
+
+
+class MlxLmReference:
+    """mlx_lm's stream_generate on the same folder; its own generation_tps excludes the prompt."""
+
+    impl = "mlx_lm.generate"
+
+    def __init__(self, model_dir: Path, dtype: str):
+        from .blas import import_mlx
+
+        import_mlx()
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(model_dir))
+
+    def run(self, prompts: list[list[int]], n: int) -> float:
+        from mlx_lm import stream_generate
+
         tps = []
         for prompt in prompts:
-            last = None
-            for last in stream_generate(model, tok, prompt, max_tokens=n):
-                pass
-            tps.append(last.generation_tps)
-        if rep >= p["decode"]["warmup"]:
-            values.append(statistics.fmean(tps))
-    return {"backend": backend, "impl": "mlx_lm.generate", "decode_tps": spread(values)}
+            responses = list(stream_generate(self.model, self.tokenizer, prompt, max_tokens=n))
+            tps.append(responses[-1].generation_tps)
+        return statistics.fmean(tps)
+
+
+REFERENCES = {"torch": TransformersReference, "mlx": MlxLmReference}
+
+
+def memory_probe(job: dict) -> float:
+    """Peak memory of a process that only loads the model and runs one decode and the largest batch."""
+    p, data = job["params"], job["data"]
+    lm = load_backend(job["backend"], Path(job["model_dir"]), p["dtype"])
+    artifacts = [Path(a) for a in job["artifacts"]]
+    policy = lambda: techniques.make_policy(job["techniques"], artifacts, lm.cfg)  # noqa: E731
+    generate(lm, data["decode_prompts"][0], max_new_tokens=p["decode"]["new_tokens"], policy=policy())
+    bs = max(p["batch"]["sizes"])
+    pool = data["decode_prompts"]
+    for _ in lm.generate_step(np.array([pool[i % len(pool)] for i in range(bs)]),
+                              max_new_tokens=p["batch"]["new_tokens"], policy=policy()):
+        pass
+    return peak_memory_mb(lm)
 
 
 def measure(job: dict) -> dict:
@@ -253,11 +287,12 @@ def measure(job: dict) -> dict:
         return techniques.make_policy(job["techniques"], artifacts, lm.cfg)
 
     baseline = not job["techniques"]
-    speed, plans, greedy = decode_speed(lm, data, new_policy, p)
+    reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if baseline and p["reference"] else None
+    speed, plans, greedy, ref = decode_speed(lm, data, new_policy, p, reference)
+    del reference
     speed["batch"] = batch_speed(lm, data, new_policy, p)
     qual, top1s = quality(lm, data, new_policy, baseline)
     qual.update(gsm8k_accuracy(lm, data, new_policy, p["gsm8k"]["max_new_tokens"], tokenizer))
-    speed["peak_rss_mb"] = peak_memory_mb(lm)
     context = len(data["decode_prompts"][0]) + p["decode"]["new_tokens"] // 2
     run = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": job["config"],
            "techniques": job["techniques"], "speed": speed, "quality": qual,
@@ -267,15 +302,15 @@ def measure(job: dict) -> dict:
         from .blas import blas_info
 
         extra["blas"] = blas_info()
-    if baseline and p["reference"]:
-        extra["reference"] = reference_speed(job["backend"], Path(job["model_dir"]), data, p)
+    if ref:
+        extra["reference"] = ref
     return {"run": run, **extra}
 
 
-def _in_fresh_process(job: dict) -> dict:
+def _in_fresh_process(fn, job: dict):
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(measure, job).result()
+        return pool.submit(fn, job).result()
 
 
 # ---- the stage ---------------------------------------------------------------------------
@@ -309,9 +344,11 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, art
     for backend in params["backends"]:
         for name, spec in params["configs"].items():
             print(f"benchmark: {backend} / {name}", file=sys.stderr, flush=True)
-            out = _in_fresh_process({"backend": backend, "config": name, "techniques": spec["techniques"],
-                                     "model_dir": str(model_dir), "artifacts": [str(a) for a in artifacts],
-                                     "params": params, "data": data})
+            job = {"backend": backend, "config": name, "techniques": spec["techniques"],
+                   "model_dir": str(model_dir), "artifacts": [str(a) for a in artifacts],
+                   "params": params, "data": data}
+            out = _in_fresh_process(measure, job)
+            out["run"]["speed"]["peak_rss_mb"] = _in_fresh_process(memory_probe, job)
             runs.append(out["run"])
             blas.update(out.get("blas", {}))
             if name == "baseline":

@@ -1,0 +1,101 @@
+"""One tiny end-to-end run: snakemake builds the report; a rerun is a no-op; dvc repro reruns only
+benchmark and report after a benchmark param changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TEXT = ("def add(a, b):\n    return a + b\n"
+        "The answer is 42. Janet has 3 eggs and buys 4 more, so she has 7 eggs.\n"
+        "Light scatters off molecules; shorter wavelengths scatter more.\n")
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(path: Path) -> None:
+    """A 128-entry byte-level BPE trained here, so the tiny model needs no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT
+    fast.save_pretrained(path)
+
+
+def tiny_params(model_dir: Path) -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["model"]["source"] = str(model_dir)
+    p["corpus"].update(train=3, calib=2, eval=2, max_chars=400)
+    p["cache_hidden"].update(seq_len=32, batch_size=4, layer_inputs=[0, 2])
+    p["benchmark"].update(
+        quality={"seq_len": 32, "max_texts": 4},
+        decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
+        batch={"sizes": [1, 2], "new_tokens": 2},
+        gsm8k={"samples": 1, "max_new_tokens": 4},
+    )
+    return p
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    logs = "".join(f.read_text() for f in sorted((cwd / "logs").glob("*.log"))) if (cwd / "logs").exists() else ""
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{logs[-3000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.mark.pipeline
+def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
+    model_dir = tmp_path / "tiny-model"
+    model_dir.mkdir()
+    make_tiny_model(model_dir, "llama")
+    tiny_tokenizer(model_dir)
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("Snakefile", "dvc.yaml", "workflow", "src"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, work / name)
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir)))
+
+    run(["snakemake", "--cores", "2"], work)
+    metrics = json.loads((work / "reports/metrics.json").read_text())
+    assert {"torch", "mlx"} <= set(metrics)
+    assert metrics["torch"]["baseline"]["kl_to_baseline"] == 0.0
+    assert metrics["agreement"]["torch_vs_mlx_top1"] > 0.99
+    html = (work / "reports/report.html").read_text()
+    assert "data:image/png;base64" in html
+    assert "Nothing to be done" in run(["snakemake", "--cores", "2"], work)
+
+    run(["git", "init", "-q"], work)
+    run(["dvc", "init", "-q"], work)
+    first = run(["dvc", "repro"], work)
+    assert "Running stage 'benchmark'" in first
+    assert "Running stage" not in run(["dvc", "repro"], work)  # no-op
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    p["benchmark"]["batch"]["new_tokens"] = 3
+    (work / "params.yaml").write_text(yaml.safe_dump(p))
+    changed = run(["dvc", "repro"], work)
+    ran = sorted(line.split("'")[1] for line in changed.splitlines() if line.startswith("Running stage"))
+    assert ran == ["benchmark", "report"]
