@@ -8,6 +8,7 @@ rule benchmark:
         section=config["benchmark"],
     log:
         "logs/benchmark.log",
+    threads: workflow.cores  # timings need the machine to themselves
     conda:
         "../envs/adaptive-inference.yaml"
     shell:

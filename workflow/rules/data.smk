@@ -21,6 +21,7 @@ rule cache_hidden:
         section=config["cache_hidden"],
     log:
         "logs/cache_hidden.log",
+    threads: workflow.cores
     conda:
         "../envs/adaptive-inference.yaml"
     cache: "omit-software"
