@@ -105,15 +105,6 @@ def test_skipped_layer_matches_torch(lms):
     assert not np.allclose(got[0, -1], lm.logits(IDS[:9])[-1], atol=1e-4)
 
 
-def test_batch_rows_match_single(lms):
-    _, lm, _, _ = lms
-    prompts = np.array([IDS[:6], IDS[6:]])
-    batched = [tok for tok, _ in lm.generate_step(prompts, max_new_tokens=5)]
-    for row in range(2):
-        alone = [int(t[0]) for t, _ in lm.generate_step(prompts[row:row + 1], max_new_tokens=5)]
-        assert [int(t[row]) for t in batched] == alone
-
-
 class SkipSomeSteps(StaticPolicy):
     """Skips layer 2 at steps 2 and 3 and zeroes MLP 0 at step 5: exercises holes in generate_step."""
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,16 +78,6 @@ def test_skipped_layer_leaves_masked_kv_hole(tiny):
     assert not np.allclose(clean, full, atol=1e-4)
 
 
-def test_batch_rows_match_single(tiny):
-    _, path, _ = tiny
-    lm = TorchLM.load(path)
-    prompts = np.array([IDS[:6], IDS[6:]])
-    batched = [tok for tok, _ in lm.generate_step(prompts, max_new_tokens=5)]
-    for row in range(2):
-        alone = [int(t[0]) for t, _ in lm.generate_step(prompts[row:row + 1], max_new_tokens=5)]
-        assert [int(t[row]) for t in batched] == alone
-
-
 def test_generate_matches_transformers_greedy(tiny):
     _, path, hf = tiny
     lm = TorchLM.load(path)

@@ -28,11 +28,11 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 class Layer:
     ln1: mx.array
     wqkv: mx.array  # [(H + 2 Hkv) * D, hidden]: one matmul for q, k and v
-    bqkv: mx.array | None
     wo: mx.array
     ln2: mx.array
     w_gate_up: mx.array  # [2 * inter, hidden]
     w_down: mx.array
+    bqkv: mx.array | None = None
 
 
 class KVCache:
@@ -116,26 +116,13 @@ class MLXLM:
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, mx.array], dtype):
         self.cfg, self.dtype = cfg, dtype
-        p = "model."
-        self.embed = weights[p + "embed_tokens.weight"]
-        self.norm = weights[p + "norm.weight"]
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
-            q = f"{p}layers.{i}."
-            a = q + "self_attn."
-            bias = None
-            if cfg.qkv_bias:
-                bias = mx.concatenate([weights[a + f"{n}_proj.bias"] for n in "qkv"])
-            self.layers.append(Layer(
-                ln1=weights[q + "input_layernorm.weight"],
-                wqkv=mx.concatenate([weights[a + f"{n}_proj.weight"] for n in "qkv"]),
-                bqkv=bias,
-                wo=weights[a + "o_proj.weight"],
-                ln2=weights[q + "post_attention_layernorm.weight"],
-                w_gate_up=mx.concatenate([weights[q + "mlp.gate_proj.weight"], weights[q + "mlp.up_proj.weight"]]),
-                w_down=weights[q + "mlp.down_proj.weight"],
-            ))
+            parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
+            self.layers.append(Layer(**{k: v[0] if len(v) == 1 else mx.concatenate(v) for k, v in parts.items()}))
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
         self.scale = cfg.head_dim ** -0.5
         mx.eval(self.embed, self.norm, self.lm_head, self.inv_freq, [list(vars(lw).values()) for lw in self.layers])

@@ -75,6 +75,21 @@ class ModelConfig:
             raise UserError(f"model folder has no config.json: {model_dir}")
         return cls.from_dict(json.loads(path.read_text()))
 
+    def layer_weight_names(self, i: int) -> dict[str, list[str]]:
+        """HF tensor names behind each fused weight of block i (both backends concatenate each list)."""
+        q, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        names = {
+            "ln1": [q + "input_layernorm.weight"],
+            "wqkv": [a + f"{n}_proj.weight" for n in "qkv"],
+            "wo": [a + "o_proj.weight"],
+            "ln2": [q + "post_attention_layernorm.weight"],
+            "w_gate_up": [q + "mlp.gate_proj.weight", q + "mlp.up_proj.weight"],
+            "w_down": [q + "mlp.down_proj.weight"],
+        }
+        if self.qkv_bias:
+            names["bqkv"] = [a + f"{n}_proj.bias" for n in "qkv"]
+        return names
+
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse frequencies [head_dim/2], float64, with the config's scaling applied."""
         d = self.head_dim

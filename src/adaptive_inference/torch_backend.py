@@ -35,11 +35,11 @@ def default_device() -> str:
 class Layer:
     ln1: torch.Tensor
     wqkv: torch.Tensor  # [(H + 2 Hkv) * D, hidden]: one matmul for q, k and v
-    bqkv: torch.Tensor | None
     wo: torch.Tensor
     ln2: torch.Tensor
     w_gate_up: torch.Tensor  # [2 * inter, hidden]
     w_down: torch.Tensor
+    bqkv: torch.Tensor | None = None
 
 
 class KVCache:
@@ -71,26 +71,13 @@ class TorchLM:
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        p = "model."
-        self.embed = weights[p + "embed_tokens.weight"]
-        self.norm = weights[p + "norm.weight"]
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
-            q = f"{p}layers.{i}."
-            a = q + "self_attn."
-            bias = None
-            if cfg.qkv_bias:
-                bias = torch.cat([weights[a + f"{n}_proj.bias"] for n in "qkv"])
-            self.layers.append(Layer(
-                ln1=weights[q + "input_layernorm.weight"],
-                wqkv=torch.cat([weights[a + f"{n}_proj.weight"] for n in "qkv"]),
-                bqkv=bias,
-                wo=weights[a + "o_proj.weight"],
-                ln2=weights[q + "post_attention_layernorm.weight"],
-                w_gate_up=torch.cat([weights[q + "mlp.gate_proj.weight"], weights[q + "mlp.up_proj.weight"]]),
-                w_down=weights[q + "mlp.down_proj.weight"],
-            ))
+            parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
+            self.layers.append(Layer(**{k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}))
         self.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
         h, d = cfg.num_attention_heads, cfg.head_dim
         self._split = (h * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
