@@ -7,6 +7,7 @@ baseline of the same backend in the same run, beside the structural bound of the
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures as cf
 import multiprocessing
 import platform
@@ -199,9 +200,23 @@ def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
     return out
 
 
-class TransformersReference:
-    """transformers' generate on the same weights: decode tok/s = (n-1) / (time(n tokens) - time(1 token))."""
+class Reference(abc.ABC):
+    """A library's own generate on the same weights and prompts, timed like ours: n tokens always
+    (no stop at EOS), decode tok/s = (n - 1) / (time(n tokens) - time(1 token)) by wall clock."""
 
+    impl = ""
+
+    @abc.abstractmethod
+    def _timed(self, prompt: list[int], k: int) -> float:
+        """Seconds to generate exactly k tokens after `prompt`."""
+
+    def run(self, prompts: list[list[int]], n: int) -> float:
+        first = sum(self._timed(p, 1) for p in prompts)
+        total = sum(self._timed(p, n) for p in prompts)
+        return len(prompts) * (n - 1) / (total - first)
+
+
+class TransformersReference(Reference):
     impl = "transformers.generate"
 
     def __init__(self, model_dir: Path, dtype: str):
@@ -212,9 +227,10 @@ class TransformersReference:
         self.device = default_device()
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).to(self.device).eval()
 
-    def _timed(self, ids, k: int) -> float:
+    def _timed(self, prompt: list[int], k: int) -> float:
         import torch
 
+        ids = torch.tensor([prompt], device=self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False)
@@ -222,38 +238,29 @@ class TransformersReference:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def run(self, prompts: list[list[int]], n: int) -> float:
-        import torch
 
-        total = first = 0.0
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=self.device)
-            first += self._timed(ids, 1)
-            total += self._timed(ids, n)
-        return len(prompts) * (n - 1) / (total - first)
+class MlxLmReference(Reference):
+    """mlx_lm's generate_step (what mlx_lm.generate runs). Its self-reported generation_tps is not
+    used: stream_generate stops at EOS and counts n+1 tokens over n steps."""
 
-
-class MlxLmReference:
-    """mlx_lm's stream_generate on the same folder; its own generation_tps excludes the prompt."""
-
-    impl = "mlx_lm.generate"
+    impl = "mlx_lm.generate_step"
 
     def __init__(self, model_dir: Path, dtype: str):
         from .blas import import_mlx
 
-        import_mlx()
+        self.mx = import_mlx()
         from mlx_lm import load
 
-        self.model, self.tokenizer = load(str(model_dir))
+        self.model, _ = load(str(model_dir))
 
-    def run(self, prompts: list[list[int]], n: int) -> float:
-        from mlx_lm import stream_generate
+    def _timed(self, prompt: list[int], k: int) -> float:
+        from mlx_lm.generate import generate_step
 
-        tps = []
-        for prompt in prompts:
-            responses = list(stream_generate(self.model, self.tokenizer, prompt, max_tokens=n))
-            tps.append(responses[-1].generation_tps)
-        return statistics.fmean(tps)
+        t0 = time.perf_counter()
+        for _ in zip(range(k), generate_step(self.mx.array(prompt), self.model, max_tokens=k), strict=False):
+            pass
+        self.mx.synchronize()
+        return time.perf_counter() - t0
 
 
 REFERENCES = {"torch": TransformersReference, "mlx": MlxLmReference}
