@@ -12,6 +12,7 @@ validate(config, "workflow/schemas/params.schema.yaml")
 
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/techniques.smk"
 include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
 

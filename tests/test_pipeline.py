@@ -45,6 +45,9 @@ def tiny_params(model_dir: Path) -> dict:
     p["model"]["source"] = str(model_dir)
     p["corpus"].update(train=3, calib=2, eval=2, max_chars=400)
     p["cache_hidden"].update(seq_len=32, batch_size=4, layer_inputs=[0, 2])
+    p["train_vocab_router"].update(coverage=0.8, hidden=16, epochs=2)
+    p["profile_ffn"].update(texts=4, seq_len=16)
+    p["make_lobotomy"].update(max_layers=1, max_kl=10.0)
     p["benchmark"].update(
         quality={"seq_len": 32, "max_texts": 4},
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
@@ -81,7 +84,11 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     run(["snakemake", "--cores", "2"], work)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     assert {"torch", "mlx"} <= set(metrics)
-    assert metrics["torch"]["baseline"]["kl_to_baseline"] == 0.0
+    for backend in ("torch", "mlx"):
+        assert set(metrics[backend]) == {"baseline", "router", "lobotomy", "stacked"}
+        assert metrics[backend]["baseline"]["kl_to_baseline"] == 0.0
+        assert metrics[backend]["lobotomy"]["kl_to_baseline"] > 0
+        assert metrics[backend]["lobotomy"]["weight_bytes_fraction"] < 1
     assert metrics["agreement"]["torch_vs_mlx_top1"] > 0.99
     html = (work / "reports/report.html").read_text()
     assert "data:image/png;base64" in html

@@ -27,6 +27,7 @@ def snakemake_jobs() -> dict[str, dict]:
     for smk in (ROOT / "workflow/rules").glob("*.smk"):
         for name, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)+)", smk.read_text(), re.M):
             jobs[name]["params"] = re.findall(r'config\["(\w+)"\]', body)
+            jobs[name]["code"] = re.findall(r'"(src/[^"]+)"', body)
     return jobs
 
 
@@ -38,6 +39,7 @@ def test_snakefile_and_dvc_yaml_agree():
     for name, stage in dvc.items():
         assert " ".join(stage["cmd"].split()) == smk[name]["cmd"], name
         assert stage["params"] == smk[name]["params"], name
+        assert [d for d in stage["deps"] if d.startswith("src/")] == smk[name]["code"], name
         outs = [next(iter(o)) if isinstance(o, dict) else o
                 for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
         for out in outs:  # every DVC output is named in the Snakemake command or output list

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, manifest, techniques
+from . import atomic, manifest, metrics, techniques
 from .errors import UserError
 from .generation import generate
 from .hidden_cache import read_split
@@ -70,11 +70,6 @@ def spread(values: list[float]) -> dict:
             "values": [round(v, 4) for v in values]}
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 class RecordingPolicy:
     """Passes a policy through and records the plan of every step (for the structural bound)."""
 
@@ -91,18 +86,25 @@ class RecordingPolicy:
         self.policy.observe(logits)
 
 
-def structural(cfg: ModelConfig, plans: list[StepPlan], context: int) -> dict:
-    """Share of weight bytes and FLOPs a decode step still needs, averaged over the plans that ran."""
+def structural(cfg: ModelConfig, plans: list[StepPlan], context: int, head_common: list[bool] = ()) -> dict:
+    """Share of weight bytes and FLOPs a decode step still needs, averaged over the steps that ran.
+
+    head_common[i] says whether the i-th step with a gated head used the common head; a gated head
+    always pays its router, and the full head when it falls back."""
     wb = cfg.weight_bytes(1)
     attn_flops = 4 * cfg.num_attention_heads * cfg.head_dim * context  # scores + weighted sum
     full_bytes = wb["layers"] + wb["lm_head"]
     full_flops = 2 * full_bytes + cfg.num_hidden_layers * attn_flops
-    fb, ff = [], []
+    fb, ff, decisions = [], [], iter(head_common)
     for p in plans or [StepPlan()]:
-        skipped_bytes = sum(wb["attention_per_layer"] + wb["mlp_per_layer"] for _ in p.skip_layers)
-        skipped_bytes += sum(wb["mlp_per_layer"] for i in p.zero_mlp if i not in p.skip_layers)
-        fb.append(1 - skipped_bytes / full_bytes)
-        ff.append(1 - (2 * skipped_bytes + len(p.skip_layers) * attn_flops) / full_flops)
+        skipped = sum(wb["attention_per_layer"] + wb["mlp_per_layer"] for _ in p.skip_layers)
+        skipped += sum(wb["mlp_per_layer"] for i in p.zero_mlp if i not in p.skip_layers)
+        if p.head is not None:
+            router = p.head.w1.size + p.head.b1.size + p.head.w2.size + p.head.b2.size
+            common_head = len(p.head.common_ids) * cfg.hidden_size
+            skipped += (wb["lm_head"] - common_head if next(decisions) else 0) - router
+        fb.append(1 - skipped / full_bytes)
+        ff.append(1 - (2 * skipped + len(p.skip_layers) * attn_flops) / full_flops)
     return {"weight_bytes_fraction": float(np.mean(fb)), "flops_fraction": float(np.mean(ff))}
 
 
@@ -126,19 +128,14 @@ def peak_memory_mb(lm) -> float:
 
 
 def quality(lm, data: dict, new_policy, baseline: bool) -> tuple[dict, list[list[int]]]:
-    nll, kl, agree, top1s = [], [], [], []
+    parts, top1s = [], []
     for ids in data["eval_ids"]:
         policy = new_policy()
         logits = lm.logits(ids, policy.plan(0))  # static plans; adaptive policies step per token
-        lp = log_softmax(logits[:-1].astype(np.float64))
-        nll.append(-lp[np.arange(len(ids) - 1), ids[1:]])
-        base = lp if baseline else log_softmax(lm.logits(ids)[:-1].astype(np.float64))
-        kl.append((np.exp(base) * (base - lp)).sum(-1))
-        agree.append(base.argmax(-1) == lp.argmax(-1))
+        base = logits if baseline else lm.logits(ids)
+        parts.append(metrics.compare(logits, metrics.log_softmax(base), ids))
         top1s.append(logits.argmax(-1).tolist())
-    nll, kl, agree = map(np.concatenate, (nll, kl, agree))
-    return {"perplexity": float(np.exp(nll.mean())), "kl_to_baseline": float(kl.mean()),
-            "top1_agreement": float(agree.mean()), "eval_tokens": int(len(nll))}, top1s
+    return metrics.summarize(parts), top1s
 
 
 def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -> dict:
@@ -163,13 +160,15 @@ def decode_speed(lm, data: dict, new_policy, p: dict, reference=None) -> tuple[d
         generate(lm, prompts[0], max_new_tokens=n, policy=new_policy())
         if reference:
             reference.run(prompts[:1], n)
-    prefill, decode, latencies, plans, greedy, ref = [], [], [], [], [], []
+    prefill, decode, latencies, plans, greedy, ref, commons = [], [], [], [], [], [], []
     for rep in range(p["decode"]["repeats"]):
         runs = []
         for prompt in prompts:
             policy = RecordingPolicy(new_policy())
+            lm.head_log.clear()
             runs.append(generate(lm, prompt, max_new_tokens=n, policy=policy))
             plans += policy.plans[1:]
+            commons += [common for _, common in lm.head_log[1:]]
         prefill.append(sum(r.prompt_tokens for r in runs) / sum(r.prefill_s for r in runs))
         decode.append(sum(len(r.token_latencies_s) - 1 for r in runs) / sum(sum(r.token_latencies_s[1:]) for r in runs))
         latencies += [t for r in runs for t in r.token_latencies_s[1:]]
@@ -180,8 +179,10 @@ def decode_speed(lm, data: dict, new_policy, p: dict, reference=None) -> tuple[d
     lat = np.array(latencies) * 1e3
     speed = {"prefill_tps": spread(prefill), "decode_tps": spread(decode),
              "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
+    if commons:
+        speed["common_head_rate"] = float(np.mean(commons))
     reference_result = {"backend": lm.name, "impl": reference.impl, "decode_tps": spread(ref)} if reference else None
-    return speed, plans, greedy, reference_result
+    return speed, plans, greedy, reference_result, commons
 
 
 def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
@@ -295,7 +296,7 @@ def measure(job: dict) -> dict:
 
     baseline = not job["techniques"]
     reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if baseline and p["reference"] else None
-    speed, plans, greedy, ref = decode_speed(lm, data, new_policy, p, reference)
+    speed, plans, greedy, ref, commons = decode_speed(lm, data, new_policy, p, reference)
     del reference
     speed["batch"] = batch_speed(lm, data, new_policy, p)
     qual, top1s = quality(lm, data, new_policy, baseline)
@@ -303,7 +304,7 @@ def measure(job: dict) -> dict:
     context = len(data["decode_prompts"][0]) + p["decode"]["new_tokens"] // 2
     run = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": job["config"],
            "techniques": job["techniques"], "speed": speed, "quality": qual,
-           "structural": structural(lm.cfg, plans, context)}
+           "structural": structural(lm.cfg, plans, context, commons)}
     extra = {"top1": top1s, "greedy": greedy}
     if job["backend"] == "mlx":
         from .blas import blas_info
@@ -322,10 +323,11 @@ def _in_fresh_process(fn, job: dict):
 
 # ---- the stage ---------------------------------------------------------------------------
 
-def agreement(baselines: dict[str, dict]) -> dict:
-    if not {"torch", "mlx"} <= set(baselines):
+def agreement(by_backend: dict[str, dict]) -> dict:
+    """Torch vs MLX on one configuration: teacher-forced top-1 and greedy continuations."""
+    if not {"torch", "mlx"} <= set(by_backend):
         return {}
-    t, m = baselines["torch"], baselines["mlx"]
+    t, m = by_backend["torch"], by_backend["mlx"]
     same = [np.array(a) == np.array(b) for a, b in zip(t["top1"], m["top1"], strict=True)]
     greedy = sum(a == b for a, b in zip(t["greedy"], m["greedy"], strict=True))
     return {"torch_vs_mlx_top1": float(np.concatenate(same).mean()), "tokens": int(sum(map(len, same))),
@@ -347,7 +349,7 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, art
     if "baseline" not in params["configs"] or params["configs"]["baseline"]["techniques"]:
         raise UserError("benchmark.configs: a 'baseline' configuration with no techniques is required")
     data = prepare_data(params, model_dir, corpus_dir)
-    runs, baselines, references, blas = [], {}, [], {}
+    runs, outs, references, blas = [], {}, [], {}
     for backend in params["backends"]:
         for name, spec in params["configs"].items():
             print(f"benchmark: {backend} / {name}", file=sys.stderr, flush=True)
@@ -358,25 +360,28 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, art
             out["run"]["speed"]["peak_rss_mb"] = _in_fresh_process(memory_probe, job)
             runs.append(out["run"])
             blas.update(out.get("blas", {}))
-            if name == "baseline":
-                baselines[backend] = out
-                if "reference" in out:
-                    references.append(out["reference"])
+            outs.setdefault(name, {})[backend] = out
+            if "reference" in out:
+                references.append(out["reference"])
+    baselines = outs["baseline"]
     for r in runs:
         base = baselines[r["backend"]]["run"]["speed"]["decode_tps"]["median"]
         r["speedup_vs_baseline"] = r["speed"]["decode_tps"]["median"] / base
     for ref in references:
         ours = baselines[ref["backend"]]["run"]["speed"]["decode_tps"]["median"]
         ref["ours_over_reference"] = ours / ref["decode_tps"]["median"]
-    outs = model_m["outputs"]
+    model_out = model_m["outputs"]
+    by_config = {name: agreement(o) for name, o in outs.items()}
     results = {
-        "model": {"name": outs.get("name"), "params": outs.get("params"), "num_layers": outs.get("num_layers"),
+        "model": {"name": model_out.get("name"), "params": model_out.get("params"),
+                  "num_layers": model_out.get("num_layers"),
                   "weight_bytes": _decode_weight_bytes(model_dir, params["dtype"])},
         "environment": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
                         "blas": blas},
         "runs": runs,
         "references": references,
-        "agreement": agreement(baselines),
+        "agreement": by_config["baseline"],
+        "agreement_by_config": by_config,
     }
     with atomic.output_dir(out_dir) as tmp:
         atomic.write_json(tmp / "results.json", results)

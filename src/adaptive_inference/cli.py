@@ -27,6 +27,24 @@ def _cache_hidden(a, params):
     return hidden_cache.build(params["cache_hidden"], a.model, a.corpus, a.out)
 
 
+def _train_vocab_router(a, params):
+    from . import vocab_router
+
+    return vocab_router.build(params["train_vocab_router"], a.hidden, a.out)
+
+
+def _profile_ffn(a, params):
+    from . import lobotomy
+
+    return lobotomy.profile(params["profile_ffn"], a.model, a.corpus, a.out)
+
+
+def _make_lobotomy(a, params):
+    from . import lobotomy
+
+    return lobotomy.make(params["make_lobotomy"], a.profile, a.model, a.corpus, a.out)
+
+
 def _benchmark(a, params):
     from . import benchmark
 
@@ -37,6 +55,13 @@ def _report(a, params):
     from . import report
 
     return report.build(params["report"], a.results, a.out)
+
+
+def _chat(a, params):
+    from . import chat
+
+    return chat.run(params, a.config, model_dir=a.model, artifacts_dir=a.artifacts_dir, backend=a.backend,
+                    log_path=a.log, max_new_tokens=a.max_new_tokens, temperature=a.temperature)
 
 
 def _paths(p: argparse.ArgumentParser, *names: str) -> None:
@@ -59,10 +84,28 @@ def parser() -> argparse.ArgumentParser:
     stage("build-corpus", _build_corpus, "Build categorized train / calib / eval texts.")
     _paths(stage("cache-hidden", _cache_hidden, "Cache hidden states of the train and calib splits."),
            "model", "corpus")
+    _paths(stage("train-vocab-router", _train_vocab_router,
+                 "Pick common ids, train the surprisal router on cached hidden states, calibrate its threshold."),
+           "hidden")
+    _paths(stage("profile-ffn", _profile_ffn, "Profile every MLP on the calib split (fire rate, Gini, ablation KL)."),
+           "model", "corpus")
+    _paths(stage("make-lobotomy", _make_lobotomy, "Choose the MLPs to zero under the make_lobotomy budget."),
+           "profile", "model", "corpus")
     p = stage("benchmark", _benchmark, "Measure speed and quality of each configuration on each backend.")
     _paths(p, "model", "corpus")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[],
                    help="technique artifact folders the configurations apply")
+    p = sub.add_parser("chat", help="Chat with a configuration applied.", description=_chat.__doc__ or
+                       "Chat with a benchmark configuration applied; prints tok/s after each reply.")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--config", default="baseline", help="a name under benchmark.configs")
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch")
+    p.add_argument("--model", type=Path, default=Path("artifacts/model"))
+    p.add_argument("--artifacts-dir", type=Path, default=Path("artifacts"), help="where technique artifacts are found")
+    p.add_argument("--log", type=Path, help="append per-token decisions to this JSONL file")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(fn=_chat)
     p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
     p.add_argument("--results", type=Path, nargs="+", required=True, help="benchmark artifact folders")
     return ap
@@ -78,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"adaptive-inference {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -156,7 +156,7 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> dic
         return manifest.write(
             tmp, stage="cache_hidden", inputs={"model": model_dir, "corpus": corpus_dir}, params=params,
             outputs={"splits": stats, "early_layer": early, "layer_inputs": layers,
-                     "hidden_size": lm.cfg.hidden_size, "device": lm.device,
+                     "hidden_size": lm.cfg.hidden_size, "vocab_size": lm.cfg.vocab_size, "device": lm.device,
                      "plain_forward_tokens_per_s": plain,
                      "text_order": {s: [r["id"] for r in rows] for s, rows in splits.items()}},
         )

@@ -7,6 +7,7 @@ nothing runs exactly the baseline ops. MLX is imported through blas.import_mlx (
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ class MLXLM:
         for i in range(cfg.num_hidden_layers):
             parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
             self.layers.append(Layer(**{k: v[0] if len(v) == 1 else mx.concatenate(v) for k, v in parts.items()}))
+        self.head_log: list[tuple[float, bool]] = []  # (P(rare), common head used) per decoded row
+        self.last_common: mx.array | None = None
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
         self.scale = cfg.head_dim ** -0.5
         mx.eval(self.embed, self.norm, self.lm_head, self.inv_freq, [list(vars(lw).values()) for lw in self.layers])
@@ -211,7 +214,41 @@ class MLXLM:
         h, _ = self.hidden(ids, cache, plan, blocks=blocks)
         if last_only:
             h = h[:, -1]
-        return (h @ self.lm_head.T).astype(mx.float32)
+        if plan.head is None:
+            return (h @ self.lm_head.T).astype(mx.float32)
+        return self._gated_head(h, plan.head, log=last_only)
+
+    def _gated_head(self, h: mx.array, g, *, log: bool) -> mx.array:
+        """As torch_backend._gated_head: P(rare) <= threshold -> common head, spread to a full distribution.
+        The router's decision needs P(rare) evaluated before the head is chosen (one sync per step)."""
+        w = g.backend_cache.get(self.name)
+        if w is None:
+            t = lambda a: mx.array(a).astype(self.dtype)  # noqa: E731
+            ids = mx.array(g.common_ids.astype(np.int32))
+            mask = np.zeros(self.cfg.vocab_size, dtype=bool)
+            mask[g.common_ids] = True
+            w = g.backend_cache[self.name] = {"w1": t(g.w1), "b1": t(g.b1), "w2": t(g.w2), "b2": t(g.b2), "ids": ids,
+                                              "mask": mx.array(mask), "head": self.lm_head[ids]}
+            mx.eval(list(w.values()))
+        hid = h @ w["w1"].T + w["b1"]
+        p = mx.sigmoid((hid * mx.sigmoid(hid)) @ w["w2"].T + w["b2"])[..., 0].astype(mx.float32)
+        mx.eval(p)
+        common = p <= g.threshold
+        if log:
+            self.head_log += list(zip(np.array(p).tolist(), np.array(common).tolist(), strict=True))
+            self.last_common = common
+        if not bool(common.any()):
+            return (h @ self.lm_head.T).astype(mx.float32)
+        lc = (h @ w["head"].T).astype(mx.float32)
+        lc = lc - mx.logsumexp(lc, axis=-1, keepdims=True) + mx.log1p(-p)[..., None]
+        rare = mx.log(p) - math.log(max(self.cfg.vocab_size - w["ids"].size, 1))
+        shape = (*lc.shape[:-1], self.cfg.vocab_size)
+        out = mx.zeros((lc.size // lc.shape[-1], shape[-1]), dtype=mx.float32) + rare.reshape(-1, 1)
+        out[:, w["ids"]] = lc.reshape(-1, lc.shape[-1])
+        out = out.reshape(shape)
+        if bool(common.all()):
+            return out
+        return mx.where(common[..., None], out, (h @ self.lm_head.T).astype(mx.float32))
 
     def logits(self, ids: list[int] | np.ndarray, plan: StepPlan = FULL) -> np.ndarray:
         """Teacher-forced logits [T, vocab] float32 for one sequence."""
@@ -235,9 +272,13 @@ class MLXLM:
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
             blocks = compiled_blocks() if step > 0 else PLAIN
-            logits = self.forward(ids, cache, policy.plan(step), last_only=True, blocks=blocks)
+            plan = policy.plan(step)
+            logits = self.forward(ids, cache, plan, last_only=True, blocks=blocks)
             policy.observe(logits)
             if temperature > 0:
+                if plan.head is not None:  # a common-head step samples among the common ids only
+                    rare = self.last_common[:, None] & ~plan.head.backend_cache[self.name]["mask"]
+                    logits = mx.where(rare, -mx.inf, logits)
                 key, sub = mx.random.split(key)
                 nxt = mx.random.categorical(logits / temperature, key=sub)
             else:

@@ -12,21 +12,27 @@ class StepPlan:
     skip_layers: whole blocks bypassed (the residual passes through; their KV entries stay empty
       and later steps mask them out).
     zero_mlp: blocks whose MLP returns zeros (attention still runs); its weights are not read.
+    head: None = the full LM head; else a gated head (vocab_router.GatedHead) whose router picks,
+      per position, the pre-sliced common head or the full one.
     """
 
     skip_layers: frozenset[int] = frozenset()
     zero_mlp: frozenset[int] = frozenset()
+    head: object | None = None
 
     @property
     def is_full(self) -> bool:
-        return not self.skip_layers and not self.zero_mlp
+        return not self.skip_layers and not self.zero_mlp and self.head is None
 
 
 FULL = StepPlan()
 
 
 class StaticPolicy:
-    """The same plan every step (baseline, lobotomy); adaptive techniques implement the same two calls."""
+    """The same plan every step (baseline, lobotomy); adaptive techniques implement the same two calls
+    and set `static = False`, so teacher-forced evaluation steps through them token by token."""
+
+    static = True
 
     def __init__(self, plan: StepPlan = FULL):
         self._plan = plan

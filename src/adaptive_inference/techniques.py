@@ -6,6 +6,7 @@ observe(logits) (see plan.StaticPolicy). Composition folds the plans of every te
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from .plan import StaticPolicy, StepPlan
 
 Factory = Callable[[Path | None, ModelConfig], object]
 REGISTRY: dict[str, tuple[str | None, Factory]] = {}  # name -> (artifact stage it reads, factory)
+MODULES = ("lobotomy", "vocab_router")  # modules whose import registers their techniques
+
+
+def _discover() -> None:
+    for m in MODULES:
+        importlib.import_module(f".{m}", __package__)
 
 
 def register(name: str, stage: str | None):
@@ -30,11 +37,16 @@ class ComposedPolicy:
 
     def __init__(self, policies: list):
         self.policies = policies
+        self.static = all(getattr(p, "static", False) for p in policies)
 
     def plan(self, step: int) -> StepPlan:
         plans = [p.plan(step) for p in self.policies]
+        heads = [p.head for p in plans if p.head is not None]
+        if len(heads) > 1:
+            raise UserError("a configuration may gate the LM head with one technique only")
         return StepPlan(skip_layers=frozenset().union(*(p.skip_layers for p in plans)),
-                        zero_mlp=frozenset().union(*(p.zero_mlp for p in plans)))
+                        zero_mlp=frozenset().union(*(p.zero_mlp for p in plans)),
+                        head=heads[0] if heads else None)
 
     def observe(self, logits) -> None:
         for p in self.policies:
@@ -43,6 +55,7 @@ class ComposedPolicy:
 
 def check(configs: dict[str, dict]) -> None:
     """Fail before any work if a configuration names an unknown technique."""
+    _discover()
     for name, spec in configs.items():
         for t in spec["techniques"]:
             if t not in REGISTRY:
@@ -63,6 +76,7 @@ def artifact_for(stage: str | None, artifacts: list[Path]) -> Path | None:
 
 def make_policy(techniques: list[str], artifacts: list[Path], cfg: ModelConfig):
     """The policy of a configuration; an empty list is the baseline."""
+    _discover()
     policies = []
     for t in techniques:
         stage, factory = REGISTRY[t]

@@ -6,6 +6,7 @@ nothing runs exactly the baseline ops. Device and dtype are chosen by the caller
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class TorchLM:
         for i in range(cfg.num_hidden_layers):
             parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
             self.layers.append(Layer(**{k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}))
+        self.head_log: list[tuple[float, bool]] = []  # (P(rare), common head used) per decoded row
+        self.last_common: torch.Tensor | None = None
         self.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
         h, d = cfg.num_attention_heads, cfg.head_dim
         self._split = (h * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
@@ -152,14 +155,18 @@ class TorchLM:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), lw.wo)
 
-    def _mlp(self, x, lw: Layer):
+    def _mlp(self, x, lw: Layer, layer: int, observe_mlp=None):
         gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, lw.w_down)
+        act = F.silu(gate) * up  # [B, T, inter]
+        if observe_mlp is not None:
+            observe_mlp(layer, act)
+        return F.linear(act, lw.w_down)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache, plan: StepPlan = FULL,
-               capture: set[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               capture: set[int] | None = None, observe_mlp=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the blocks on ids [B, T]; returns the final-normed hidden [B, T, hidden] and the
-        inputs of the layers in `capture` (index num_layers = the un-normed final residual)."""
+        inputs of the layers in `capture` (index num_layers = the un-normed final residual).
+        `observe_mlp(layer, act)` sees each MLP's intermediate activation (profiling)."""
         B, T = ids.shape
         start = cache.length
         if start + T > cache.max_len:
@@ -176,7 +183,7 @@ class TorchLM:
                 continue
             x = x + self._attention(F.rms_norm(x, (x.shape[-1],), lw.ln1, eps), lw, i, cache, cos, sin, start)
             if i not in plan.zero_mlp:
-                x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), lw.ln2, eps), lw)
+                x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), lw.ln2, eps), lw, i, observe_mlp)
         if capture and len(self.layers) in capture:
             captured[len(self.layers)] = x
         cache.length = start + T
@@ -187,7 +194,34 @@ class TorchLM:
         h, _ = self.hidden(ids, cache, plan)
         if last_only:
             h = h[:, -1]
-        return F.linear(h, self.lm_head).float()
+        if plan.head is None:
+            return F.linear(h, self.lm_head).float()
+        return self._gated_head(h, plan.head, log=last_only)
+
+    def _gated_head(self, h, g, *, log: bool):
+        """Router per position: P(rare) <= threshold -> the common head, whose output is still a distribution
+        over every id: common ids get (1 - p) softmax(common logits), the others share p evenly."""
+        w = g.backend_cache.get(self.name)
+        if w is None:
+            t = lambda a: torch.as_tensor(a, device=self.device, dtype=self.dtype)  # noqa: E731
+            ids = torch.as_tensor(g.common_ids, device=self.device)
+            mask = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            mask[ids] = True
+            w = g.backend_cache[self.name] = {"w1": t(g.w1), "b1": t(g.b1), "w2": t(g.w2), "b2": t(g.b2), "ids": ids,
+                                              "mask": mask, "head": self.lm_head[ids].contiguous()}
+        p = torch.sigmoid(F.linear(F.silu(F.linear(h, w["w1"], w["b1"])), w["w2"], w["b2"]))[..., 0].float()
+        common = p <= g.threshold
+        if log:
+            self.head_log += list(zip(p.tolist(), common.tolist(), strict=True))
+            self.last_common = common
+        if not bool(common.any()):
+            return F.linear(h, self.lm_head).float()
+        lc = F.log_softmax(F.linear(h, w["head"]).float(), dim=-1) + torch.log1p(-p)[..., None]
+        out = (torch.log(p) - math.log(max(self.cfg.vocab_size - len(w["ids"]), 1)))[..., None].expand(*lc.shape[:-1], self.cfg.vocab_size).clone()
+        out[..., w["ids"]] = lc
+        if bool(common.all()):
+            return out
+        return torch.where(common[..., None], out, F.linear(h, self.lm_head).float())
 
     @torch.inference_mode()
     def logits(self, ids: list[int] | np.ndarray, plan: StepPlan = FULL) -> np.ndarray:
@@ -216,9 +250,13 @@ class TorchLM:
         for step in range(max_new_tokens):
             self._sync()
             t0 = time.perf_counter()
-            logits = self.forward(ids, cache, policy.plan(step), last_only=True)
+            plan = policy.plan(step)
+            logits = self.forward(ids, cache, plan, last_only=True)
             policy.observe(logits)
             if temperature > 0:
+                if plan.head is not None:  # a common-head step samples among the common ids only
+                    rare = self.last_common[:, None] & ~plan.head.backend_cache[self.name]["mask"]
+                    logits = logits.masked_fill(rare, float("-inf"))
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
             else:

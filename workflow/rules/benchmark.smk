@@ -1,7 +1,18 @@
 rule benchmark:
     input:
+        code=[
+            "src/adaptive_inference/benchmark.py",
+            "src/adaptive_inference/generation.py",
+            "src/adaptive_inference/torch_backend.py",
+            "src/adaptive_inference/mlx_backend.py",
+            "src/adaptive_inference/techniques.py",
+            "src/adaptive_inference/lobotomy.py",
+            "src/adaptive_inference/vocab_router.py",
+        ],
         model="artifacts/model",
         corpus="artifacts/corpus",
+        router="artifacts/router",
+        lobotomy="artifacts/lobotomy",
     output:
         directory("artifacts/benchmark"),
     params:
@@ -12,4 +23,4 @@ rule benchmark:
     conda:
         "../envs/adaptive-inference.yaml"
     shell:
-        "adaptive-inference benchmark --params params.yaml --model {input.model} --corpus {input.corpus} --out {output} > {log} 2>&1"
+        "adaptive-inference benchmark --params params.yaml --model {input.model} --corpus {input.corpus} --artifacts {input.router} {input.lobotomy} --out {output} > {log} 2>&1"

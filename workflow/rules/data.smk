@@ -1,4 +1,8 @@
 rule build_corpus:
+    input:
+        code=[
+            "src/adaptive_inference/corpus.py",
+        ],
     output:
         directory("artifacts/corpus"),
     params:
@@ -13,6 +17,10 @@ rule build_corpus:
 
 rule cache_hidden:
     input:
+        code=[
+            "src/adaptive_inference/hidden_cache.py",
+            "src/adaptive_inference/torch_backend.py",
+        ],
         model="artifacts/model",
         corpus="artifacts/corpus",
     output:

@@ -1,4 +1,8 @@
 rule prepare_model:
+    input:
+        code=[
+            "src/adaptive_inference/prepare_model.py",
+        ],
     output:
         directory("artifacts/model"),
     params:

@@ -1,6 +1,9 @@
 rule report:
     input:
-        "artifacts/benchmark",
+        code=[
+            "src/adaptive_inference/report.py",
+        ],
+        results="artifacts/benchmark",
     output:
         md="reports/report.md",
         html="reports/report.html",
@@ -13,4 +16,4 @@ rule report:
     conda:
         "../envs/adaptive-inference.yaml"
     shell:
-        "adaptive-inference report --params params.yaml --results {input} --out reports > {log} 2>&1"
+        "adaptive-inference report --params params.yaml --results {input.results} --out reports > {log} 2>&1"

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from adaptive_inference import vocab_router as vr
+from adaptive_inference.benchmark import load_backend
+from adaptive_inference.generation import generate
+from adaptive_inference.plan import StaticPolicy, StepPlan
+
+IDS = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
+
+
+def test_common_ids_smallest_set_reaching_coverage():
+    next_ids = np.array([1, 1, 1, 1, 2, 2, 3, -1])
+    argmax = np.array([1, 1, 2, 4])
+    ids, info = vr.choose_common_ids(next_ids, argmax, vocab=8, coverage=0.75)
+    # counts: 1 -> 6, 2 -> 3, 3 -> 1, 4 -> 1 (of 11): {1, 2} covers 9/11 >= 0.75, {1} does not
+    assert ids.tolist() == [1, 2] and info["coverage"] == pytest.approx(9 / 11)
+
+
+def test_calibrated_threshold_reaches_target_recall():
+    rng = np.random.default_rng(0)
+    rare = rng.random(1000) < 0.2
+    prob = np.clip(rare * 0.6 + rng.random(1000) * 0.5, 0, 1)
+    t = vr.calibrate(prob, rare, 0.9)
+    assert vr.stats(prob, rare, t)["recall"] >= 0.9
+    assert vr.stats(prob, rare, t + 0.05)["recall"] < 0.9 or t + 0.05 > prob.max()
+
+
+def test_router_learns_a_separable_rule():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 16)).astype(np.float32)
+    y = x[:, 0] > 1.0
+    w, curve = vr.train(x, y, {"hidden": 16, "epochs": 8, "batch_size": 256, "lr": 0.01, "seed": 0})
+    s = vr.stats(vr.predict(w, x), y, 0.5)
+    assert curve[-1] < curve[0] and s["recall"] > 0.9 and s["precision"] > 0.7
+
+
+def head_for(lm, threshold: float, n_common: int = 32, seed: int = 0) -> vr.GatedHead:
+    rng = np.random.default_rng(seed)
+    H = lm.cfg.hidden_size
+    common = np.sort(rng.choice(lm.cfg.vocab_size, n_common, replace=False)).astype(np.int64)
+    return vr.GatedHead(common, rng.normal(size=(8, H)).astype(np.float32) * 0.1, np.zeros(8, np.float32),
+                        rng.normal(size=(1, 8)).astype(np.float32), np.zeros(1, np.float32), threshold)
+
+
+@pytest.fixture(params=["torch", "mlx"])
+def lm(request, tiny):
+    return load_backend(request.param, tiny[1], "float32")
+
+
+def test_router_that_never_picks_common_is_exactly_baseline(lm):
+    assert np.array_equal(lm.logits(IDS, StepPlan(head=head_for(lm, threshold=-1.0))), lm.logits(IDS))
+
+
+def test_common_head_is_a_distribution_that_keeps_common_ranking(lm):
+    g = head_for(lm, threshold=2.0)  # always the common head
+    got, full = lm.logits(IDS, StepPlan(head=g)), lm.logits(IDS)
+    prob = np.exp(got.astype(np.float64))
+    assert np.allclose(prob.sum(-1), 1.0, atol=1e-4)
+    c = g.common_ids
+    assert np.array_equal(got.argmax(-1), c[full[:, c].argmax(-1)])
+    rare_mass = 1 - prob[:, c].sum(-1)
+    rare = np.setdiff1d(np.arange(lm.cfg.vocab_size), c)
+    assert np.allclose(prob[:, rare].std(-1), 0, atol=1e-9) and (rare_mass > 0).all()
+
+
+def test_sampling_on_common_head_stays_in_common_ids_and_logs_decisions(lm):
+    g = head_for(lm, threshold=2.0)
+    lm.head_log.clear()
+    res = generate(lm, IDS[:5], max_new_tokens=12, policy=StaticPolicy(StepPlan(head=g)), temperature=1.5, seed=1)
+    assert set(res.tokens) <= set(g.common_ids.tolist())
+    assert len(lm.head_log) == 12 and all(common for _, common in lm.head_log)
+
+
+def test_torch_and_mlx_gate_alike(tiny):
+    t, m = load_backend("torch", tiny[1], "float32"), load_backend("mlx", tiny[1], "float32")
+    for thr in (0.3, 0.5, 0.7):
+        gt, gm = head_for(t, thr, seed=3), head_for(m, thr, seed=3)
+        np.testing.assert_allclose(t.logits(IDS, StepPlan(head=gt)), m.logits(IDS, StepPlan(head=gm)), atol=2e-4)
