@@ -158,3 +158,26 @@ def test_bad_input_leaves_existing_reports(tmp_path):
     with pytest.raises(UserError):
         report.build(PARAMS, [], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_technique_artifacts_are_summarized_with_citations(tmp_path):
+    bench = _artifact(tmp_path, "bench", _results())
+    prof = tmp_path / "profile"
+    prof.mkdir()
+    layers = [{"layer": i, "kl": 0.1 * (i + 1), "perplexity_delta": 0.5, "fire_rate": 0.3, "gini": 0.2,
+               "mlp_bytes_share": 0.02} for i in range(3)]
+    (prof / "profile.json").write_text(json.dumps({"baseline": {}, "layers": layers}))
+    pm = manifest.write(prof, stage="profile_ffn", inputs={}, params={})
+    lobo = tmp_path / "lobo"
+    lobo.mkdir()
+    (lobo / "lobotomy.json").write_text(json.dumps({"cut": [0, 2], "calib_kl": 0.25, "calib_perplexity": 15.0,
+                                                     "budget": {"max_kl": 0.3}}))
+    manifest.write(lobo, stage="make_lobotomy", inputs={}, params={})
+    report.build({"title": "T"}, [bench], tmp_path / "out", artifacts=[prof, lobo])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"[profile_ffn:{pm['digest'][:12]}]" in md and "layers [0, 2] zeroed" in md
+    assert (tmp_path / "out" / "ffn_profile.png").stat().st_size > 1000
+    (lobo / "lobotomy.json").write_text("{}")
+    with pytest.raises(UserError, match="corrupt artifact"):
+        report.build({"title": "T"}, [bench], tmp_path / "out2", artifacts=[prof, lobo])
+    assert not (tmp_path / "out2").exists()

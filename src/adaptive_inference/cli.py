@@ -54,7 +54,7 @@ def _benchmark(a, params):
 def _report(a, params):
     from . import report
 
-    return report.build(params["report"], a.results, a.out)
+    return report.build(params["report"], a.results, a.out, artifacts=a.artifacts)
 
 
 def _chat(a, params):
@@ -108,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_chat)
     p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
     p.add_argument("--results", type=Path, nargs="+", required=True, help="benchmark artifact folders")
+    p.add_argument("--artifacts", type=Path, nargs="*", default=[], help="technique artifact folders to summarize")
     return ap
 
 

@@ -19,6 +19,7 @@ RESULTS = "results.json"
 DASH = "—"
 PLOTS = {"speed_quality.png": "Speed vs quality: decode speedup against KL to the baseline",
          "batch_throughput.png": "Batched greedy decode throughput (median, bars = min–max)"}
+PROFILE_PLOT = ("ffn_profile.png", "MLP profile per layer on calib: ablation KL, fire rate, Gini")
 _FIELDS = {  # metrics.json key -> path inside one run of results.json
     "decode_tps": ("speed", "decode_tps", "median"),
     "prefill_tps": ("speed", "prefill_tps", "median"),
@@ -33,6 +34,7 @@ _FIELDS = {  # metrics.json key -> path inside one run of results.json
     "weight_bytes_fraction": ("structural", "weight_bytes_fraction"),
     "flops_fraction": ("structural", "flops_fraction"),
     "speedup_vs_baseline": ("speedup_vs_baseline",),
+    "common_head_rate": ("speed", "common_head_rate"),
 }
 HOW_TO_READ = (
     "Speeds are tokens per second: the median of the timed repeats, with [min–max] across them. "
@@ -50,14 +52,18 @@ _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1500
         "max-width:calc(50% - 1em)}img{max-width:100%}figcaption{font-size:12px;color:#555}")
 
 
-def build(params: dict, results_dirs: list[Path], out_dir: Path) -> dict:
-    """Validate every results dir, render everything in memory, then write the files into out_dir."""
+def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list[Path] = ()) -> dict:
+    """Validate every results dir (and technique artifact), render everything in memory, then write the
+    files into out_dir."""
     if not results_dirs:
         raise UserError("report needs at least one benchmark results folder")
     sources = [_load(Path(d)) for d in results_dirs]
     rows = _rows(sources)
+    tech = _techniques([Path(a) for a in artifacts])
     blocks = _blocks(params["title"], rows, sources)
-    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows)}
+    blocks[-2:-2] = tech["blocks"]
+    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows),
+             PROFILE_PLOT[0]: _plot_profile(tech["profile"])}
     files["report.md"] = _markdown(blocks).encode()
     files["report.html"] = _html(blocks, files).encode()
     files["metrics.json"] = (json.dumps(_metrics(rows, sources), indent=2) + "\n").encode()
@@ -183,7 +189,8 @@ def _setup(s: dict) -> str:
 def _main_table(rows: list[dict]) -> tuple:
     sizes = sorted({b for r in rows for b in r["batch"]})
     head = ["backend", "config", "decode tok/s", "prefill tok/s", "p50 / p95 ms", "peak RSS MB",
-            *[f"bs {b} tok/s" for b in sizes], "speedup", "bound", "realized", "perplexity", "KL", "top-1",
+            *[f"bs {b} tok/s" for b in sizes], "speedup", "bound", "realized", "common head", "perplexity", "KL",
+            "top-1",
             "GSM8K", "source"]
     body = []
     for r in rows:
@@ -193,7 +200,8 @@ def _main_table(rows: list[dict]) -> tuple:
                      f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}", _f(m("peak_rss_mb"), "{:.0f}"),
                      *[_f(r["batch"].get(b, (None,))[0]) for b in sizes],
                      _f(m("speedup_vs_baseline"), "{:.2f}×"), _f(m("structural_bound"), "{:.2f}×"),
-                     _f(m("realized_share"), "{:.0%}"), _f(m("perplexity"), "{:.3f}"),
+                     _f(m("realized_share"), "{:.0%}"), _f(m("common_head_rate"), "{:.0%}"),
+                     _f(m("perplexity"), "{:.3f}"),
                      _f(m("kl_to_baseline"), "{:.3g}"), _f(m("top1_agreement"), "{:.1%}"), gsm, r["tag"]])
     return ("table", head, body)
 
@@ -253,7 +261,7 @@ def _markdown(blocks: list[tuple]) -> str:
             lines = [a[0], ["---"] * len(a[0]), *a[1]]
             out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
         else:
-            out.append({"h1": "# {}", "h2": "## {}", "p": "{}", "img": "![{1}]({0})"}[kind].format(*a))
+            out.append({"h1": "# {}", "h2": "## {}", "h3": "### {}", "p": "{}", "img": "![{1}]({0})"}[kind].format(*a))
         out.append("")
     return "\n".join(out)
 
@@ -319,6 +327,53 @@ def _plot_speed_quality(rows: list[dict]) -> bytes:
                        label=f"{r['backend']} / {r['config']}")
             ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     return _png(fig, ax)
+
+
+def _plot_profile(profile: list[dict]) -> bytes:
+    fig, ax = _figure("MLP profile (calib)", "layer", "KL when only this MLP is zeroed")
+    if profile:
+        layers = [r["layer"] for r in profile]
+        ax.bar(layers, [r["kl"] for r in profile], color="C0", alpha=0.7, label="ablation KL (left)")
+        ax.set_yscale("log")
+        twin = ax.twinx()
+        twin.plot(layers, [r["fire_rate"] for r in profile], "C1o-", ms=3, label="fire rate (right)")
+        twin.plot(layers, [r["gini"] for r in profile], "C2s-", ms=3, label="Gini (right)")
+        twin.set_ylim(0, 1)
+        twin.legend(fontsize=8, loc="upper right")
+    return _png(fig, ax)
+
+
+def _techniques(artifacts: list[Path]) -> dict:
+    """Summaries of the technique artifacts the configurations applied, each citing its digest."""
+    blocks, profile = [], []
+    for a in artifacts:
+        m = manifest.verify(a)
+        tag, stage = f"[{m['stage']}:{m['digest'][:12]}]", m["stage"]
+        if stage == "profile_ffn":
+            profile = json.loads((a / "profile.json").read_text())["layers"]
+            blocks += [("h3", f"MLP profile {tag}"),
+                       ("table", ["layer", "ablation KL", "perplexity +", "fire rate", "Gini", "MLP bytes share"],
+                        [[r["layer"], _f(r["kl"], "{:.3f}"), _f(r["perplexity_delta"], "{:.2f}"),
+                          _f(r["fire_rate"], "{:.1%}"), _f(r["gini"], "{:.3f}"), _f(r["mlp_bytes_share"], "{:.2%}")]
+                         for r in profile]),
+                       ("img", *PROFILE_PLOT)]
+        elif stage == "make_lobotomy":
+            plan = json.loads((a / "lobotomy.json").read_text())
+            blocks.append(("p", f"Lobotomy {tag}: MLPs of layers {plan['cut']} zeroed; whole-cut KL on calib "
+                                f"{plan['calib_kl']:.3f} (budget {plan['budget']['max_kl']}), calib perplexity "
+                                f"{plan['calib_perplexity']:.2f}."))
+        elif stage == "train_vocab_router":
+            r = json.loads((a / "router.json").read_text())
+            c = r["calib"]
+            blocks.append(("p", f"Vocab router {tag}: {r['sizes']['common_ids']} common ids "
+                                f"({r['common']['share_of_vocab']:.1%} of the vocabulary) cover {r['common']['coverage']:.1%} "
+                                f"of train tokens; router {r['sizes']['router_params']} params, threshold "
+                                f"{r['threshold']:.3f}; on calib: recall of rare steps {c['recall']:.1%}, precision "
+                                f"{c['precision']:.1%}, common head on {c['common_head_rate']:.1%} of steps "
+                                f"(rare steps {c['rare_rate']:.1%})."))
+    if blocks:
+        blocks.insert(0, ("h2", "Technique artifacts"))
+    return {"blocks": blocks, "profile": profile}
 
 
 def _plot_batch(rows: list[dict]) -> bytes:
