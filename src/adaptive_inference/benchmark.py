@@ -127,15 +127,19 @@ def peak_memory_mb(lm) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def quality(lm, data: dict, new_policy, baseline: bool) -> tuple[dict, list[list[int]]]:
-    parts, top1s = [], []
+def quality(lm, data: dict, policies: dict) -> dict[str, tuple[dict, list[list[int]]]]:
+    """Teacher-forced quality of every configuration against this backend's baseline, text by text
+    (the baseline logits are computed once per text)."""
+    parts, top1s = {n: [] for n in policies}, {n: [] for n in policies}
     for ids in data["eval_ids"]:
-        policy = new_policy()
-        logits = lm.logits(ids, policy.plan(0))  # static plans; adaptive policies step per token
-        base = logits if baseline else lm.logits(ids)
-        parts.append(metrics.compare(logits, metrics.log_softmax(base), ids))
-        top1s.append(logits.argmax(-1).tolist())
-    return metrics.summarize(parts), top1s
+        base = lm.logits(ids)
+        base_logp = metrics.log_softmax(base)
+        for name, new_policy in policies.items():
+            plan = new_policy().plan(0)  # static plans; a per-token policy would step token by token
+            logits = base if plan.is_full else lm.logits(ids, plan)
+            parts[name].append(metrics.compare(logits, base_logp, ids))
+            top1s[name].append(logits.argmax(-1).tolist())
+    return {n: (metrics.summarize(parts[n]), top1s[n]) for n in policies}
 
 
 def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -> dict:
@@ -151,54 +155,69 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -
     return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
 
 
-def decode_speed(lm, data: dict, new_policy, p: dict, reference=None) -> tuple[dict, list[StepPlan], list]:
-    """Greedy decode of the eval prompts, `repeats` times after `warmup`. A reference (the library's
-    own generate) is timed in the same repeats, interleaved with ours, so both see the same noise."""
+def _rotated(names: list[str], rep: int) -> list[str]:
+    k = rep % len(names)
+    return names[k:] + names[:k]
+
+
+def decode_speed(lm, data: dict, policies: dict, p: dict, reference=None) -> tuple[dict, dict | None]:
+    """Greedy decode of the eval prompts for every configuration, round-robin within each repeat (order
+    rotated per repeat) so all configurations, and the library's own generate, share the same noise."""
     n = p["decode"]["new_tokens"]
     prompts = data["decode_prompts"][: p["decode"]["prompts"]]
+    names = list(policies)
     for _ in range(p["decode"]["warmup"]):
-        generate(lm, prompts[0], max_new_tokens=n, policy=new_policy())
+        for name in names:
+            generate(lm, prompts[0], max_new_tokens=n, policy=policies[name]())
         if reference:
             reference.run(prompts[:1], n)
-    prefill, decode, latencies, plans, greedy, ref, commons = [], [], [], [], [], [], []
+    acc = {name: {"prefill": [], "decode": [], "latencies": [], "plans": [], "commons": [], "greedy": []}
+           for name in names}
+    ref = []
     for rep in range(p["decode"]["repeats"]):
-        runs = []
-        for prompt in prompts:
-            policy = RecordingPolicy(new_policy())
-            lm.head_log.clear()
-            runs.append(generate(lm, prompt, max_new_tokens=n, policy=policy))
-            plans += policy.plans[1:]
-            commons += [common for _, common in lm.head_log[1:]]
-        prefill.append(sum(r.prompt_tokens for r in runs) / sum(r.prefill_s for r in runs))
-        decode.append(sum(len(r.token_latencies_s) - 1 for r in runs) / sum(sum(r.token_latencies_s[1:]) for r in runs))
-        latencies += [t for r in runs for t in r.token_latencies_s[1:]]
-        if rep == 0:
-            greedy = [r.tokens for r in runs]
+        for name in _rotated(names, rep):
+            a, runs = acc[name], []
+            for prompt in prompts:
+                policy = RecordingPolicy(policies[name]())
+                lm.head_log.clear()
+                runs.append(generate(lm, prompt, max_new_tokens=n, policy=policy))
+                a["plans"] += policy.plans[1:]
+                a["commons"] += [common for _, common in lm.head_log[1:]]
+            a["prefill"].append(sum(r.prompt_tokens for r in runs) / sum(r.prefill_s for r in runs))
+            a["decode"].append(sum(len(r.token_latencies_s) - 1 for r in runs)
+                               / sum(sum(r.token_latencies_s[1:]) for r in runs))
+            a["latencies"] += [t for r in runs for t in r.token_latencies_s[1:]]
+            a["greedy"] = a["greedy"] or [r.tokens for r in runs]
         if reference:
             ref.append(reference.run(prompts, n))
-    lat = np.array(latencies) * 1e3
-    speed = {"prefill_tps": spread(prefill), "decode_tps": spread(decode),
-             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
-    if commons:
-        speed["common_head_rate"] = float(np.mean(commons))
+    out = {}
+    for name, a in acc.items():
+        lat = np.array(a["latencies"]) * 1e3
+        speed = {"prefill_tps": spread(a["prefill"]), "decode_tps": spread(a["decode"]),
+                 "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
+        if a["commons"]:
+            speed["common_head_rate"] = float(np.mean(a["commons"]))
+        out[name] = {"speed": speed, "plans": a["plans"], "commons": a["commons"], "greedy": a["greedy"]}
     reference_result = {"backend": lm.name, "impl": reference.impl, "decode_tps": spread(ref)} if reference else None
-    return speed, plans, greedy, reference_result, commons
+    return out, reference_result
 
 
-def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
+def batch_speed(lm, data: dict, policies: dict, p: dict) -> dict[str, list[dict]]:
+    """Batched greedy throughput (generated tokens / wall time, prefill included), configurations
+    round-robin per repeat like decode_speed."""
     pool, n = data["decode_prompts"], p["batch"]["new_tokens"]
-    out = []
-    for bs in p["batch"]["sizes"]:
-        prompt = np.array([pool[i % len(pool)] for i in range(bs)])
-        values = []
-        for rep in range(1 + p["decode"]["repeats"]):  # first run is the warm-up
-            t0 = time.perf_counter()
-            for _ in lm.generate_step(prompt, max_new_tokens=n, policy=new_policy()):
-                pass
-            if rep:
-                values.append(bs * n / (time.perf_counter() - t0))
-        out.append({"batch_size": bs, "tps": spread(values)})
-    return out
+    values = {(name, bs): [] for name in policies for bs in p["batch"]["sizes"]}
+    for rep in range(1 + p["decode"]["repeats"]):  # the first round is the warm-up
+        for bs in p["batch"]["sizes"]:
+            prompt = np.array([pool[i % len(pool)] for i in range(bs)])
+            for name in _rotated(list(policies), rep):
+                t0 = time.perf_counter()
+                for _ in lm.generate_step(prompt, max_new_tokens=n, policy=policies[name]()):
+                    pass
+                if rep:
+                    values[name, bs].append(bs * n / (time.perf_counter() - t0))
+    return {name: [{"batch_size": bs, "tps": spread(values[name, bs])} for bs in p["batch"]["sizes"]]
+            for name in policies}
 
 
 class Reference(abc.ABC):
@@ -283,36 +302,35 @@ def memory_probe(job: dict) -> float:
 
 
 def measure(job: dict) -> dict:
-    """One (backend, configuration): runs in its own process."""
+    """Every configuration on one backend, in one process, timed round-robin."""
     from transformers import AutoTokenizer
 
     p, data = job["params"], job["data"]
     lm = load_backend(job["backend"], Path(job["model_dir"]), p["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     artifacts = [Path(a) for a in job["artifacts"]]
-
-    def new_policy():
-        return techniques.make_policy(job["techniques"], artifacts, lm.cfg)
-
-    baseline = not job["techniques"]
-    reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if baseline and p["reference"] else None
-    speed, plans, greedy, ref, commons = decode_speed(lm, data, new_policy, p, reference)
+    policies = {name: (lambda t=tuple(spec["techniques"]): techniques.make_policy(list(t), artifacts, lm.cfg))
+                for name, spec in p["configs"].items()}
+    reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if p["reference"] else None
+    decode, ref = decode_speed(lm, data, policies, p, reference)
     del reference
-    speed["batch"] = batch_speed(lm, data, new_policy, p)
-    qual, top1s = quality(lm, data, new_policy, baseline)
-    qual.update(gsm8k_accuracy(lm, data, new_policy, p["gsm8k"]["max_new_tokens"], tokenizer))
+    batch = batch_speed(lm, data, policies, p)
+    qual = quality(lm, data, policies)
     context = len(data["decode_prompts"][0]) + p["decode"]["new_tokens"] // 2
-    run = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": job["config"],
-           "techniques": job["techniques"], "speed": speed, "quality": qual,
-           "structural": structural(lm.cfg, plans, context, commons)}
-    extra = {"top1": top1s, "greedy": greedy}
+    runs, extra = {}, {"top1": {}, "greedy": {}}
+    for name, spec in p["configs"].items():
+        d = decode[name]
+        q = dict(qual[name][0])
+        q.update(gsm8k_accuracy(lm, data, policies[name], p["gsm8k"]["max_new_tokens"], tokenizer))
+        runs[name] = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": name,
+                      "techniques": spec["techniques"], "speed": {**d["speed"], "batch": batch[name]}, "quality": q,
+                      "structural": structural(lm.cfg, d["plans"], context, d["commons"])}
+        extra["top1"][name], extra["greedy"][name] = qual[name][1], d["greedy"]
     if job["backend"] == "mlx":
         from .blas import blas_info
 
         extra["blas"] = blas_info()
-    if ref:
-        extra["reference"] = ref
-    return {"run": run, **extra}
+    return {"runs": runs, "reference": ref, **extra}
 
 
 def _in_fresh_process(fn, job: dict):
@@ -349,29 +367,28 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, art
     if "baseline" not in params["configs"] or params["configs"]["baseline"]["techniques"]:
         raise UserError("benchmark.configs: a 'baseline' configuration with no techniques is required")
     data = prepare_data(params, model_dir, corpus_dir)
-    runs, outs, references, blas = [], {}, [], {}
+    runs, per_backend, references, blas = [], {}, [], {}
     for backend in params["backends"]:
+        print(f"benchmark: {backend}: {', '.join(params['configs'])}", file=sys.stderr, flush=True)
+        job = {"backend": backend, "model_dir": str(model_dir), "artifacts": [str(a) for a in artifacts],
+               "params": params, "data": data}
+        out = per_backend[backend] = _in_fresh_process(measure, job)
         for name, spec in params["configs"].items():
-            print(f"benchmark: {backend} / {name}", file=sys.stderr, flush=True)
-            job = {"backend": backend, "config": name, "techniques": spec["techniques"],
-                   "model_dir": str(model_dir), "artifacts": [str(a) for a in artifacts],
-                   "params": params, "data": data}
-            out = _in_fresh_process(measure, job)
-            out["run"]["speed"]["peak_rss_mb"] = _in_fresh_process(memory_probe, job)
-            runs.append(out["run"])
-            blas.update(out.get("blas", {}))
-            outs.setdefault(name, {})[backend] = out
-            if "reference" in out:
-                references.append(out["reference"])
-    baselines = outs["baseline"]
+            out["runs"][name]["speed"]["peak_rss_mb"] = _in_fresh_process(
+                memory_probe, {**job, "techniques": spec["techniques"]})
+            runs.append(out["runs"][name])
+        blas.update(out.get("blas", {}))
+        if out["reference"]:
+            references.append(out["reference"])
     for r in runs:
-        base = baselines[r["backend"]]["run"]["speed"]["decode_tps"]["median"]
+        base = per_backend[r["backend"]]["runs"]["baseline"]["speed"]["decode_tps"]["median"]
         r["speedup_vs_baseline"] = r["speed"]["decode_tps"]["median"] / base
     for ref in references:
-        ours = baselines[ref["backend"]]["run"]["speed"]["decode_tps"]["median"]
+        ours = per_backend[ref["backend"]]["runs"]["baseline"]["speed"]["decode_tps"]["median"]
         ref["ours_over_reference"] = ours / ref["decode_tps"]["median"]
     model_out = model_m["outputs"]
-    by_config = {name: agreement(o) for name, o in outs.items()}
+    by_config = {name: agreement({b: {"top1": o["top1"][name], "greedy": o["greedy"][name]}
+                                  for b, o in per_backend.items()}) for name in params["configs"]}
     results = {
         "model": {"name": model_out.get("name"), "params": model_out.get("params"),
                   "num_layers": model_out.get("num_layers"),
