@@ -77,3 +77,33 @@ def test_torch_and_mlx_gate_alike(tiny):
     for thr in (0.3, 0.5, 0.7):
         gt, gm = head_for(t, thr, seed=3), head_for(m, thr, seed=3)
         np.testing.assert_allclose(t.logits(IDS, StepPlan(head=gt)), m.logits(IDS, StepPlan(head=gm)), atol=2e-4)
+
+
+def median_p_rare(lm, prompt, n: int) -> float:
+    lm.head_log.clear()
+    generate(lm, prompt, max_new_tokens=n, policy=StaticPolicy(StepPlan(head=head_for(lm, -1.0))))
+    return float(np.median([p for p, _ in lm.head_log]))
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_greedy_decode_on_common_ids_matches_gated_logits(lm, mixed):
+    """Decode picks from the 32 common logits and maps back; it must equal the argmax of the full spread."""
+    plan = StepPlan(head=head_for(lm, median_p_rare(lm, IDS[:5], 10) if mixed else 2.0))
+    lm.head_log.clear()
+    res = generate(lm, IDS[:5], max_new_tokens=10, policy=StaticPolicy(plan))
+    commons = [c for _, c in lm.head_log]
+    assert 0 < sum(commons) < len(commons) if mixed else all(commons), "steps on the heads the test needs"
+    teacher = lm.logits(IDS[:5] + res.tokens[:-1], plan)
+    assert teacher[4:].argmax(-1).tolist() == res.tokens
+
+
+def test_batched_rows_decide_alone(lm):
+    """Rows of a batch take their own head; each row decodes as it would alone."""
+    plan = StepPlan(head=head_for(lm, median_p_rare(lm, IDS[:5], 8)))
+    prompts = np.array([IDS[:5], IDS[5:10]])
+    lm.head_log.clear()
+    batched = np.stack([tok for tok, _ in lm.generate_step(prompts, max_new_tokens=8, policy=StaticPolicy(plan))], 1)
+    rows = np.array([c for _, c in lm.head_log]).reshape(8, 2)
+    assert (rows[:, 0] != rows[:, 1]).any(), "the test needs a step whose rows take different heads"
+    for row, prompt in zip(batched, prompts, strict=True):
+        assert row.tolist() == generate(lm, prompt.tolist(), max_new_tokens=8, policy=StaticPolicy(plan)).tokens

@@ -18,7 +18,7 @@ import numpy as np
 from .blas import import_mlx
 from .errors import UserError
 from .model_config import ModelConfig
-from .plan import FULL, StaticPolicy, StepPlan
+from .plan import FULL, HeadDecision, StaticPolicy, StepPlan
 
 mx = import_mlx()
 
@@ -125,7 +125,7 @@ class MLXLM:
             parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
             self.layers.append(Layer(**{k: v[0] if len(v) == 1 else mx.concatenate(v) for k, v in parts.items()}))
         self.head_log: list[tuple[float, bool]] = []  # (P(rare), common head used) per decoded row
-        self.last_common: mx.array | None = None
+        self.last_head: HeadDecision | None = None  # the gated head's decision on the last decode step
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
         self.scale = cfg.head_dim ** -0.5
         mx.eval(self.embed, self.norm, self.lm_head, self.inv_freq, [list(vars(lw).values()) for lw in self.layers])
@@ -220,7 +220,9 @@ class MLXLM:
 
     def _gated_head(self, h: mx.array, g, *, log: bool) -> mx.array:
         """As torch_backend._gated_head: P(rare) <= threshold -> common head, spread to a full distribution.
-        The router's decision needs P(rare) evaluated before the head is chosen (one sync per step)."""
+        The router's decision needs P(rare) evaluated before the head is chosen (one sync per step). The
+        spread stays lazy: a decode step whose rows all chose the common head picks its token from
+        `last_head.common_logits` (2.5k ids), so the 49k-wide spread is never computed unless read."""
         w = g.backend_cache.get(self.name)
         if w is None:
             t = lambda a: mx.array(a).astype(self.dtype)  # noqa: E731
@@ -232,23 +234,25 @@ class MLXLM:
             mx.eval(list(w.values()))
         hid = h @ w["w1"].T + w["b1"]
         p = mx.sigmoid((hid * mx.sigmoid(hid)) @ w["w2"].T + w["b2"])[..., 0].astype(mx.float32)
-        mx.eval(p)
-        common = p <= g.threshold
+        p_np = np.array(p)  # the one sync: evaluates the blocks and the router
+        common_np = p_np <= g.threshold
         if log:
-            self.head_log += list(zip(np.array(p).tolist(), np.array(common).tolist(), strict=True))
-            self.last_common = common
-        if not bool(common.any()):
+            self.head_log += list(zip(p_np.ravel().tolist(), common_np.ravel().tolist(), strict=True))
+        if not common_np.any():
+            self.last_head = HeadDecision(common_np, None, w["ids"]) if log else None
             return (h @ self.lm_head.T).astype(mx.float32)
         lc = (h @ w["head"].T).astype(mx.float32)
         lc = lc - mx.logsumexp(lc, axis=-1, keepdims=True) + mx.log1p(-p)[..., None]
+        if log:
+            self.last_head = HeadDecision(common_np, lc, w["ids"])
         rare = mx.log(p) - math.log(max(self.cfg.vocab_size - w["ids"].size, 1))
         shape = (*lc.shape[:-1], self.cfg.vocab_size)
         out = mx.zeros((lc.size // lc.shape[-1], shape[-1]), dtype=mx.float32) + rare.reshape(-1, 1)
         out[:, w["ids"]] = lc.reshape(-1, lc.shape[-1])
         out = out.reshape(shape)
-        if bool(common.all()):
+        if common_np.all():
             return out
-        return mx.where(common[..., None], out, (h @ self.lm_head.T).astype(mx.float32))
+        return mx.where(mx.array(common_np)[..., None], out, (h @ self.lm_head.T).astype(mx.float32))
 
     def logits(self, ids: list[int] | np.ndarray, plan: StepPlan = FULL) -> np.ndarray:
         """Teacher-forced logits [T, vocab] float32 for one sequence."""
@@ -273,16 +277,22 @@ class MLXLM:
             t0 = time.perf_counter()
             blocks = compiled_blocks() if step > 0 else PLAIN
             plan = policy.plan(step)
+            self.last_head = None
             logits = self.forward(ids, cache, plan, last_only=True, blocks=blocks)
             policy.observe(logits)
+            head, pick, id_map = self.last_head, logits, None
+            if head is not None and head.common.all():  # pick among the common ids, map back to vocab ids
+                pick, id_map = head.common_logits, head.ids
+            elif head is not None and temperature > 0 and head.common.any():  # mixed rows of a batch
+                pick = mx.where(mx.array(head.common)[:, None] & ~plan.head.backend_cache[self.name]["mask"],
+                                -mx.inf, logits)
             if temperature > 0:
-                if plan.head is not None:  # a common-head step samples among the common ids only
-                    rare = self.last_common[:, None] & ~plan.head.backend_cache[self.name]["mask"]
-                    logits = mx.where(rare, -mx.inf, logits)
                 key, sub = mx.random.split(key)
-                nxt = mx.random.categorical(logits / temperature, key=sub)
+                nxt = mx.random.categorical(pick / temperature, key=sub)
             else:
-                nxt = mx.argmax(logits, axis=-1)
+                nxt = mx.argmax(pick, axis=-1)
+            if id_map is not None:
+                nxt = id_map[nxt]
             mx.eval(nxt, cache.valid if cache.valid is not None else [])  # valid: a skip's hole, even if unread
             out = np.array(nxt)
             dt = time.perf_counter() - t0

@@ -28,6 +28,19 @@ class StepPlan:
 FULL = StepPlan()
 
 
+@dataclass(frozen=True)
+class HeadDecision:
+    """A gated head's choice on one decode step, kept by the backend for token selection.
+
+    common: numpy bool [B], rows that used the common head; common_logits: backend array [B, n_common],
+    log-probs of the common ids (None when no row chose it); ids: backend array of those vocab ids.
+    """
+
+    common: object
+    common_logits: object | None
+    ids: object
+
+
 class StaticPolicy:
     """The same plan every step (baseline, lobotomy); adaptive techniques implement the same two calls
     and set `static = False`, so teacher-forced evaluation steps through them token by token."""

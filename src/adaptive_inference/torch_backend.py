@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .model_config import ModelConfig
-from .plan import FULL, StaticPolicy, StepPlan
+from .plan import FULL, HeadDecision, StaticPolicy, StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,7 +80,7 @@ class TorchLM:
             parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
             self.layers.append(Layer(**{k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}))
         self.head_log: list[tuple[float, bool]] = []  # (P(rare), common head used) per decoded row
-        self.last_common: torch.Tensor | None = None
+        self.last_head: HeadDecision | None = None  # the gated head's decision on the last decode step
         self.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
         h, d = cfg.num_attention_heads, cfg.head_dim
         self._split = (h * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
@@ -210,17 +210,22 @@ class TorchLM:
             w = g.backend_cache[self.name] = {"w1": t(g.w1), "b1": t(g.b1), "w2": t(g.w2), "b2": t(g.b2), "ids": ids,
                                               "mask": mask, "head": self.lm_head[ids].contiguous()}
         p = torch.sigmoid(F.linear(F.silu(F.linear(h, w["w1"], w["b1"])), w["w2"], w["b2"]))[..., 0].float()
-        common = p <= g.threshold
+        p_np = p.cpu().numpy()  # one transfer for the decision and the log
+        common_np = p_np <= g.threshold
         if log:
-            self.head_log += list(zip(p.tolist(), common.tolist(), strict=True))
-            self.last_common = common
-        if not bool(common.any()):
+            self.head_log += list(zip(p_np.ravel().tolist(), common_np.ravel().tolist(), strict=True))
+        if not common_np.any():
+            self.last_head = HeadDecision(common_np, None, w["ids"]) if log else None
             return F.linear(h, self.lm_head).float()
         lc = F.log_softmax(F.linear(h, w["head"]).float(), dim=-1) + torch.log1p(-p)[..., None]
-        out = (torch.log(p) - math.log(max(self.cfg.vocab_size - len(w["ids"]), 1)))[..., None].expand(*lc.shape[:-1], self.cfg.vocab_size).clone()
+        if log:
+            self.last_head = HeadDecision(common_np, lc, w["ids"])
+        rare = torch.log(p) - math.log(max(self.cfg.vocab_size - len(w["ids"]), 1))
+        out = rare[..., None].expand(*lc.shape[:-1], self.cfg.vocab_size).clone()
         out[..., w["ids"]] = lc
-        if bool(common.all()):
+        if common_np.all():
             return out
+        common = torch.as_tensor(common_np, device=self.device)
         return torch.where(common[..., None], out, F.linear(h, self.lm_head).float())
 
     @torch.inference_mode()
@@ -251,16 +256,21 @@ class TorchLM:
             self._sync()
             t0 = time.perf_counter()
             plan = policy.plan(step)
+            self.last_head = None
             logits = self.forward(ids, cache, plan, last_only=True)
             policy.observe(logits)
+            head, pick, id_map = self.last_head, logits, None
+            if head is not None and head.common.all():  # pick among the common ids, map back to vocab ids
+                pick, id_map = head.common_logits, head.ids
+            elif head is not None and temperature > 0 and head.common.any():  # mixed rows of a batch
+                rows = torch.as_tensor(head.common, device=self.device)[:, None]
+                pick = logits.masked_fill(rows & ~plan.head.backend_cache[self.name]["mask"], float("-inf"))
             if temperature > 0:
-                if plan.head is not None:  # a common-head step samples among the common ids only
-                    rare = self.last_common[:, None] & ~plan.head.backend_cache[self.name]["mask"]
-                    logits = logits.masked_fill(rare, float("-inf"))
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                nxt = torch.multinomial(torch.softmax(pick / temperature, dim=-1), 1, generator=gen)[:, 0]
             else:
-                nxt = logits.argmax(dim=-1)
+                nxt = pick.argmax(dim=-1)
+            if id_map is not None:
+                nxt = id_map[nxt]
             out = nxt.cpu().numpy()
             dt = time.perf_counter() - t0
             yield out, dt
