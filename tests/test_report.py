@@ -30,6 +30,7 @@ def _run(backend: str, config: str, decode: float, speedup: float, kl: float, fr
                     "gsm8k_accuracy": 1 / 6, "gsm8k_n": 6, "eval_tokens": 12000},
         "structural": {"weight_bytes_fraction": frac, "flops_fraction": frac},
         "speedup_vs_baseline": speedup,
+        "speedup_ci95": [speedup - 0.02, speedup + 0.03],
     }
 
 
@@ -91,6 +92,9 @@ def test_report_files_and_metrics(tmp_path):
     lob = metrics["torch"]["lobotomy"]
     assert lob["structural_bound"] == pytest.approx(1 / 0.7)
     assert lob["realized_share"] == pytest.approx(0.24 / (1 / 0.7 - 1))
+    assert lob["realized_share_ci95_lo"] == pytest.approx(0.22 / (1 / 0.7 - 1))
+    assert lob["speedup_over_bound"] == pytest.approx(1.24 * 0.7)
+    assert "1.240× [1.220–1.270]" in md and "56% [51%–63%]" in md
     assert "realized_share" not in metrics["torch"]["baseline"]  # bound 1: undefined
     assert metrics["agreement"] == res["agreement"]
     assert metrics["reference_ratios"] == {"torch": 1.9, "mlx": 1.1}

@@ -155,50 +155,74 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int, tokenizer) -
     return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
 
 
-def _rotated(names: list[str], rep: int) -> list[str]:
-    k = rep % len(names)
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
     return names[k:] + names[:k]
 
 
+def paired_speedup(base_s: list[float], config_s: list[float], *, resamples: int = 2000) -> dict:
+    """Speedup from paired timings (seconds per token of the same prompt, back to back): the median of
+    base/config over pairs, with a 95% bootstrap interval of that median. Pairing cancels the drift of a
+    shared machine that separate medians of two configurations would absorb."""
+    r = np.asarray(base_s) / np.asarray(config_s)
+    boot = np.median(np.random.default_rng(0).choice(r, (resamples, r.size)), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95": [float(lo), float(hi)], "pairs": int(r.size)}
+
+
 def decode_speed(lm, data: dict, policies: dict, p: dict, reference=None) -> tuple[dict, dict | None]:
-    """Greedy decode of the eval prompts for every configuration, round-robin within each repeat (order
-    rotated per repeat) so all configurations, and the library's own generate, share the same noise."""
+    """Greedy decode of the eval prompts. For each repeat and prompt, every configuration (and the library's
+    own generate) runs back to back in a rotated order, so each gets a baseline run of the same prompt
+    under the same machine state to be paired with (see paired_speedup)."""
     n = p["decode"]["new_tokens"]
     prompts = data["decode_prompts"][: p["decode"]["prompts"]]
-    names = list(policies)
+    names = list(policies) + (["reference"] if reference else [])
     for _ in range(p["decode"]["warmup"]):
-        for name in names:
+        for name in policies:
             generate(lm, prompts[0], max_new_tokens=n, policy=policies[name]())
         if reference:
             reference.run(prompts[:1], n)
-    acc = {name: {"prefill": [], "decode": [], "latencies": [], "plans": [], "commons": [], "greedy": []}
-           for name in names}
-    ref = []
+    acc = {name: {"prefill": [], "decode": [], "latencies": [], "per_token": [], "plans": [], "commons": [],
+                  "greedy": []} for name in names}
     for rep in range(p["decode"]["repeats"]):
-        for name in _rotated(names, rep):
-            a, runs = acc[name], []
-            for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            for name in _rotated(names, rep * len(prompts) + i):
+                a = acc[name]
+                if name == "reference":
+                    a["per_token"].append(1 / reference.run([prompt], n))
+                    continue
                 policy = RecordingPolicy(policies[name]())
                 lm.head_log.clear()
-                runs.append(generate(lm, prompt, max_new_tokens=n, policy=policy))
+                r = generate(lm, prompt, max_new_tokens=n, policy=policy)
                 a["plans"] += policy.plans[1:]
                 a["commons"] += [common for _, common in lm.head_log[1:]]
-            a["prefill"].append(sum(r.prompt_tokens for r in runs) / sum(r.prefill_s for r in runs))
-            a["decode"].append(sum(len(r.token_latencies_s) - 1 for r in runs)
-                               / sum(sum(r.token_latencies_s[1:]) for r in runs))
-            a["latencies"] += [t for r in runs for t in r.token_latencies_s[1:]]
-            a["greedy"] = a["greedy"] or [r.tokens for r in runs]
-        if reference:
-            ref.append(reference.run(prompts, n))
+                steps = r.token_latencies_s[1:]
+                a["per_token"].append(sum(steps) / len(steps))
+                a["prefill"].append((r.prompt_tokens, r.prefill_s))
+                a["latencies"] += steps
+                if rep == 0:
+                    a["greedy"].append(r.tokens)
+    k = len(prompts)
+    per_repeat_tps = lambda per_token: spread([k / sum(per_token[j:j + k])  # noqa: E731
+                                               for j in range(0, len(per_token), k)])
+    base = acc["baseline"]["per_token"]
     out = {}
-    for name, a in acc.items():
+    for name in policies:
+        a = acc[name]
         lat = np.array(a["latencies"]) * 1e3
-        speed = {"prefill_tps": spread(a["prefill"]), "decode_tps": spread(a["decode"]),
+        pre = [a["prefill"][j:j + k] for j in range(0, len(a["prefill"]), k)]
+        speed = {"prefill_tps": spread([sum(t for t, _ in rep) / sum(s for _, s in rep) for rep in pre]),
+                 "decode_tps": per_repeat_tps(a["per_token"]),
+                 "paired_speedup": paired_speedup(base, a["per_token"]),
                  "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
         if a["commons"]:
             speed["common_head_rate"] = float(np.mean(a["commons"]))
         out[name] = {"speed": speed, "plans": a["plans"], "commons": a["commons"], "greedy": a["greedy"]}
-    reference_result = {"backend": lm.name, "impl": reference.impl, "decode_tps": spread(ref)} if reference else None
+    reference_result = None
+    if reference:
+        ref = acc["reference"]["per_token"]
+        reference_result = {"backend": lm.name, "impl": reference.impl, "decode_tps": per_repeat_tps(ref),
+                            "paired_ours_over_reference": paired_speedup(ref, base)}
     return out, reference_result
 
 
@@ -207,7 +231,7 @@ def batch_speed(lm, data: dict, policies: dict, p: dict) -> dict[str, list[dict]
     round-robin per repeat like decode_speed."""
     pool, n = data["decode_prompts"], p["batch"]["new_tokens"]
     values = {(name, bs): [] for name in policies for bs in p["batch"]["sizes"]}
-    for rep in range(1 + p["decode"]["repeats"]):  # the first round is the warm-up
+    for rep in range(1 + p["batch"]["repeats"]):  # the first round is the warm-up
         for bs in p["batch"]["sizes"]:
             prompt = np.array([pool[i % len(pool)] for i in range(bs)])
             for name in _rotated(list(policies), rep):
@@ -301,6 +325,19 @@ def memory_probe(job: dict) -> float:
     return peak_memory_mb(lm)
 
 
+class _Phases:
+    """Runs a phase and logs its wall time to stderr, so a user sees where a long benchmark goes."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __call__(self, what: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        print(f"benchmark: {self.backend}: {what} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        return out
+
+
 def measure(job: dict) -> dict:
     """Every configuration on one backend, in one process, timed round-robin."""
     from transformers import AutoTokenizer
@@ -312,16 +349,18 @@ def measure(job: dict) -> dict:
     policies = {name: (lambda t=tuple(spec["techniques"]): techniques.make_policy(list(t), artifacts, lm.cfg))
                 for name, spec in p["configs"].items()}
     reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if p["reference"] else None
-    decode, ref = decode_speed(lm, data, policies, p, reference)
+    clock = _Phases(job["backend"])
+    decode, ref = clock("decode", decode_speed, lm, data, policies, p, reference)
     del reference
-    batch = batch_speed(lm, data, policies, p)
-    qual = quality(lm, data, policies)
+    batch = clock("batch", batch_speed, lm, data, policies, p)
+    qual = clock("quality", quality, lm, data, policies)
     context = len(data["decode_prompts"][0]) + p["decode"]["new_tokens"] // 2
     runs, extra = {}, {"top1": {}, "greedy": {}}
     for name, spec in p["configs"].items():
         d = decode[name]
         q = dict(qual[name][0])
-        q.update(gsm8k_accuracy(lm, data, policies[name], p["gsm8k"]["max_new_tokens"], tokenizer))
+        q.update(clock(f"gsm8k {name}", gsm8k_accuracy, lm, data, policies[name], p["gsm8k"]["max_new_tokens"],
+                       tokenizer))
         runs[name] = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": name,
                       "techniques": spec["techniques"], "speed": {**d["speed"], "batch": batch[name]}, "quality": q,
                       "structural": structural(lm.cfg, d["plans"], context, d["commons"])}
@@ -380,12 +419,13 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path, *, art
         blas.update(out.get("blas", {}))
         if out["reference"]:
             references.append(out["reference"])
-    for r in runs:
-        base = per_backend[r["backend"]]["runs"]["baseline"]["speed"]["decode_tps"]["median"]
-        r["speedup_vs_baseline"] = r["speed"]["decode_tps"]["median"] / base
+    for r in runs:  # paired per prompt and repeat (see paired_speedup); the baseline is 1 by definition
+        paired = r["speed"]["paired_speedup"]
+        r["speedup_vs_baseline"] = 1.0 if r["config"] == "baseline" else paired["median"]
+        r["speedup_ci95"] = [1.0, 1.0] if r["config"] == "baseline" else paired["ci95"]
     for ref in references:
-        ours = per_backend[ref["backend"]]["runs"]["baseline"]["speed"]["decode_tps"]["median"]
-        ref["ours_over_reference"] = ours / ref["decode_tps"]["median"]
+        ref["ours_over_reference"] = ref["paired_ours_over_reference"]["median"]
+        ref["ours_over_reference_ci95"] = ref["paired_ours_over_reference"]["ci95"]
     model_out = model_m["outputs"]
     by_config = {name: agreement({b: {"top1": o["top1"][name], "greedy": o["greedy"][name]}
                                   for b, o in per_backend.items()}) for name in params["configs"]}

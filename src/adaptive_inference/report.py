@@ -34,13 +34,19 @@ _FIELDS = {  # metrics.json key -> path inside one run of results.json
     "weight_bytes_fraction": ("structural", "weight_bytes_fraction"),
     "flops_fraction": ("structural", "flops_fraction"),
     "speedup_vs_baseline": ("speedup_vs_baseline",),
+    "speedup_ci95_lo": ("speedup_ci95", 0),
+    "speedup_ci95_hi": ("speedup_ci95", 1),
     "common_head_rate": ("speed", "common_head_rate"),
 }
 HOW_TO_READ = (
     "Speeds are tokens per second: the median of the timed repeats, with [min–max] across them. "
-    "Speedup is decode tok/s over the baseline configuration of the same backend in the same benchmark run. "
+    "Speedup is decode time per token of the baseline over that of the configuration, paired: each prompt of "
+    "each repeat runs every configuration back to back, the speedup is the median of those pairs' ratios and "
+    "[lo–hi] its 95% bootstrap interval (same backend, same run). "
     "The structural bound is 1 / (fraction of weight bytes read per token), the speedup a purely "
-    "memory-bound decoder would get; realized share = (speedup - 1) / (bound - 1), shown where bound > 1. "
+    "memory-bound decoder would get. speedup / bound is their ratio; realized share = (speedup - 1) / "
+    "(bound - 1) is the part of the predicted saving that showed up, with the interval carried over from "
+    "the speedup (shown where bound > 1). "
     "KL and top-1 agreement compare each configuration's next-token distribution with the baseline of its "
     "backend, so baseline rows read 0 and 100%. Each row cites its benchmark artifact as [bench:digest]; "
     "the Provenance table lists that artifact's inputs, code version and packages.")
@@ -77,7 +83,10 @@ def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list
 
 def _get(d, *keys):
     for k in keys:
-        d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(k, int):
+            d = d[k] if isinstance(d, list) and len(d) > k else None
+        else:
+            d = d.get(k) if isinstance(d, dict) else None
     return d
 
 
@@ -122,10 +131,16 @@ def _load(folder: Path) -> dict:
 
 
 def _row(run: dict, where: str) -> dict:
-    m = {k: _num(_get(run, *p), f"{where}: {'.'.join(p)}") for k, p in _FIELDS.items()}
+    m = {k: _num(_get(run, *p), f"{where}: {'.'.join(map(str, p))}") for k, p in _FIELDS.items()}
     frac, speedup = m["weight_bytes_fraction"], m["speedup_vs_baseline"]
     m["structural_bound"] = bound = 1 / frac if frac else None
-    m["realized_share"] = (speedup - 1) / (bound - 1) if speedup is not None and bound and bound > 1 else None
+    if speedup is not None and bound:
+        m["speedup_over_bound"] = speedup / bound
+    if speedup is not None and bound and bound > 1:
+        share = lambda x: (x - 1) / (bound - 1)  # noqa: E731
+        m["realized_share"] = share(speedup)
+        if m["speedup_ci95_lo"] is not None and m["speedup_ci95_hi"] is not None:
+            m["realized_share_ci95_lo"], m["realized_share_ci95_hi"] = share(m["speedup_ci95_lo"]), share(m["speedup_ci95_hi"])
     batch = {}
     for b in _get(run, "speed", "batch") or []:
         size = _get(b, "batch_size")
@@ -176,6 +191,12 @@ def _med(t: tuple) -> str:
     return _f(med) + (f" [{lo:.1f}–{hi:.1f}]" if None not in (med, lo, hi) else "")
 
 
+def _ci(m, key: str, ci: str, fmt: str, fmt_ci: str) -> str:
+    lo, hi = m(f"{ci}_lo"), m(f"{ci}_hi")
+    interval = f" [{fmt_ci.format(lo)}–{fmt_ci.format(hi)}]" if None not in (lo, hi) and lo != hi else ""
+    return _f(m(key), fmt) + interval
+
+
 def _setup(s: dict) -> str:
     model, env = _get(s["results"], "model") or {}, _get(s["results"], "environment") or {}
     size = [_f(_num(_get(model, k), f"model.{k}"), fmt) for k, fmt in
@@ -189,7 +210,8 @@ def _setup(s: dict) -> str:
 def _main_table(rows: list[dict]) -> tuple:
     sizes = sorted({b for r in rows for b in r["batch"]})
     head = ["backend", "config", "decode tok/s", "prefill tok/s", "p50 / p95 ms", "peak RSS MB",
-            *[f"bs {b} tok/s" for b in sizes], "speedup", "bound", "realized", "common head", "perplexity", "KL",
+            *[f"bs {b} tok/s" for b in sizes], "speedup [95% CI]", "bound", "speedup / bound", "realized share [95% CI]",
+            "common head", "perplexity", "KL",
             "top-1",
             "GSM8K", "source"]
     body = []
@@ -199,8 +221,10 @@ def _main_table(rows: list[dict]) -> tuple:
         body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("prefill_tps")),
                      f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}", _f(m("peak_rss_mb"), "{:.0f}"),
                      *[_f(r["batch"].get(b, (None,))[0]) for b in sizes],
-                     _f(m("speedup_vs_baseline"), "{:.2f}×"), _f(m("structural_bound"), "{:.2f}×"),
-                     _f(m("realized_share"), "{:.0%}"), _f(m("common_head_rate"), "{:.0%}"),
+                     _ci(m, "speedup_vs_baseline", "speedup_ci95", "{:.3f}×", "{:.3f}"),
+                     _f(m("structural_bound"), "{:.3f}×"), _f(m("speedup_over_bound"), "{:.2f}"),
+                     _ci(m, "realized_share", "realized_share_ci95", "{:.0%}", "{:.0%}"),
+                     _f(m("common_head_rate"), "{:.0%}"),
                      _f(m("perplexity"), "{:.3f}"),
                      _f(m("kl_to_baseline"), "{:.3g}"), _f(m("top1_agreement"), "{:.1%}"), gsm, r["tag"]])
     return ("table", head, body)
