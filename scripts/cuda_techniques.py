@@ -1,0 +1,144 @@
+"""Router and lobotomy on a CUDA GPU: decode speedup against the structural bound, torch backend.
+
+The GPU host has no model hub and no copy of the embedded model, so this builds models of a given
+shape with random weights (decode speed depends on shapes, not values) and applies the techniques
+at set rates: the lobotomy cut of the pipeline (MLPs 16 and 25 of 30, scaled to the layer count) and
+a gated head with a common set of the pipeline's size (5.2% of the vocab) taking a set share of the
+steps (a trained router's decisions on random weights would mean nothing). Timing is paired per repeat
+as in the benchmark stage (benchmark.paired_speedup).
+
+    python scripts/cuda_techniques.py [--shapes smollm2-135m llama-1b] [--dtype bfloat16] [--common-rate 0.47]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from adaptive_inference.benchmark import paired_speedup, structural  # noqa: E402
+from adaptive_inference.generation import generate  # noqa: E402
+from adaptive_inference.plan import StaticPolicy, StepPlan  # noqa: E402
+from adaptive_inference.prepare_model import clean_config  # noqa: E402
+from adaptive_inference.torch_backend import TorchLM  # noqa: E402
+from adaptive_inference.vocab_router import GatedHead  # noqa: E402
+
+SHAPES = {  # Llama-architecture shapes: the embedded default and a 1B model with a 128k vocabulary
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+class RatePolicy:
+    """The gated head on every step, forced to the common head on `rate` of them (spread evenly); the
+    router runs on every step as it would for real."""
+
+    static = False
+
+    def __init__(self, common: GatedHead, full: GatedHead, rate: float, zero_mlp=frozenset()):
+        self.heads, self.rate, self.zero_mlp = (full, common), rate, frozenset(zero_mlp)
+
+    def plan(self, step: int) -> StepPlan:
+        take = int((step + 1) * self.rate) > int(step * self.rate)
+        return StepPlan(zero_mlp=self.zero_mlp, head=self.heads[take])
+
+    def observe(self, logits) -> None:
+        pass
+
+
+def build(shape: str, dtype: str, device: str) -> TorchLM:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape], rope_theta=100000.0)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        (Path(d) / "config.json").write_text(json.dumps(clean_config(hf.config.to_dict(), "float32")))
+        return TorchLM.load(d, device=device, dtype=dtype)
+
+
+def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
+    rng = np.random.default_rng(0)
+    H, V = lm.cfg.hidden_size, lm.cfg.vocab_size
+    ids = np.sort(rng.choice(V, int(common_share * V), replace=False)).astype(np.int64)
+    w = dict(w1=rng.normal(size=(256, H)).astype(np.float32) * 0.05, b1=np.zeros(256, np.float32),
+             w2=rng.normal(size=(1, 256)).astype(np.float32) * 0.05, b2=np.zeros(1, np.float32))
+    shared: dict = {}  # both share the converted weights, as one head would
+    return GatedHead(ids, **w, threshold=2.0, backend_cache=shared), GatedHead(ids, **w, threshold=-1.0,
+                                                                               backend_cache=shared)
+
+
+def measure(shape: str, a) -> dict:
+    lm = build(shape, a.dtype, a.device)
+    L = lm.cfg.num_hidden_layers
+    cut = frozenset(round(i * L / 30) for i in (16, 25))
+    common, full = heads(lm, a.common_share)
+    configs = {"baseline": lambda: StaticPolicy(), "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
+               "router": lambda: RatePolicy(common, full, a.common_rate),
+               "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
+               "router_all_common": lambda: RatePolicy(common, full, 1.0)}
+    prompt = list(range(1, 1 + a.prompt_tokens))
+    for name in configs:  # warm-up (and CUDA context, cuBLAS handles)
+        generate(lm, prompt, max_new_tokens=a.new_tokens, policy=configs[name]())
+    per_token = {n: [] for n in configs}
+    plans: dict = {n: [] for n in configs}
+    for rep in range(a.repeats):
+        names = list(configs)[rep % len(configs):] + list(configs)[:rep % len(configs)]
+        for name in names:
+            pol = configs[name]()
+            res = generate(lm, prompt, max_new_tokens=a.new_tokens, policy=pol)
+            steps = res.token_latencies_s[1:]
+            per_token[name].append(sum(steps) / len(steps))
+            if rep == 0:
+                plans[name] = [pol.plan(i) for i in range(1, a.new_tokens)]
+    context = a.prompt_tokens + a.new_tokens // 2
+    out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "lobotomy_cut": sorted(cut),
+           "common_ids": len(common.common_ids), "configs": {}}
+    for name in configs:
+        decisions = [p.head is common for p in plans[name] if p.head is not None]
+        frac = structural(lm.cfg, plans[name], context, decisions)["weight_bytes_fraction"]
+        s = paired_speedup(per_token["baseline"], per_token[name])
+        bound = 1 / frac
+        out["configs"][name] = {
+            "decode_tps": 1 / float(np.median(per_token[name])), "speedup": s["median"], "speedup_ci95": s["ci95"],
+            "bound": bound, "speedup_over_bound": s["median"] / bound,
+            "realized_share": (s["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
+            "common_rate": float(np.mean(decisions)) if decisions else None}
+    del lm
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")
+    ap.add_argument("--common-share", type=float, default=0.052, help="common ids as a share of the vocab")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--device", default="cuda", help="cpu for a smoke run")
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("cuda_techniques: no CUDA device")
+    results = [measure(s, a) for s in a.shapes]
+    text = json.dumps(results, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
