@@ -127,15 +127,24 @@ def peak_memory_mb(lm) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def require_static(policies: dict) -> None:
+    """Teacher-forced quality runs one plan over the whole text: a per-token policy would be misreported."""
+    for name, new_policy in policies.items():
+        if not getattr(new_policy(), "static", False):
+            raise UserError(f"benchmark.configs.{name}: teacher-forced quality of a per-token policy "
+                            "is not supported yet")
+
+
 def quality(lm, data: dict, policies: dict) -> dict[str, tuple[dict, list[list[int]]]]:
     """Teacher-forced quality of every configuration against this backend's baseline, text by text
     (the baseline logits are computed once per text)."""
+    require_static(policies)
     parts, top1s = {n: [] for n in policies}, {n: [] for n in policies}
     for ids in data["eval_ids"]:
         base = lm.logits(ids)
         base_logp = metrics.log_softmax(base)
         for name, new_policy in policies.items():
-            plan = new_policy().plan(0)  # static plans; a per-token policy would step token by token
+            plan = new_policy().plan(0)
             logits = base if plan.is_full else lm.logits(ids, plan)
             parts[name].append(metrics.compare(logits, base_logp, ids))
             top1s[name].append(logits.argmax(-1).tolist())
@@ -348,6 +357,7 @@ def measure(job: dict) -> dict:
     artifacts = [Path(a) for a in job["artifacts"]]
     policies = {name: (lambda t=tuple(spec["techniques"]): techniques.make_policy(list(t), artifacts, lm.cfg))
                 for name, spec in p["configs"].items()}
+    require_static(policies)  # before minutes of timing
     reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if p["reference"] else None
     clock = _Phases(job["backend"])
     decode, ref = clock("decode", decode_speed, lm, data, policies, p, reference)
