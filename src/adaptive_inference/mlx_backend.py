@@ -239,7 +239,8 @@ class MLXLM:
         if log:
             self.head_log += list(zip(p_np.ravel().tolist(), common_np.ravel().tolist(), strict=True))
         if not common_np.any():
-            self.last_head = HeadDecision(common_np, None, w["ids"]) if log else None
+            if log:
+                self.last_head = HeadDecision(common_np, None, w["ids"])
             return (h @ self.lm_head.T).astype(mx.float32)
         lc = (h @ w["head"].T).astype(mx.float32)
         lc = lc - mx.logsumexp(lc, axis=-1, keepdims=True) + mx.log1p(-p)[..., None]

@@ -215,7 +215,8 @@ class TorchLM:
         if log:
             self.head_log += list(zip(p_np.ravel().tolist(), common_np.ravel().tolist(), strict=True))
         if not common_np.any():
-            self.last_head = HeadDecision(common_np, None, w["ids"]) if log else None
+            if log:
+                self.last_head = HeadDecision(common_np, None, w["ids"])
             return F.linear(h, self.lm_head).float()
         lc = F.log_softmax(F.linear(h, w["head"]).float(), dim=-1) + torch.log1p(-p)[..., None]
         if log:
