@@ -24,14 +24,3 @@ def test_paired_speedup_interval_widens_with_noise():
     noisy = paired_speedup(base, base / 1.05 * (1 + 0.05 * rng.standard_normal(20)))
     width = lambda s: s["ci95"][1] - s["ci95"][0]  # noqa: E731
     assert width(noisy) > 3 * width(quiet)
-
-
-def test_quality_refuses_per_token_policies():
-    from adaptive_inference.benchmark import quality
-    from adaptive_inference.errors import UserError
-
-    class PerToken:
-        static = False
-
-    with pytest.raises(UserError, match="per-token policy"):
-        quality(lm=None, data={"eval_ids": [[1, 2, 3]]}, policies={"adaptive": PerToken})

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
-from adaptive_inference import corpus, lobotomy, manifest, techniques
+from adaptive_inference import corpus, manifest, techniques
 from adaptive_inference.errors import UserError
 from adaptive_inference.model_config import ModelConfig
 from adaptive_inference.plan import StepPlan
+from adaptive_inference.techniques.lobotomy import stages as lobotomy
 from adaptive_inference.torch_backend import TorchLM
 
 
@@ -96,7 +97,8 @@ def test_chat_applies_configuration_and_logs_decisions(stages, tmp_path):
     assert rc == 0 and "tok/s" in out.getvalue()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     cut = json.loads((tmp_path / "artifacts" / "lobotomy" / "lobotomy.json").read_text())["cut"]
-    assert rows and all(r["zero_mlp"] == cut and r["turn"] == 0 for r in rows)
+    assert rows and all(r["zero_mlp"] == cut and r["turn"] == 0 and r["head"] == "full" for r in rows)
+    assert all(set(r["mlps_run"]) == set(range(4)) - set(cut) for r in rows)
     with pytest.raises(UserError, match="unknown configuration 'stackedd'"):
         chat.run(params, "stackedd", model_dir=stages / "model", artifacts_dir=tmp_path / "artifacts", backend="torch",
                  log_path=None, max_new_tokens=5, temperature=0.0, stdin=io.StringIO("quit\n"), stdout=out)

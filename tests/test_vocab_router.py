@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 
-from adaptive_inference import vocab_router as vr
-from adaptive_inference.benchmark import load_backend
-from adaptive_inference.generation import generate
+from adaptive_inference.backends import load_backend
+from adaptive_inference.generation import generate, stream
 from adaptive_inference.plan import StaticPolicy, StepPlan
+from adaptive_inference.techniques.vocab_router import train as vr
+from adaptive_inference.techniques.vocab_router.head import GatedHead
 
 IDS = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
 
@@ -35,11 +36,11 @@ def test_router_learns_a_separable_rule():
     assert curve[-1] < curve[0] and s["recall"] > 0.9 and s["precision"] > 0.7
 
 
-def head_for(lm, threshold: float, n_common: int = 32, seed: int = 0) -> vr.GatedHead:
+def head_for(lm, threshold: float, n_common: int = 32, seed: int = 0) -> GatedHead:
     rng = np.random.default_rng(seed)
     H = lm.cfg.hidden_size
     common = np.sort(rng.choice(lm.cfg.vocab_size, n_common, replace=False)).astype(np.int64)
-    return vr.GatedHead(common, rng.normal(size=(8, H)).astype(np.float32) * 0.1, np.zeros(8, np.float32),
+    return GatedHead(common, rng.normal(size=(8, H)).astype(np.float32) * 0.1, np.zeros(8, np.float32),
                         rng.normal(size=(1, 8)).astype(np.float32), np.zeros(1, np.float32), threshold)
 
 
@@ -66,10 +67,13 @@ def test_common_head_is_a_distribution_that_keeps_common_ranking(lm):
 
 def test_sampling_on_common_head_stays_in_common_ids_and_logs_decisions(lm):
     g = head_for(lm, threshold=2.0)
-    lm.head_log.clear()
     res = generate(lm, IDS[:5], max_new_tokens=12, policy=StaticPolicy(StepPlan(head=g)), temperature=1.5, seed=1)
     assert set(res.tokens) <= set(g.common_ids.tolist())
-    assert len(lm.head_log) == 12 and all(common for _, common in lm.head_log)
+    assert len(set(res.tokens)) > 1  # really sampled
+    assert [e.head for e in res.executed] == ["common"] * 12
+    assert all(e.info["common_head"] == [True] and 0 <= e.info["p_rare"][0] <= 1 for e in res.executed)
+    C, H = len(g.common_ids), lm.cfg.hidden_size
+    assert res.executed[3].head_params == C * H + g.router_params
 
 
 def test_torch_and_mlx_gate_alike(tiny):
@@ -80,18 +84,16 @@ def test_torch_and_mlx_gate_alike(tiny):
 
 
 def median_p_rare(lm, prompt, n: int) -> float:
-    lm.head_log.clear()
-    generate(lm, prompt, max_new_tokens=n, policy=StaticPolicy(StepPlan(head=head_for(lm, -1.0))))
-    return float(np.median([p for p, _ in lm.head_log]))
+    res = generate(lm, prompt, max_new_tokens=n, policy=StaticPolicy(StepPlan(head=head_for(lm, -1.0))))
+    return float(np.median([e.info["p_rare"][0] for e in res.executed]))
 
 
 @pytest.mark.parametrize("mixed", [True, False])
 def test_greedy_decode_on_common_ids_matches_gated_logits(lm, mixed):
     """Decode picks from the 32 common logits and maps back; it must equal the argmax of the full spread."""
     plan = StepPlan(head=head_for(lm, median_p_rare(lm, IDS[:5], 10) if mixed else 2.0))
-    lm.head_log.clear()
     res = generate(lm, IDS[:5], max_new_tokens=10, policy=StaticPolicy(plan))
-    commons = [c for _, c in lm.head_log]
+    commons = [e.head == "common" for e in res.executed]
     assert 0 < sum(commons) < len(commons) if mixed else all(commons), "steps on the heads the test needs"
     teacher = lm.logits(IDS[:5] + res.tokens[:-1], plan)
     assert teacher[4:].argmax(-1).tolist() == res.tokens
@@ -101,9 +103,9 @@ def test_batched_rows_decide_alone(lm):
     """Rows of a batch take their own head; each row decodes as it would alone."""
     plan = StepPlan(head=head_for(lm, median_p_rare(lm, IDS[:5], 8)))
     prompts = np.array([IDS[:5], IDS[5:10]])
-    lm.head_log.clear()
-    batched = np.stack([tok for tok, _ in lm.generate_step(prompts, max_new_tokens=8, policy=StaticPolicy(plan))], 1)
-    rows = np.array([c for _, c in lm.head_log]).reshape(8, 2)
+    steps = list(stream(lm, prompts, max_new_tokens=8, policy=StaticPolicy(plan)))
+    batched = np.stack([s.tokens for s in steps], 1)
+    rows = np.array([s.executed.info["common_head"] for s in steps])
     assert (rows[:, 0] != rows[:, 1]).any(), "the test needs a step whose rows take different heads"
     for row, prompt in zip(batched, prompts, strict=True):
         assert row.tolist() == generate(lm, prompt.tolist(), max_new_tokens=8, policy=StaticPolicy(plan)).tokens

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, manifest, metrics, techniques
+from . import atomic, cost, manifest, metrics, techniques
+from .backends import load_backend
 from .errors import UserError
-from .generation import generate
+from .generation import generate, generate_batch, teacher_forced
 from .hidden_cache import read_split
 from .model_config import ModelConfig
-from .plan import StepPlan
 
 GSM8K_INSTRUCTION = "Solve the problem. End your reply with 'The answer is N.' where N is a number."
 
@@ -70,54 +70,6 @@ def spread(values: list[float]) -> dict:
             "values": [round(v, 4) for v in values]}
 
 
-class RecordingPolicy:
-    """Passes a policy through and records the plan of every step (for the structural bound)."""
-
-    def __init__(self, policy):
-        self.policy, self.plans = policy, []
-        self.static = getattr(policy, "static", False)
-
-    def plan(self, step: int) -> StepPlan:
-        p = self.policy.plan(step)
-        self.plans.append(p)
-        return p
-
-    def observe(self, logits) -> None:
-        self.policy.observe(logits)
-
-
-def structural(cfg: ModelConfig, plans: list[StepPlan], context: int, head_common: list[bool] = ()) -> dict:
-    """Share of weight bytes and FLOPs a decode step still needs, averaged over the steps that ran.
-
-    head_common[i] says whether the i-th step with a gated head used the common head; a gated head
-    always pays its router, and the full head when it falls back."""
-    wb = cfg.weight_bytes(1)
-    attn_flops = 4 * cfg.num_attention_heads * cfg.head_dim * context  # scores + weighted sum
-    full_bytes = wb["layers"] + wb["lm_head"]
-    full_flops = 2 * full_bytes + cfg.num_hidden_layers * attn_flops
-    fb, ff, decisions = [], [], iter(head_common)
-    for p in plans or [StepPlan()]:
-        skipped = sum(wb["attention_per_layer"] + wb["mlp_per_layer"] for _ in p.skip_layers)
-        skipped += sum(wb["mlp_per_layer"] for i in p.zero_mlp if i not in p.skip_layers)
-        if p.head is not None:
-            router = p.head.w1.size + p.head.b1.size + p.head.w2.size + p.head.b2.size
-            common_head = len(p.head.common_ids) * cfg.hidden_size
-            skipped += (wb["lm_head"] - common_head if next(decisions) else 0) - router
-        fb.append(1 - skipped / full_bytes)
-        ff.append(1 - (2 * skipped + len(p.skip_layers) * attn_flops) / full_flops)
-    return {"weight_bytes_fraction": float(np.mean(fb)), "flops_fraction": float(np.mean(ff))}
-
-
-def load_backend(name: str, model_dir: Path, dtype: str):
-    if name == "torch":
-        from .torch_backend import TorchLM, default_device
-
-        return TorchLM.load(model_dir, device=default_device(), dtype=dtype)
-    from .mlx_backend import MLXLM
-
-    return MLXLM.load(model_dir, dtype=dtype)
-
-
 def peak_memory_mb(lm) -> float:
     if lm.name == "torch" and lm.device == "cuda":
         import torch
@@ -127,25 +79,17 @@ def peak_memory_mb(lm) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def require_static(policies: dict) -> None:
-    """Teacher-forced quality runs one plan over the whole text: a per-token policy would be misreported."""
-    for name, new_policy in policies.items():
-        if not getattr(new_policy(), "static", False):
-            raise UserError(f"benchmark.configs.{name}: teacher-forced quality of a per-token policy "
-                            "is not supported yet")
-
-
 def quality(lm, data: dict, policies: dict) -> dict[str, tuple[dict, list[list[int]]]]:
-    """Teacher-forced quality of every configuration against this backend's baseline, text by text
-    (the baseline logits are computed once per text)."""
-    require_static(policies)
+    """Teacher-forced quality of every configuration against this backend's baseline, text by text (the
+    baseline logits are computed once per text); a per-token policy is followed token by token."""
     parts, top1s = {n: [] for n in policies}, {n: [] for n in policies}
     for ids in data["eval_ids"]:
         base = lm.logits(ids)
         base_logp = metrics.log_softmax(base)
         for name, new_policy in policies.items():
-            plan = new_policy().plan(0)
-            logits = base if plan.is_full else lm.logits(ids, plan)
+            policy = new_policy()
+            full = getattr(policy, "static", False) and policy.plan(0).is_full
+            logits = base if full else teacher_forced(lm, ids, policy)[0]
             parts[name].append(metrics.compare(logits, base_logp, ids))
             top1s[name].append(logits.argmax(-1).tolist())
     return {n: (metrics.summarize(parts[n]), top1s[n]) for n in policies}
@@ -191,7 +135,7 @@ def decode_speed(lm, data: dict, policies: dict, p: dict, reference=None) -> tup
             generate(lm, prompts[0], max_new_tokens=n, policy=policies[name]())
         if reference:
             reference.run(prompts[:1], n)
-    acc = {name: {"prefill": [], "latencies": [], "per_token": [], "plans": [], "commons": [], "greedy": []}
+    acc = {name: {"prefill": [], "latencies": [], "per_token": [], "executed": [], "greedy": []}
            for name in names}
     for rep in range(p["decode"]["repeats"]):
         for i, prompt in enumerate(prompts):
@@ -200,11 +144,8 @@ def decode_speed(lm, data: dict, policies: dict, p: dict, reference=None) -> tup
                 if name == "reference":
                     a["per_token"].append(1 / reference.run([prompt], n))
                     continue
-                policy = RecordingPolicy(policies[name]())
-                lm.head_log.clear()
-                r = generate(lm, prompt, max_new_tokens=n, policy=policy)
-                a["plans"] += policy.plans[1:]
-                a["commons"] += [common for _, common in lm.head_log[1:]]
+                r = generate(lm, prompt, max_new_tokens=n, policy=policies[name]())
+                a["executed"] += r.executed[1:]  # decode steps only
                 steps = r.token_latencies_s[1:]
                 a["per_token"].append(sum(steps) / len(steps))
                 a["prefill"].append((r.prompt_tokens, r.prefill_s))
@@ -224,9 +165,11 @@ def decode_speed(lm, data: dict, policies: dict, p: dict, reference=None) -> tup
                  "decode_tps": per_repeat_tps(a["per_token"]),
                  "paired_speedup": paired_speedup(base, a["per_token"]),
                  "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))}}
-        if a["commons"]:
-            speed["common_head_rate"] = float(np.mean(a["commons"]))
-        out[name] = {"speed": speed, "plans": a["plans"], "commons": a["commons"], "greedy": a["greedy"]}
+        heads = cost.head_usage(a["executed"])
+        if set(heads) != {"full"}:
+            speed["head_usage"] = heads
+            speed["common_head_rate"] = heads.get("common", 0.0)
+        out[name] = {"speed": speed, "executed": a["executed"], "greedy": a["greedy"]}
     reference_result = None
     if reference:
         ref = acc["reference"]["per_token"]
@@ -245,8 +188,7 @@ def batch_speed(lm, data: dict, policies: dict, p: dict) -> dict[str, list[dict]
             prompt = np.array([pool[i % len(pool)] for i in range(bs)])
             for name in _rotated(list(policies), rep):
                 t0 = time.perf_counter()
-                for _ in lm.generate_step(prompt, max_new_tokens=n, policy=policies[name]()):
-                    pass
+                generate_batch(lm, prompt, max_new_tokens=n, policy=policies[name]())
                 if rep:
                     values[name, bs].append(bs * n / (time.perf_counter() - t0))
     return {name: [{"batch_size": bs, "tps": spread(values[name, bs])} for bs in p["batch"]["sizes"]]
@@ -328,9 +270,8 @@ def memory_probe(job: dict) -> float:
     generate(lm, data["decode_prompts"][0], max_new_tokens=p["decode"]["new_tokens"], policy=policy())
     bs = max(p["batch"]["sizes"])
     pool = data["decode_prompts"]
-    for _ in lm.generate_step(np.array([pool[i % len(pool)] for i in range(bs)]),
-                              max_new_tokens=p["batch"]["new_tokens"], policy=policy()):
-        pass
+    generate_batch(lm, np.array([pool[i % len(pool)] for i in range(bs)]), max_new_tokens=p["batch"]["new_tokens"],
+                   policy=policy())
     return peak_memory_mb(lm)
 
 
@@ -357,7 +298,6 @@ def measure(job: dict) -> dict:
     artifacts = [Path(a) for a in job["artifacts"]]
     policies = {name: (lambda t=tuple(spec["techniques"]): techniques.make_policy(list(t), artifacts, lm.cfg))
                 for name, spec in p["configs"].items()}
-    require_static(policies)  # before minutes of timing
     reference = REFERENCES[job["backend"]](Path(job["model_dir"]), p["dtype"]) if p["reference"] else None
     clock = _Phases(job["backend"])
     decode, ref = clock("decode", decode_speed, lm, data, policies, p, reference)
@@ -373,7 +313,7 @@ def measure(job: dict) -> dict:
                        tokenizer))
         runs[name] = {"backend": job["backend"], "device": getattr(lm, "device", "cpu"), "config": name,
                       "techniques": spec["techniques"], "speed": {**d["speed"], "batch": batch[name]}, "quality": q,
-                      "structural": structural(lm.cfg, d["plans"], context, d["commons"])}
+                      "structural": cost.structural(lm.cfg, d["executed"], context)}
         extra["top1"][name], extra["greedy"][name] = qual[name][1], d["greedy"]
     if job["backend"] == "mlx":
         from .blas import blas_info

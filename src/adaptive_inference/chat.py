@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,24 @@ def run(params: dict, config: str, *, model_dir: Path, artifacts_dir: Path, back
         max_new_tokens: int, temperature: float, stdin=sys.stdin, stdout=sys.stdout) -> int:
     from transformers import AutoTokenizer
 
-    from .benchmark import load_backend
+    from .backends import load_backend
+    from .generation import stream
 
     configs = params["benchmark"]["configs"]
     if config not in configs:
         raise UserError(f"unknown configuration {config!r} (params benchmark.configs: {', '.join(configs)})")
-    names = configs[config]["techniques"]
-    techniques.check({config: {"techniques": names}})
+    specs = configs[config]["techniques"]
+    techniques.check({config: {"techniques": specs}})
     manifest.verify(model_dir, stage="prepare_model")
     lm = load_backend(backend, model_dir, params["benchmark"]["dtype"])
-    policy_for = lambda: techniques.make_policy(names, find_artifacts(artifacts_dir), lm.cfg)  # noqa: E731
+    folders = [Path(artifacts_dir) / f for f in techniques.artifact_folders(specs)]
+    policy_for = lambda: techniques.make_policy(specs, folders, lm.cfg)  # noqa: E731
     policy_for()  # fail now, not after the first question, if an artifact is missing
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     stop = {*lm.cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}
     log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed below
     messages, turn = [], 0
+    names = [techniques.spec_name(s) for s in specs]
     print(f"[{config} on {backend}: {', '.join(names) or 'baseline'}; 'exit' or 'quit' ends]", file=stdout)
     try:
         while True:
@@ -49,34 +51,36 @@ def run(params: dict, config: str, *, model_dir: Path, artifacts_dir: Path, back
             messages.append({"role": "user", "content": line.strip()})
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            lm.head_log.clear()
-            policy, out, shown, t0, steps = policy_for(), [], "", None, 0
-            for step, (nxt, _) in enumerate(lm.generate_step(np.array([ids]), max_new_tokens=max_new_tokens,
-                                                             policy=policy, temperature=temperature, seed=turn)):
-                if step == 0:
-                    t0 = time.perf_counter()
-                token = int(nxt[0])
+            out, shown, decode_s, heads = [], "", 0.0, []
+            for step, s in enumerate(stream(lm, np.array([ids]), max_new_tokens=max_new_tokens, policy=policy_for(),
+                                            temperature=temperature, seed=turn)):
+                token = int(s.tokens[0])
+                decode_s += s.seconds if step else 0.0  # the prefill is not decode time
+                heads.append(s.executed.head)
                 if log:
-                    p_rare, common = lm.head_log[step] if step < len(lm.head_log) else (None, None)
-                    plan = policy.plan(step)
-                    log.write(json.dumps({"turn": turn, "step": step, "token": token, "text": tok.decode([token]),
-                                          "p_rare": p_rare,
-                                          "head": None if common is None else ("common" if common else "full"),
-                                          "zero_mlp": sorted(plan.zero_mlp), "skip_layers": sorted(plan.skip_layers)}) + "\n")
+                    log.write(json.dumps(decision_row(turn, step, token, tok.decode([token]), s.executed)) + "\n")
                 if token in stop:
                     break
                 out.append(token)
-                steps = step
                 text = tok.decode(out)
                 print(text[len(shown):], end="", file=stdout, flush=True)
                 shown = text
-            elapsed = time.perf_counter() - t0 if t0 else 0.0
-            rate = steps / elapsed if elapsed > 0 else float("nan")
-            commons = [c for _, c in lm.head_log]
-            head = f", common head {100 * np.mean(commons):.0f}%" if commons else ""
+            steps = len(heads) - 1  # decode steps after the prefill
+            rate = steps / decode_s if decode_s > 0 else float("nan")
+            share = {h: heads.count(h) / len(heads) for h in sorted(set(heads))} if heads else {}
+            head = "" if set(share) <= {"full"} else ", heads " + ", ".join(f"{h} {v:.0%}" for h, v in share.items())
             print(f"\n[{len(out)} tokens, {rate:.1f} tok/s{head}]", file=stdout, flush=True)
             messages.append({"role": "assistant", "content": shown})
             turn += 1
     finally:
         if log:
             log.close()
+
+
+def decision_row(turn: int, step: int, token: int, text: str, executed) -> dict:
+    """One line of the decision log: what ran for this token (layers, MLPs, weights, head) and the
+    techniques' own facts (e.g. P(rare), a category and its confidence)."""
+    info = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in executed.info.items()}
+    return {"turn": turn, "step": step, "token": token, "text": text, "head": executed.head,
+            "weights": executed.weights, "layers_run": sorted(executed.layers_run),
+            "mlps_run": sorted(executed.mlps_run), "zero_mlp": sorted(executed.layers_run - executed.mlps_run), **info}

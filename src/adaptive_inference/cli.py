@@ -27,22 +27,13 @@ def _cache_hidden(a, params):
     return hidden_cache.build(params["cache_hidden"], a.model, a.corpus, a.out)
 
 
-def _train_vocab_router(a, params):
-    from . import vocab_router
+def _technique_stage(st):
+    def run(a, params):
+        from . import techniques
 
-    return vocab_router.build(params["train_vocab_router"], a.hidden, a.out)
+        return techniques.resolve(st.call)(params[st.section], *[getattr(a, i) for i in st.inputs], a.out)
 
-
-def _profile_ffn(a, params):
-    from . import lobotomy
-
-    return lobotomy.profile(params["profile_ffn"], a.model, a.corpus, a.out)
-
-
-def _make_lobotomy(a, params):
-    from . import lobotomy
-
-    return lobotomy.make(params["make_lobotomy"], a.profile, a.model, a.corpus, a.out)
+    return run
 
 
 def _benchmark(a, params):
@@ -84,13 +75,10 @@ def parser() -> argparse.ArgumentParser:
     stage("build-corpus", _build_corpus, "Build categorized train / calib / eval texts.")
     _paths(stage("cache-hidden", _cache_hidden, "Cache hidden states of the train and calib splits."),
            "model", "corpus")
-    _paths(stage("train-vocab-router", _train_vocab_router,
-                 "Pick common ids, train the surprisal router on cached hidden states, calibrate its threshold."),
-           "hidden")
-    _paths(stage("profile-ffn", _profile_ffn, "Profile every MLP on the calib split (fire rate, Gini, ablation KL)."),
-           "model", "corpus")
-    _paths(stage("make-lobotomy", _make_lobotomy, "Choose the MLPs to zero under the make_lobotomy budget."),
-           "profile", "model", "corpus")
+    from . import techniques
+
+    for st in techniques.stages():
+        _paths(stage(st.name, _technique_stage(st), st.help), *st.inputs)
     p = stage("benchmark", _benchmark, "Measure speed and quality of each configuration on each backend.")
     _paths(p, "model", "corpus")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[],

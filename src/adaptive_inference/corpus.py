@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import atomic, manifest
 from .errors import UserError
+from .progress import Progress
 
 SPLITS = ("eval", "calib", "train")  # eval is dealt first so it does not move when train grows
 MIN_CHARS = 200
@@ -194,6 +195,7 @@ def build(params: dict, out_dir: Path) -> dict:
     seed, max_chars, cats = params["seed"], params["max_chars"], params["categories"]
     sizes = {name: params[name] for name in SPLITS}
     inputs, sources, seen, dealt = {}, {}, set(), {}
+    progress = Progress("build_corpus categories", len(cats), "categories", every_s=0)
     for cat in cats:
         if cat == "math":
             inputs["gsm8k"] = _DATA / "gsm8k" / "test.jsonl"
@@ -215,6 +217,7 @@ def build(params: dict, out_dir: Path) -> dict:
         if dealt[cat] is None:
             raise UserError(f"corpus: category {cat!r} has {available} usable texts in {len(groups)} groups, "
                             f"too few for train {sizes['train']} + calib {sizes['calib']} + eval {sizes['eval']}")
+        progress.step()
 
     outputs = {"counts": {}, "chars": {}, "sources": sources}
     with atomic.output_dir(Path(out_dir)) as tmp:
@@ -226,4 +229,5 @@ def build(params: dict, out_dir: Path) -> dict:
             outputs["counts"][name] = {c: len(dealt[c][name]) for c in cats}
             outputs["chars"][name] = {c: sum(len(r["text"]) for r in dealt[c][name]) for c in cats}
         result = manifest.write(tmp, stage="build_corpus", inputs=inputs, params=params, outputs=outputs)
+    progress.finish(", ".join(f"{n} {sum(c.values())} texts" for n, c in outputs["counts"].items()))
     return result

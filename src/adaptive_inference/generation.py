@@ -1,10 +1,44 @@
-"""Backend-neutral generation on top of a backend's generate_step (the one place per-step logic lives)."""
+"""Generation in layers, backend-neutral: the decoder's prefill / decode_one_token -> a token stream ->
+generate (one sequence, timed) / generate_batch / teacher_forced (quality under a policy)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .plan import ExecutedStep, StaticPolicy
+
+
+@dataclass
+class Step:
+    """One streamed step: next ids [B] (numpy), its wall time in seconds (pending work included), and
+    what the decoder executed. Step 0 is the prefill."""
+
+    tokens: np.ndarray
+    seconds: float
+    executed: ExecutedStep
+
+
+def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperature: float = 0.0,
+           seed: int = 0) -> Iterator[Step]:
+    """Yield one Step per generated token for a [B, T] prompt of equal-length rows. The policy picks each
+    step's plan and observes what ran and the step's logits."""
+    policy = policy or StaticPolicy()
+    ids = lm.ids_array(np.atleast_2d(prompt))
+    cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    state = lm.sampler_state(seed)
+    for step in range(max_new_tokens):
+        lm.materialize()
+        t0 = time.perf_counter()
+        plan = policy.plan(step)
+        fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
+        policy.observe(fwd.executed, fwd.out.logits)
+        ids, state = lm.next_tokens(fwd.out, temperature, state)
+        out = lm.to_numpy(ids)  # the host needs the token: this evaluates the step
+        yield Step(out, time.perf_counter() - t0, fwd.executed)
 
 
 @dataclass
@@ -15,6 +49,7 @@ class GenerationResult:
     prompt_tokens: int
     prefill_s: float = 0.0
     token_latencies_s: list[float] = field(default_factory=list)
+    executed: list[ExecutedStep] = field(default_factory=list)
     finish_reason: str = "length"
 
     @property
@@ -32,14 +67,43 @@ def generate(lm, prompt: list[int], *, max_new_tokens: int, policy=None, stop_id
              temperature: float = 0.0, seed: int = 0) -> GenerationResult:
     """Single-sequence generation with per-token timing; stops after any of stop_ids."""
     res = GenerationResult(tokens=[], prompt_tokens=len(prompt))
-    steps = lm.generate_step(np.asarray(prompt)[None], max_new_tokens=max_new_tokens, policy=policy,
-                             temperature=temperature, seed=seed)
-    for i, (tok, dt) in enumerate(steps):
+    for i, step in enumerate(stream(lm, np.asarray(prompt)[None], max_new_tokens=max_new_tokens, policy=policy,
+                                    temperature=temperature, seed=seed)):
         if i == 0:
-            res.prefill_s = dt
-        res.token_latencies_s.append(dt)
-        res.tokens.append(int(tok[0]))
+            res.prefill_s = step.seconds
+        res.token_latencies_s.append(step.seconds)
+        res.executed.append(step.executed)
+        res.tokens.append(int(step.tokens[0]))
         if res.tokens[-1] in stop_ids:
             res.finish_reason = "stop"
             break
     return res
+
+
+def generate_batch(lm, prompts: np.ndarray, *, max_new_tokens: int, policy=None) -> np.ndarray:
+    """Greedy tokens [B, max_new_tokens] for equal-length prompts [B, T]."""
+    return np.stack([s.tokens for s in stream(lm, prompts, max_new_tokens=max_new_tokens, policy=policy)], 1)
+
+
+def teacher_forced(lm, ids: list[int], policy=None, *, prompt_tokens: int = 1) -> tuple[np.ndarray, list]:
+    """Logits [T, vocab] (float32 numpy) of a text under a policy, and what ran.
+
+    A static policy without a gate runs the text in one forward. Otherwise the first `prompt_tokens`
+    tokens are the prefill (a gate sees them as the prompt) and every later token is one decode step under
+    the policy's plan for that step, as generation would run it."""
+    policy = policy or StaticPolicy()
+    plan0 = policy.plan(0)
+    cache = lm.new_cache(1, len(ids))
+    if getattr(policy, "static", False) and plan0.gate is None:
+        fwd = lm.forward(lm.ids_array(np.asarray(ids)[None]), cache, plan0)
+        return lm.to_numpy(fwd.out.logits[0]), [fwd.executed]
+    n = max(1, min(prompt_tokens, len(ids)))
+    fwd = lm.forward(lm.ids_array(np.asarray(ids[:n])[None]), cache, plan0)
+    policy.observe(fwd.executed, fwd.out.logits[:, -1])
+    rows, executed = [lm.to_numpy(fwd.out.logits[0])], [fwd.executed]
+    for step, tok in enumerate(ids[n:], start=1):
+        fwd = lm.decode_one_token(lm.ids_array(np.asarray([tok])), cache, policy.plan(step))
+        policy.observe(fwd.executed, fwd.out.logits)
+        rows.append(lm.to_numpy(fwd.out.logits))
+        executed.append(fwd.executed)
+    return np.concatenate(rows), executed

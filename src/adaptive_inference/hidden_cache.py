@@ -16,6 +16,7 @@ import numpy as np
 
 from . import atomic, manifest
 from .errors import UserError
+from .progress import Progress
 
 SPLITS = ("train", "calib")
 SHARD_TOKENS = 16384
@@ -79,6 +80,7 @@ def cache_split(lm, token_lists: list[list[int]], layers: list[int], batch_size:
             n_shards += 1
             shard = {}
 
+    progress = Progress(f"cache_hidden {split}", sum(map(len, token_lists)), "tokens")
     for batch in _batches([len(t) for t in token_lists], batch_size):
         seqs = [token_lists[i] for i in batch]
         T = max(len(s) for s in seqs)
@@ -107,9 +109,12 @@ def cache_split(lm, token_lists: list[list[int]], layers: list[int], batch_size:
             for k, v in rows.items():
                 shard.setdefault(k, []).append(v)
             n_tokens += n
+        progress.step(sum(map(len, seqs)))
         if sum(len(v) for v in shard["token_ids"]) >= SHARD_TOKENS:
             flush()
     flush()
+    progress.finish(f"{len(token_lists)} texts, {n_tokens} tokens, {n_shards} shards, "
+                    f"{n_tokens / t_forward:.0f} tok/s forward")
     return {"texts": len(token_lists), "tokens": n_tokens, "shards": n_shards,
             "forward_s": round(t_forward, 3), "tokens_per_s": round(n_tokens / t_forward, 1)}
 

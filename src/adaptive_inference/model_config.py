@@ -30,7 +30,6 @@ class ModelConfig:
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
-    mlp_bias: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -45,6 +44,11 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
             raise UserError(f"unsupported rope scaling {rope_type!r}: supported are {sorted(_ROPE_TYPES)}")
+        if d.get("mlp_bias"):
+            raise UserError(f"unsupported {mt} model: MLP biases (mlp_bias: true) are not loaded by the backends")
+        if mt != "qwen2" and d.get("attention_bias"):
+            raise UserError(f"unsupported {mt} model: attention_bias also biases o_proj, which the backends "
+                            "do not load")
         eos = d.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         heads = d["num_attention_heads"]
@@ -62,7 +66,6 @@ class ModelConfig:
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=d.get("attention_bias", mt == "qwen2"),
-            mlp_bias=d.get("mlp_bias", False),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos,

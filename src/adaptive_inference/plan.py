@@ -1,49 +1,103 @@
-"""What a backend runs for one forward step: data, not code, so every technique is a policy over it."""
+"""What a decoder runs for one step, as data: techniques are policies that return plans, and the decoder
+(decoder.py, written once for every backend) interprets them and reports what it actually executed.
+
+A plan can say what every seed needs:
+  skip_layers  whole blocks bypassed (no KV written: later steps mask the hole)           seeds 001, 003
+  zero_mlp     blocks whose MLP returns zeros (weights not read)                          seed 000
+  blend        (layer, alpha): the block runs, its output is x + alpha * (block(x) - x)   seed 001 (soft)
+  weights      name of the weight set the step reads (precision gears)                    seed 002
+  gate         a decision taken inside the forward, after layer `gate.after_layer`        seeds 001, 003
+  head         a head that may answer over candidate ids only (common-id head)            seed 000
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+FULL_WEIGHTS = "full"
+
+
+class Gate(Protocol):
+    """Runs inside the forward once the residual after layer `after_layer` is known."""
+
+    after_layer: int
+
+    def decide(self, x, lm) -> GateDecision:
+        """x: the residual entering layer after_layer + 1, backend array [B, T, hidden]."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """keep [B, T, L] bool: which (row, position) runs which layer (layers <= after_layer must be True);
+    info: what the decision was (logged and shown to the policy)."""
+
+    keep: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+class Head(Protocol):
+    """Replaces the LM head: the full-vocab log-distribution, and optionally a narrower set of logits that
+    suffices to pick the next token (decode then never reads the full spread)."""
+
+    def apply(self, h, lm) -> HeadOutput: ...
+
+
+@dataclass
+class HeadOutput:
+    """logits: the full-vocab log-distribution [..., vocab] (teacher-forced quality; may stay lazy on MLX);
+    pick: what decode picks the next token from (None = logits), with pick_ids mapping its columns back to
+    vocab ids (None = they are vocab ids); name: what ran ('full', 'common', 'mixed'); params_read: weight
+    elements the head read; info: per-row facts for the decision log."""
+
+    logits: Any
+    name: str
+    params_read: int
+    pick: Any = None
+    pick_ids: Any = None
+    info: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Which parts of the decoder to run for one step.
-
-    skip_layers: whole blocks bypassed (the residual passes through; their KV entries stay empty
-      and later steps mask them out).
-    zero_mlp: blocks whose MLP returns zeros (attention still runs); its weights are not read.
-    head: None = the full LM head; else a gated head (vocab_router.GatedHead) whose router picks,
-      per position, the pre-sliced common head or the full one.
-    """
-
     skip_layers: frozenset[int] = frozenset()
     zero_mlp: frozenset[int] = frozenset()
-    head: object | None = None
+    blend: tuple[tuple[int, float], ...] = ()
+    weights: str = FULL_WEIGHTS
+    gate: Gate | None = None
+    head: Head | None = None
 
     @property
     def is_full(self) -> bool:
-        return not self.skip_layers and not self.zero_mlp and self.head is None
+        return self == FULL
 
 
 FULL = StepPlan()
 
 
 @dataclass(frozen=True)
-class HeadDecision:
-    """A gated head's choice on one decode step, kept by the backend for token selection.
+class ExecutedStep:
+    """What the decoder really ran for one step (after any gate): the input of the cost model.
 
-    common: numpy bool [B], rows that used the common head; common_logits: backend array [B, n_common],
-    log-probs of the common ids (None when no row chose it); ids: backend array of those vocab ids.
-    """
+    layers_run: blocks whose weights were read (any row); mlps_run: of those, MLPs that ran;
+    row_layer_share: mean over (row, position) of the share of layers that ran for it;
+    head / head_params: the head's name and the elements it read; tokens: B * T of the step."""
 
-    common: object
-    common_logits: object | None
-    ids: object
+    layers_run: frozenset[int]
+    mlps_run: frozenset[int]
+    weights: str
+    head: str
+    head_params: int
+    tokens: int
+    row_layer_share: float = 1.0
+    info: dict = field(default_factory=dict)
 
 
 class StaticPolicy:
-    """The same plan every step (baseline, lobotomy); adaptive techniques implement the same two calls
-    and set `static = False`, so teacher-forced evaluation steps through them token by token."""
+    """The same plan every step (baseline, lobotomy, router). Adaptive techniques implement the same two
+    calls with `static = False`, and teacher-forced evaluation then follows them token by token."""
 
     static = True
 
@@ -53,5 +107,5 @@ class StaticPolicy:
     def plan(self, step: int) -> StepPlan:
         return self._plan
 
-    def observe(self, logits) -> None:
-        """Called with the last-position logits of each step (backend-native array)."""
+    def observe(self, executed: ExecutedStep, logits) -> None:
+        """Sees what ran at each step and its last-position logits (backend array [B, vocab])."""

@@ -1,7 +1,7 @@
 rule train_vocab_router:
     input:
         code=[
-            "src/adaptive_inference/vocab_router.py",
+            "src/adaptive_inference/techniques/vocab_router/train.py",
         ],
         hidden="artifacts/hidden",
     output:
@@ -19,7 +19,7 @@ rule train_vocab_router:
 rule profile_ffn:
     input:
         code=[
-            "src/adaptive_inference/lobotomy.py",
+            "src/adaptive_inference/techniques/lobotomy/stages.py",
             "src/adaptive_inference/torch_backend.py",
         ],
         model="artifacts/model",
@@ -40,7 +40,7 @@ rule profile_ffn:
 rule make_lobotomy:
     input:
         code=[
-            "src/adaptive_inference/lobotomy.py",
+            "src/adaptive_inference/techniques/lobotomy/stages.py",
         ],
         profile="artifacts/profile_ffn",
         model="artifacts/model",

@@ -1,39 +1,21 @@
-"""Surprisal vocab router (seed 000, stage 1): a small MLP on the final hidden state predicts whether the
-model's next token is outside a common-id set; when it is not, decode uses a pre-sliced common head.
+"""train_vocab_router: common ids, router MLP and its threshold, from the hidden cache only (never the model).
 
-train_vocab_router reads the hidden cache only (never the model): common ids from train-split token counts
-(the text's next tokens and the model's own argmax), the router trained on cached final hidden states with
-label "model argmax is rare", its threshold calibrated on the calib split to a target recall of rare steps.
+Common ids from train-split token counts (the text's next tokens and the model's own argmax); the router is
+trained on cached final hidden states with label "model argmax is rare"; its threshold is calibrated on the
+calib split to a target recall of rare steps.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic, manifest, techniques
-from .errors import UserError
-from .hidden_cache import load_split
-from .plan import StaticPolicy, StepPlan
+from ... import atomic, manifest
+from ...errors import UserError
+from ...hidden_cache import load_split
 
 KEYS = ["final", "next_ids", "model_argmax"]
-
-
-@dataclass(eq=False)
-class GatedHead:
-    """Backend-neutral router + common head: each backend's apply layer converts it once."""
-
-    common_ids: np.ndarray  # [C] int64, sorted
-    w1: np.ndarray  # [hidden_r, hidden]
-    b1: np.ndarray
-    w2: np.ndarray  # [1, hidden_r]
-    b2: np.ndarray
-    threshold: float
-    backend_cache: dict = field(default_factory=dict, repr=False)
 
 
 def choose_common_ids(next_ids: np.ndarray, argmax: np.ndarray, vocab: int, coverage: float) -> tuple[np.ndarray, dict]:
@@ -135,25 +117,3 @@ def build(params: dict, hidden_dir: Path, out_dir: Path) -> dict:
         return manifest.write(tmp, stage="train_vocab_router", inputs={"hidden": hidden_dir}, params=params,
                               outputs={"common_ids": len(common), "threshold": threshold, "calib": meta["calib"],
                                        "coverage_curve": cov["coverage_curve"]})
-
-
-@functools.lru_cache(maxsize=8)
-def load_head(artifact: Path, vocab: int, hidden: int) -> GatedHead:
-    """Cached per process, so every policy of a run shares one head and its backend copies."""
-    from safetensors.numpy import load_file
-
-    manifest.verify(artifact, stage="train_vocab_router")
-    try:
-        meta = json.loads((artifact / "router.json").read_text())
-        w = load_file(str(artifact / "router.safetensors"))
-        common = np.load(artifact / "common_ids.npy")
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"corrupt router artifact {artifact}: {e}") from None
-    if common.max() >= vocab or w["w1"].shape[1] != hidden:
-        raise UserError(f"router artifact {artifact} does not fit this model (vocab {vocab}, hidden {hidden})")
-    return GatedHead(common.astype(np.int64), w["w1"], w["b1"], w["w2"], w["b2"], float(meta["threshold"]))
-
-
-@techniques.register("router", stage="train_vocab_router")
-def router_policy(artifact: Path, cfg) -> StaticPolicy:
-    return StaticPolicy(StepPlan(head=load_head(artifact, cfg.vocab_size, cfg.hidden_size)))

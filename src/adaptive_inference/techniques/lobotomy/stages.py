@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, manifest, metrics, techniques
-from .errors import UserError
-from .hidden_cache import read_split, tokenize
-from .plan import StaticPolicy, StepPlan
+from ... import atomic, manifest, metrics
+from ...errors import UserError
+from ...hidden_cache import read_split, tokenize
+from ...plan import StaticPolicy, StepPlan
+from ...progress import Progress
 
 
 def gini(x: np.ndarray) -> float:
@@ -49,7 +50,7 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
     """Fire rates and Gini from one pass with activation hooks; then one ablation pass per layer."""
     import torch
 
-    from .torch_backend import TorchLM, default_device
+    from ...torch_backend import TorchLM, default_device
 
     manifest.verify(model_dir, stage="prepare_model")
     manifest.verify(corpus_dir, stage="build_corpus")
@@ -74,6 +75,7 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
             logits = torch.nn.functional.linear(h, lm.lm_head)[0].float().cpu().numpy()
             base.append(metrics.log_softmax(logits).astype(np.float32))
     full = _quality(lm, texts, base, StepPlan())
+    progress = Progress("profile_ffn ablations", L, "layers")
     wb = lm.cfg.weight_bytes(1)
     per_token = wb["layers"] + wb["lm_head"]
     layers = []
@@ -91,6 +93,8 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
             "perplexity_delta": q["perplexity"] - full["perplexity"],
             "top1_agreement": q["top1_agreement"],
         })
+        progress.step()
+    progress.finish(f"{len(texts)} calib texts, {full['eval_tokens']} tokens, {L} single-MLP ablations")
     with atomic.output_dir(out_dir) as tmp:
         atomic.write_json(tmp / "profile.json", {"baseline": full, "layers": layers})
         return manifest.write(tmp, stage="profile_ffn", inputs={"model": model_dir, "corpus": corpus_dir},
@@ -102,10 +106,11 @@ def make(params: dict, profile_dir: Path, model_dir: Path, corpus_dir: Path, out
     """Rank layers by single-layer KL; add them in that order while the whole cut's measured KL fits."""
     import torch
 
-    from .torch_backend import TorchLM, default_device
+    from ...torch_backend import TorchLM, default_device
 
     prof_m = manifest.verify(profile_dir, stage="profile_ffn")
     manifest.verify(model_dir, stage="prepare_model")
+    manifest.verify(corpus_dir, stage="build_corpus")
     prof = json.loads((profile_dir / "profile.json").read_text())
     ranked = sorted(prof["layers"], key=lambda r: r["kl"])
     texts = _calib(model_dir, corpus_dir, prof_m["params"])
@@ -147,10 +152,9 @@ def load_plan(artifact: Path) -> StepPlan:
     return StepPlan(zero_mlp=frozenset(int(i) for i in cut))
 
 
-@techniques.register("lobotomy", stage="make_lobotomy")
-def lobotomy_policy(artifact: Path, cfg) -> StaticPolicy:
-    plan = load_plan(artifact)
+def policy(artifacts: dict[str, Path], cfg, options: dict) -> StaticPolicy:
+    plan = load_plan(artifacts["lobotomy"])
     bad = [i for i in plan.zero_mlp if not 0 <= i < cfg.num_hidden_layers]
     if bad:
-        raise UserError(f"lobotomy plan {artifact} cuts layer {bad[0]}, model has {cfg.num_hidden_layers}")
+        raise UserError(f"lobotomy plan {artifacts['lobotomy']} cuts layer {bad[0]}, model has {cfg.num_hidden_layers}")
     return StaticPolicy(plan)

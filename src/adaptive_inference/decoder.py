@@ -1,0 +1,225 @@
+"""The decoder, written once: how a plan is interpreted (which blocks run, blend, gate, weight set, head),
+on top of a small set of array operations that each backend implements (torch_backend, mlx_backend).
+
+Backends name no technique: they load weights, own a static KV cache and implement the op set below.
+Techniques reach the forward only through the plan (plan.py). A plan that changes nothing runs exactly
+the baseline ops.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .model_config import ModelConfig
+from .plan import FULL, FULL_WEIGHTS, ExecutedStep, HeadOutput, StepPlan
+
+
+@dataclass
+class Layer:
+    """One block's weights; fused where the backends fuse (one matmul for q/k/v, one for gate/up)."""
+
+    ln1: object
+    wqkv: object  # [(H + 2 Hkv) * D, hidden]
+    wo: object
+    ln2: object
+    w_gate_up: object  # [2 * inter, hidden]
+    w_down: object
+    bqkv: object | None = None
+
+
+@dataclass
+class Forward:
+    """One forward: the head's output, the final-normed hidden, captured layer inputs, what ran."""
+
+    out: HeadOutput
+    hidden: object
+    captured: dict
+    executed: ExecutedStep
+
+
+class Decoder(abc.ABC):
+    """Plan interpretation over an op set. Subclasses set cfg, embed, norm, lm_head, weight_sets, dtype."""
+
+    name = ""
+    device = "cpu"
+    cfg: ModelConfig
+    weight_sets: dict[str, list[Layer]]
+
+    # ---- the op set each backend implements -------------------------------------------------
+
+    @abc.abstractmethod
+    def new_cache(self, batch: int, max_len: int):
+        """A static cache with .length, .max_len and a per-layer record of written (row, position) slots."""
+
+    @abc.abstractmethod
+    def positions(self, start: int, T: int):
+        """Positions start..start+T-1 as a backend int array [T]."""
+
+    @abc.abstractmethod
+    def rope(self, positions) -> tuple:
+        """(cos, sin) [T, head_dim] for these positions, shared by every layer of the step."""
+
+    @abc.abstractmethod
+    def embed_ids(self, ids):
+        """ids [B, T] -> x [B, T, hidden]."""
+
+    @abc.abstractmethod
+    def attention(self, x, lw: Layer, layer: int, cache, rope: tuple, positions, rows):
+        """Input norm, q/k/v, RoPE, KV write, attention over the written slots of this layer, o_proj.
+        Returns the block's attention output [B, T, hidden]. rows: None (all) or numpy bool [B, T]:
+        only those (row, position) slots are marked written; the others stay holes."""
+
+    @abc.abstractmethod
+    def mlp(self, x, lw: Layer, layer: int, observe=None):
+        """Post-attention norm + SwiGLU MLP output [B, T, hidden]; observe(layer, act) sees the activation."""
+
+    @abc.abstractmethod
+    def final_norm(self, x): ...
+
+    @abc.abstractmethod
+    def linear(self, x, w, b=None): ...
+
+    @abc.abstractmethod
+    def logits32(self, h, w):
+        """h @ w.T in float32: [..., rows of w]."""
+
+    @abc.abstractmethod
+    def where_rows(self, mask: np.ndarray, a, b):
+        """a where mask [...] else b, mask broadcast over the last axis of a and b."""
+
+    @abc.abstractmethod
+    def asarray(self, a: np.ndarray, dtype: str | None = None):
+        """numpy -> backend array; dtype None keeps integers as they are and casts floats to the model dtype."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def silu(self, x): ...
+
+    @abc.abstractmethod
+    def sigmoid(self, x): ...
+
+    @abc.abstractmethod
+    def log_softmax(self, x): ...
+
+    @abc.abstractmethod
+    def take_rows(self, w, ids):
+        """w[ids] as a contiguous array (a pre-sliced head)."""
+
+    @abc.abstractmethod
+    def spread(self, values, ids, fill, vocab: int):
+        """[..., vocab] array: `values` [..., C] at columns ids, `fill` [...] everywhere else."""
+
+    @abc.abstractmethod
+    def pick(self, logits, temperature: float, state):
+        """Next ids [B] from logits [B, V]: argmax at temperature 0, else a seeded sample. Returns (ids, state)."""
+
+    @abc.abstractmethod
+    def sampler_state(self, seed: int): ...
+
+    @abc.abstractmethod
+    def take(self, ids_table, idx):
+        """ids_table[idx] (map candidate positions back to vocab ids)."""
+
+    @abc.abstractmethod
+    def ids_array(self, ids: np.ndarray):
+        """numpy int [B, T] -> backend token ids."""
+
+    @abc.abstractmethod
+    def materialize(self, *arrays) -> None:
+        """Finish pending work (MLX evaluates lazily; CUDA runs asynchronously)."""
+
+    # ---- the interpretation of a plan, shared by every backend ------------------------------
+
+    def hidden(self, ids, cache, plan: StepPlan = FULL, capture: set[int] | None = None, observe_mlp=None):
+        """Run the blocks on ids [B, T]; returns the final-normed hidden [B, T, hidden] and the inputs of
+        the layers in `capture` (index num_layers = the un-normed final residual)."""
+        h, captured, _ = self._blocks(ids, cache, plan, capture, observe_mlp)
+        return h, captured
+
+    def _blocks(self, ids, cache, plan: StepPlan, capture=None, observe_mlp=None):
+        B, T = ids.shape
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache full: {start}+{T} > {cache.max_len}")
+        layers = self.weight_sets.get(plan.weights)
+        if layers is None:
+            raise UserError(f"plan asks for weight set {plan.weights!r}; loaded: {sorted(self.weight_sets)}")
+        pos = self.positions(start, T)
+        rope = self.rope(pos)
+        x = self.embed_ids(ids)
+        blend, gate = dict(plan.blend), plan.gate
+        keep, info, captured, run, mlps = None, {}, {}, set(), set()
+        ran = np.zeros((B, T))  # layers run per (row, position)
+        for i, lw in enumerate(layers):
+            if gate is not None and i == gate.after_layer + 1:
+                decision = gate.decide(x, self)
+                keep, info = decision.keep, decision.info
+            if capture and i in capture:
+                captured[i] = x
+            if i in plan.skip_layers:
+                continue
+            rows = None
+            if keep is not None:
+                rows = keep[:, :, i]
+                if not rows.any():
+                    continue
+                rows = None if rows.all() else rows
+            run.add(i)
+            ran += 1 if rows is None else rows
+            y = x + self.attention(x, lw, i, cache, rope, pos, rows)
+            if i not in plan.zero_mlp:
+                y = y + self.mlp(y, lw, i, observe_mlp)
+                mlps.add(i)
+            if blend.get(i, 1.0) != 1.0:
+                y = x + blend[i] * (y - x)
+            x = y if rows is None else self.where_rows(rows, y, x)
+        if capture and len(layers) in capture:
+            captured[len(layers)] = x
+        cache.length = start + T
+        executed = dict(layers_run=frozenset(run), mlps_run=frozenset(mlps), weights=plan.weights, tokens=B * T,
+                        row_layer_share=float(ran.mean() / len(layers)), info=info)
+        return self.final_norm(x), captured, executed
+
+    def head_weights(self, weights: str = FULL_WEIGHTS):
+        return self.lm_head
+
+    def forward(self, ids, cache, plan: StepPlan = FULL, *, last_only: bool = False, capture=None,
+                observe_mlp=None) -> Forward:
+        """Blocks, then the plan's head (the full LM head when none), on ids [B, T]."""
+        h, captured, executed = self._blocks(ids, cache, plan, capture, observe_mlp)
+        if last_only:
+            h = h[:, -1]
+        if plan.head is None:
+            w = self.head_weights(plan.weights)
+            out = HeadOutput(self.logits32(h, w), "full", self.cfg.vocab_size * self.cfg.hidden_size)
+        else:
+            out = plan.head.apply(h, self)
+        info = {**executed.pop("info"), **out.info}
+        return Forward(out, h, captured, ExecutedStep(**executed, head=out.name, head_params=out.params_read,
+                                                      info=info))
+
+    def logits(self, ids, plan: StepPlan = FULL) -> np.ndarray:
+        """Teacher-forced logits [T, vocab] float32 for one sequence under one plan."""
+        t = self.ids_array(np.asarray(ids)[None])
+        return self.to_numpy(self.forward(t, self.new_cache(1, t.shape[1]), plan).out.logits[0])
+
+    # ---- generation in layers: prefill, decode_one_token (generation.py streams them) ---------
+
+    def prefill(self, ids, cache, plan: StepPlan = FULL) -> Forward:
+        """The prompt [B, T] in one forward; last-position outputs only."""
+        return self.forward(ids, cache, plan, last_only=True)
+
+    def decode_one_token(self, tokens, cache, plan: StepPlan = FULL) -> Forward:
+        """One new token per row, tokens [B] -> last-position outputs."""
+        return self.forward(tokens[:, None], cache, plan, last_only=True)
+
+    def next_tokens(self, out: HeadOutput, temperature: float, state):
+        """Next ids [B] from a step's head output (from its narrower pick logits when it offers them)."""
+        idx, state = self.pick(out.logits if out.pick is None else out.pick, temperature, state)
+        return (idx if out.pick_ids is None else self.take(out.pick_ids, idx)), state

@@ -1,0 +1,88 @@
+"""The router's apply layer, written once against the decoder's op set (both backends run this code).
+
+Per position the router MLP gives P(rare); at or below the threshold the step multiplies by a pre-sliced
+common head only. The output stays a distribution over every id: common ids get (1 - p) softmax(common
+logits), the rest share p evenly, so KL and perplexity stay finite. Decode picks among the common logits
+and maps back to vocab ids; the 49k-wide spread is only built when read (lazy on MLX).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ... import manifest
+from ...errors import UserError
+from ...plan import HeadOutput, StaticPolicy, StepPlan
+
+
+@dataclass(eq=False)
+class GatedHead:
+    """Backend-neutral router + common head; each backend's arrays are made once and kept per backend."""
+
+    common_ids: np.ndarray  # [C] int64, sorted
+    w1: np.ndarray  # [hidden_r, hidden]
+    b1: np.ndarray
+    w2: np.ndarray  # [1, hidden_r]
+    b2: np.ndarray
+    threshold: float
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def router_params(self) -> int:
+        return self.w1.size + self.b1.size + self.w2.size + self.b2.size
+
+    def _on(self, lm) -> dict:
+        key = (lm.name, str(lm.device), str(lm.dtype))
+        if key not in self._arrays:
+            ids = lm.asarray(self.common_ids)
+            self._arrays[key] = {"w1": lm.asarray(self.w1), "b1": lm.asarray(self.b1), "w2": lm.asarray(self.w2),
+                                 "b2": lm.asarray(self.b2), "ids": ids, "head": lm.take_rows(lm.lm_head, ids)}
+        return self._arrays[key]
+
+    def apply(self, h, lm) -> HeadOutput:
+        w = self._on(lm)
+        V, H, C = lm.cfg.vocab_size, lm.cfg.hidden_size, len(self.common_ids)
+        p = lm.sigmoid(lm.linear(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"], w["b2"]))[..., 0]
+        p = lm.to_numpy(p).astype(np.float64)  # the one host sync: the decision needs P(rare)
+        common = p <= self.threshold
+        info = {"p_rare": p.ravel().tolist(), "common_head": common.ravel().tolist()}
+        full = V * H + self.router_params
+        if not common.any():
+            return HeadOutput(lm.logits32(h, lm.lm_head), "full", full, info=info)
+        lc = lm.log_softmax(lm.logits32(h, w["head"])) + lm.asarray(np.log1p(-p), "float32")[..., None]
+        rare = lm.asarray(np.log(p) - math.log(max(V - C, 1)), "float32")
+        spread = lm.spread(lc, w["ids"], rare, V)
+        if common.all():
+            return HeadOutput(spread, "common", C * H + self.router_params, pick=lc, pick_ids=w["ids"], info=info)
+        # rows of a batch decide alone; a common row still picks among the common ids only
+        full_logits = lm.logits32(h, lm.lm_head)
+        only_common = lm.spread(lc, w["ids"], lm.asarray(np.full(p.shape, -np.inf), "float32"), V)
+        return HeadOutput(lm.where_rows(common, spread, full_logits), "mixed", full + C * H,
+                          pick=lm.where_rows(common, only_common, full_logits), info=info)
+
+
+@functools.lru_cache(maxsize=8)
+def load_head(artifact: Path, vocab: int, hidden: int) -> GatedHead:
+    """Cached per process, so every policy of a run shares one head and its backend arrays."""
+    from safetensors.numpy import load_file
+
+    manifest.verify(artifact, stage="train_vocab_router")
+    try:
+        meta = json.loads((artifact / "router.json").read_text())
+        w = load_file(str(artifact / "router.safetensors"))
+        common = np.load(artifact / "common_ids.npy")
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"corrupt router artifact {artifact}: {e}") from None
+    if common.max() >= vocab or w["w1"].shape[1] != hidden:
+        raise UserError(f"router artifact {artifact} does not fit this model (vocab {vocab}, hidden {hidden})")
+    return GatedHead(common.astype(np.int64), w["w1"], w["b1"], w["w2"], w["b2"], float(meta["threshold"]))
+
+
+def policy(artifacts: dict[str, Path], cfg, options: dict) -> StaticPolicy:
+    return StaticPolicy(StepPlan(head=load_head(artifacts["router"], cfg.vocab_size, cfg.hidden_size)))
