@@ -35,7 +35,7 @@ class KeepGate:
         keep = np.ones((B, T, lm.cfg.num_hidden_layers), dtype=bool)
         self.keep_fn(keep, self.calls)
         self.calls += 1
-        return GateDecision(keep, {"gate_calls": self.calls})
+        return GateDecision(keep, info={"gate_calls": self.calls})
 
 
 class PerStep(StaticPolicy):
@@ -98,11 +98,20 @@ def test_hard_skip_with_kv_cache_equals_full_prefix_recompute(lm):
     assert not np.allclose(stepwise, lm.logits(IDS), atol=1e-3)
 
 
+class BlendGate:
+    after_layer = 0
+
+    def decide(self, x, lm):
+        return GateDecision(np.ones((*x.shape[:2], lm.cfg.num_hidden_layers), bool), blend=((2, 0.5),))
+
+
 def test_soft_blend_alpha_zero_is_hard_skip(lm):
     np.testing.assert_allclose(lm.logits(IDS, StepPlan(blend=((2, 0.0),))),
                                lm.logits(IDS, StepPlan(skip_layers=frozenset({2}))), atol=1e-5)
     half = lm.logits(IDS, StepPlan(blend=((2, 0.5),)))
     assert not np.allclose(half, lm.logits(IDS), atol=1e-4)
+    # a gate may set the blend for the layers after it (a soft skip decided from the prompt)
+    np.testing.assert_array_equal(lm.logits(IDS, StepPlan(gate=BlendGate())), half)
 
 
 def test_gate_decisions_inside_the_forward_follow_teacher_forcing(lm):

@@ -160,6 +160,7 @@ class Decoder(abc.ABC):
             if gate is not None and i == gate.after_layer + 1:
                 decision = gate.decide(x, self)
                 keep, info = decision.keep, decision.info
+                blend.update(decision.blend)
             if capture and i in capture:
                 captured[i] = x
             if i in plan.skip_layers:

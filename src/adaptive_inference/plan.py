@@ -32,9 +32,11 @@ class Gate(Protocol):
 @dataclass(frozen=True)
 class GateDecision:
     """keep [B, T, L] bool: which (row, position) runs which layer (layers <= after_layer must be True);
-    info: what the decision was (logged and shown to the policy)."""
+    blend: (layer, alpha) pairs for the later layers (soft skip); info: what the decision was (logged and
+    shown to the policy)."""
 
     keep: np.ndarray
+    blend: tuple[tuple[int, float], ...] = ()
     info: dict = field(default_factory=dict)
 
 
