@@ -44,3 +44,10 @@ def tiny(request, tmp_path_factory):
     """(shape, model folder, transformers model) for each tiny shape."""
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     return request.param, path, make_tiny_model(path, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """One tiny Llama, for technique tests whose subject is the technique, not the architecture."""
+    path = tmp_path_factory.mktemp("tiny-llama-one")
+    return "llama", path, make_tiny_model(path, "llama")

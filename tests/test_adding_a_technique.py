@@ -63,7 +63,7 @@ def halfblend(tmp_path, monkeypatch):
     return pkg
 
 
-def test_a_new_package_is_all_a_technique_needs(halfblend, tiny, tmp_path, monkeypatch):
+def test_a_new_package_is_all_a_technique_needs(halfblend, tiny_llama, tmp_path, monkeypatch):
     assert "halfblend" in techniques.registry()
     assert "make-halfblend" in cli.parser()._subparsers._group_actions[0].choices
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -74,12 +74,12 @@ def test_a_new_package_is_all_a_technique_needs(halfblend, tiny, tmp_path, monke
     schema["properties"]["make_halfblend"] = {"type": "object"}  # ... and its schema section
     monkeypatch.setattr(params_mod, "schema", lambda: schema)
     art = tmp_path / "artifacts" / "halfblend"
-    assert cli.main(["make-halfblend", "--params", str(params), "--model", str(tiny[1]), "--out", str(art)]) == 0
+    assert cli.main(["make-halfblend", "--params", str(params), "--model", str(tiny_llama[1]), "--out", str(art)]) == 0
 
     specs = [{"name": "halfblend", "alpha": 0.25}]
     techniques.check({"c": {"techniques": specs}})
     assert techniques.artifact_folders(specs + ["halfblend"]) == ["halfblend"]
-    lm = load_backend("torch", tiny[1], "float32")
+    lm = load_backend("torch", tiny_llama[1], "float32")
     policy = techniques.make_policy(specs, [art], lm.cfg)
     ids = [5, 17, 99, 3, 64, 12]
     logits, executed = teacher_forced(lm, ids, policy)
