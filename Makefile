@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch the project is measured with. Elsewhere, any torch>=2.4 works, e.g.
+# The CPU build of torch the project is measured with. Elsewhere, any torch>=2.5 works, e.g.
 # TORCH='torch --index-url https://download.pytorch.org/whl/cpu' for a CPU-only machine.
 TORCH ?= torch==2.13.0
 
@@ -22,10 +22,12 @@ $(VENV)/.installed: pyproject.toml
 reproduce: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores 2
 
+# dvc.yaml is regenerated first, so a configuration added to params.yaml gets its jobs
 dvc-repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH adaptive-inference dvc-yaml
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
 
-test: setup
+test: lint
 	PATH=$(CURDIR)/$(BIN):$$PATH pytest -q
 
 lint: setup
@@ -33,4 +35,4 @@ lint: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
 
 clean-artifacts:
-	rm -rf artifacts/model artifacts/corpus artifacts/hidden artifacts/benchmark reports/*.md reports/*.html reports/*.json reports/*.png logs .snakemake
+	rm -rf artifacts/model artifacts/corpus artifacts/hidden artifacts/router artifacts/profile_ffn artifacts/lobotomy artifacts/benchmark reports/*.md reports/*.html reports/*.json reports/*.png logs .snakemake

@@ -26,7 +26,7 @@ PACKAGE = {
         TECHNIQUES = [Technique("halfblend", artifacts={"halfblend": "make_halfblend"},
                                 policy=".halfblend.apply:policy", options={"alpha": 0.5})]
         STAGES = [Stage("make-halfblend", "make_halfblend", ".halfblend.apply:build", "Pick the layer.",
-                        inputs=("model",))]
+                        out="halfblend", inputs={"model": "model"})]
         SUMMARIES = {"make_halfblend": ".halfblend.apply:summary"}
     ''',
     "apply.py": '''

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from adaptive_inference.benchmark import paired_speedup
+from adaptive_inference.bench.stats import paired_speedup
 
 
 def test_paired_speedup_cancels_shared_drift():

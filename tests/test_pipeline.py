@@ -52,7 +52,7 @@ def tiny_params(model_dir: Path) -> dict:
         quality={"seq_len": 32, "max_texts": 4},
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
         batch={"sizes": [1, 2], "new_tokens": 2, "repeats": 1},
-        gsm8k={"samples": 1, "max_new_tokens": 4},
+        gsm8k={"samples": 1, "max_new_tokens": 4, "backends": ["torch"]},
     )
     return p
 
@@ -65,6 +65,16 @@ def run(cmd: list[str], cwd: Path) -> str:
     return res.stdout + res.stderr
 
 
+def ran_stages(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def edit_params(work: Path, change) -> None:
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    change(p)
+    (work / "params.yaml").write_text(yaml.safe_dump(p))
+
+
 @pytest.mark.pipeline
 def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     model_dir = tmp_path / "tiny-model"
@@ -73,35 +83,39 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     tiny_tokenizer(model_dir)
     work = tmp_path / "project"
     work.mkdir()
-    for name in ("Snakefile", "dvc.yaml", "workflow", "src"):
+    for name in ("Snakefile", "workflow", "src"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, work / name)
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir)))
+    run(["adaptive-inference", "dvc-yaml"], work)
 
     run(["snakemake", "--cores", "2"], work)
     metrics = json.loads((work / "reports/metrics.json").read_text())
-    assert {"torch", "mlx"} <= set(metrics)
     for backend in ("torch", "mlx"):
         assert set(metrics[backend]) == {"baseline", "router", "lobotomy", "stacked"}
         assert metrics[backend]["baseline"]["kl_to_baseline"] == 0.0
         assert metrics[backend]["lobotomy"]["kl_to_baseline"] > 0
         assert metrics[backend]["lobotomy"]["weight_bytes_fraction"] < 1
     assert metrics["agreement"]["torch_vs_mlx_top1"] > 0.99
-    html = (work / "reports/report.html").read_text()
-    assert "data:image/png;base64" in html
+    assert set(metrics["reference_ratios"]) == {"torch", "mlx"}
+    assert "data:image/png;base64" in (work / "reports/report.html").read_text()
     assert "Nothing to be done" in run(["snakemake", "--cores", "2"], work)
 
     run(["git", "init", "-q"], work)
     run(["dvc", "init", "-q"], work)
-    first = run(["dvc", "repro"], work)
-    assert "Running stage 'benchmark'" in first
-    assert "Running stage" not in run(["dvc", "repro"], work)  # no-op
-    p = yaml.safe_load((work / "params.yaml").read_text())
-    p["benchmark"]["batch"]["new_tokens"] = 3
-    (work / "params.yaml").write_text(yaml.safe_dump(p))
-    changed = run(["dvc", "repro"], work)
-    ran = sorted(line.split("'")[1] for line in changed.splitlines() if line.startswith("Running stage"))
-    assert ran == ["benchmark", "report"]
+    run(["dvc", "commit", "-f", "-q"], work)  # adopt what snakemake built
+    assert not ran_stages(run(["dvc", "repro"], work))  # no-op
+
+    jobs = lambda *cfgs: {f"benchmark-{b}-{c}" for b in ("torch", "mlx") for c in cfgs}  # noqa: E731
+    edit_params(work, lambda p: p["make_lobotomy"].update(max_kl=9.0))  # a technique key
+    assert ran_stages(run(["dvc", "repro"], work)) == {"make_lobotomy", "report"} | jobs("lobotomy", "stacked")
+    edit_params(work, lambda p: p["benchmark"]["batch"].update(new_tokens=3))  # a benchmark key
+    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("baseline", "router", "lobotomy", "stacked")
+    edit_params(work, lambda p: p["report"].update(title="Tiny"))  # a report key
+    assert ran_stages(run(["dvc", "repro"], work)) == {"report"}
+    edit_params(work, lambda p: p["benchmark"]["configs"].update(cut={"techniques": ["lobotomy"]}))  # a configuration
+    run(["adaptive-inference", "dvc-yaml"], work)
+    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("cut")

@@ -37,15 +37,27 @@ def _technique_stage(st):
 
 
 def _benchmark(a, params):
-    from . import benchmark
+    from .bench import job
 
-    return benchmark.build(params["benchmark"], a.model, a.corpus, a.out, artifacts=a.artifacts)
+    return job.build(params["benchmark"], a.backend, a.config, a.model, a.corpus, a.artifacts, a.out)
+
+
+def _benchmark_reference(a, params):
+    from .bench import job
+
+    return job.build_reference(params["benchmark"], a.backend, a.model, a.corpus, a.out)
 
 
 def _report(a, params):
     from . import report
 
     return report.build(params["report"], a.results, a.out, artifacts=a.artifacts)
+
+
+def _dvc_yaml(a, params):
+    from . import dvcgen
+
+    return dvcgen.write(params, a.out)
 
 
 def _chat(a, params):
@@ -79,10 +91,16 @@ def parser() -> argparse.ArgumentParser:
 
     for st in techniques.stages():
         _paths(stage(st.name, _technique_stage(st), st.help), *st.inputs)
-    p = stage("benchmark", _benchmark, "Measure speed and quality of each configuration on each backend.")
+    p = stage("benchmark", _benchmark, "Measure one configuration on one backend, paired with the baseline.")
     _paths(p, "model", "corpus")
+    p.add_argument("--backend", required=True, help="a name in benchmark.backends")
+    p.add_argument("--config", required=True, help="a name in benchmark.configs")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[],
-                   help="technique artifact folders the configurations apply")
+                   help="technique artifact folders the configuration applies")
+    p = stage("benchmark-reference", _benchmark_reference,
+              "Time the library's own generate against our baseline decode on one backend.")
+    _paths(p, "model", "corpus")
+    p.add_argument("--backend", required=True, help="a name in benchmark.backends")
     p = sub.add_parser("chat", help="Chat with a configuration applied.", description=_chat.__doc__ or
                        "Chat with a benchmark configuration applied; prints tok/s after each reply.")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -94,8 +112,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(fn=_chat)
+    p = sub.add_parser("dvc-yaml", help="Write dvc.yaml from params.yaml and the technique registry.")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--out", type=Path, default=Path("dvc.yaml"))
+    p.set_defaults(fn=_dvc_yaml)
     p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
-    p.add_argument("--results", type=Path, nargs="+", required=True, help="benchmark artifact folders")
+    p.add_argument("--results", type=Path, nargs="+", required=True,
+                   help="benchmark job folders (configurations and references)")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[], help="technique artifact folders to summarize")
     return ap
 

@@ -1,4 +1,6 @@
-"""Every artifact folder carries MANIFEST.json: input hashes, params, code version, package versions."""
+"""Every artifact folder carries MANIFEST.json: input hashes by role, params, the hash of the stage's own code,
+package versions. Nothing volatile (time, host, paths, git state) goes in it, so a deterministic stage gives a
+byte-identical folder for identical inputs, params and code wherever it runs; those facts go to the log."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import hashlib
 import importlib.metadata as md
 import json
 import platform
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +74,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def code_digest(stage: str) -> str | None:
+    """sha256 over the source files the stage's code reaches (codedeps); None for a stage it does not know."""
+    from . import codedeps
+
+    files = codedeps.stage_files(stage)
+    if not files:
+        return None
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.encode())
+        h.update(sha256_file(root / f).encode())
+    return h.hexdigest()
+
+
 def write(folder: str | Path, *, stage: str, inputs: dict[str, str | Path], params: dict,
           outputs: dict | None = None, extra: dict | None = None) -> dict:
     """Write MANIFEST.json into `folder` (usually the temp dir of atomic.output_dir)."""
@@ -78,22 +97,18 @@ def write(folder: str | Path, *, stage: str, inputs: dict[str, str | Path], para
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     body = {
         "stage": stage,
-        "inputs": {k: {"path": str(v), "sha256": input_digest(v)} for k, v in inputs.items()},
+        "inputs": {k: {"sha256": input_digest(v)} for k, v in inputs.items()},
         "params": params,
+        "code": code_digest(stage),
         "files": files,
     }
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-    manifest = {
-        **body,
-        "digest": digest,
-        "outputs": outputs or {},
-        "code_version": code_version(),
-        "packages": package_versions(),
-        "platform": f"{platform.system()}-{platform.machine()}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(extra or {}),
-    }
+    manifest = {**body, "digest": digest, "outputs": outputs or {}, "version": __version__,
+                "packages": package_versions(), **(extra or {})}
     atomic.write_json(folder / MANIFEST, manifest)
+    print(f"{stage}: wrote digest {digest[:12]} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} on "
+          f"{socket.gethostname()} ({platform.system()}-{platform.machine()}), code {code_version()}",
+          file=sys.stderr, flush=True)
     return manifest
 
 

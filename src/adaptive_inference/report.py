@@ -1,7 +1,9 @@
-"""report: benchmark artifacts -> report.md, one self-contained report.html, metrics.json and plots.
+"""report: benchmark job folders -> report.md, one self-contained report.html, metrics.json and plots.
 
-Every number cites the benchmark artifact it came from as [bench:<first 12 hex of its manifest digest>];
-the Provenance table maps each tag to that artifact's inputs, code version and packages.
+It opens with what a reader came for: per backend, each configuration's speedup (with its interval)
+against its quality loss, and a plain reading. Detail tables, the library references, torch-vs-MLX
+agreement (computed here from the jobs' teacher-forced argmax ids), technique artifacts and provenance
+follow. Every number cites the job that measured it as [bench:<first 12 hex of its manifest digest>].
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import io
 import json
 from pathlib import Path
 
-from . import atomic, manifest
+import numpy as np
+
+from . import atomic, manifest, techniques
 from .errors import UserError
 
 RESULTS = "results.json"
 DASH = "—"
-PLOTS = {"speed_quality.png": "Speed vs quality: decode speedup against KL to the baseline",
+PLOTS = {"speed_quality.png": "Speedup (95% interval) against KL to the baseline, one panel per backend",
          "batch_throughput.png": "Batched greedy decode throughput (median, bars = min–max)"}
-PROFILE_PLOT = ("ffn_profile.png", "MLP profile per layer on calib: ablation KL, fire rate, Gini")
-_FIELDS = {  # metrics.json key -> path inside one run of results.json
+_FIELDS = {  # metrics.json key -> path inside one run
     "decode_tps": ("speed", "decode_tps", "median"),
+    "baseline_decode_tps": ("speed", "baseline_decode_tps", "median"),
     "prefill_tps": ("speed", "prefill_tps", "median"),
     "latency_ms_p50": ("speed", "latency_ms", "p50"),
     "latency_ms_p95": ("speed", "latency_ms", "p95"),
@@ -39,44 +43,44 @@ _FIELDS = {  # metrics.json key -> path inside one run of results.json
     "common_head_rate": ("speed", "common_head_rate"),
 }
 HOW_TO_READ = (
-    "Speeds are tokens per second: the median of the timed repeats, with [min–max] across them. "
-    "Speedup is decode time per token of the baseline over that of the configuration, paired: each prompt of "
-    "each repeat runs every configuration back to back, the speedup is the median of those pairs' ratios and "
-    "[lo–hi] its 95% bootstrap interval (same backend, same run). "
-    "The structural bound is 1 / (fraction of weight bytes read per token), the speedup a purely "
-    "memory-bound decoder would get. speedup / bound is their ratio; realized share = (speedup - 1) / "
-    "(bound - 1) is the part of the predicted saving that showed up, with the interval carried over from "
-    "the speedup (shown where bound > 1). "
-    "KL and top-1 agreement compare each configuration's next-token distribution with the baseline of its "
-    "backend, so baseline rows read 0 and 100%. Each row cites its benchmark artifact as [bench:digest]; "
-    "the Provenance table lists that artifact's inputs, code version and packages.")
-_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1500px;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12.5px;display:block;overflow-x:auto}"
+    "Speedup is the baseline's decode time per token over the configuration's, paired: in each job the "
+    "configuration and the baseline decode the same prompts side by side, a token each in turn, and the "
+    "speedup is the median of the per-prompt ratios with [lo–hi] its 95% bootstrap interval. The structural "
+    "bound is 1 / (share of weight bytes a decode step still reads), what a purely memory-bound decoder would "
+    "gain; realized share = (speedup − 1) / (bound − 1) is the part of that saving that showed up. KL and "
+    "top-1 agreement compare each configuration's next-token distribution with the baseline of its backend "
+    "on held-out eval text, so baselines read 0 and 100%. Decode speeds are tokens per second (median of the "
+    "repeats, [min–max]).")
+_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12.5px}"
         "th,td{border:1px solid #ccc;padding:3px 7px}th{background:#f2f2f2;white-space:nowrap}"
         "td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"
         "tr:nth-child(even){background:#fafafa}figure{display:inline-block;margin:0 1em 1em 0;"
-        "max-width:calc(50% - 1em)}img{max-width:100%}figcaption{font-size:12px;color:#555}")
+        "max-width:calc(50% - 1em)}figure.wide{max-width:100%}img{max-width:100%}"
+        "figcaption{font-size:12px;color:#555}p.lead{font-size:15px}")
 
 
 def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list[Path] = ()) -> dict:
-    """Validate every results dir (and technique artifact), render everything in memory, then write the
-    files into out_dir."""
+    """Validate every job folder (and technique artifact), render everything in memory, then write."""
     if not results_dirs:
-        raise UserError("report needs at least one benchmark results folder")
+        raise UserError("report needs at least one benchmark job folder")
     sources = [_load(Path(d)) for d in results_dirs]
     rows = _rows(sources)
-    tech = _techniques([Path(a) for a in artifacts])
-    blocks = _blocks(params["title"], rows, sources)
-    blocks[-2:-2] = tech["blocks"]
-    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows),
-             PROFILE_PLOT[0]: _plot_profile(tech["profile"])}
+    if not rows:
+        raise UserError("report: no configuration job among --results (only references)")
+    refs = [s for s in sources if s["kind"] == "reference"]
+    agreement = _agreement(rows)
+    tech = [b for a in artifacts for b in techniques.summaries(Path(a))]
+    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows)}
+    files.update({b[1]: b[3] for b in tech if b[0] == "img"})
+    tech = [b[:3] if b[0] == "img" else b for b in tech]
+    blocks = _blocks(params["title"], rows, refs, agreement, tech, sources)
     files["report.md"] = _markdown(blocks).encode()
     files["report.html"] = _html(blocks, files).encode()
-    files["metrics.json"] = (json.dumps(_metrics(rows, sources), indent=2) + "\n").encode()
+    files["metrics.json"] = (json.dumps(_metrics(rows, refs, agreement), indent=2) + "\n").encode()
     for name, data in files.items():  # each file atomically; other files in out_dir are left alone
         atomic.write_bytes(Path(out_dir) / name, data)
-    return {"out_dir": str(out_dir), "rows": len(rows), "sources": [s["tag"] for s in sources],
-            "files": list(files)}
+    return {"out_dir": str(out_dir), "rows": len(rows), "files": list(files)}
 
 
 # ---- inputs
@@ -97,37 +101,35 @@ def _num(x, what: str):
 
 
 def _spread(d, what: str) -> tuple:
-    """(median, min, max) of a timing block; None where missing."""
     return tuple(_num(_get(d, k), f"{what}.{k}") for k in ("median", "min", "max"))
 
 
 def _load(folder: Path) -> dict:
-    m = manifest.verify(folder, stage="benchmark")
+    m = manifest.verify(folder)
+    if m.get("stage") not in ("benchmark", "benchmark_reference"):
+        raise UserError(f"{folder} is not a benchmark job (stage {m.get('stage')!r})")
     path = folder / RESULTS
     if not path.is_file() or RESULTS not in m.get("files", {}):
-        raise UserError(f"benchmark artifact {folder} has no {RESULTS} listed in its manifest")
-    if not isinstance(m.get("digest"), str):
-        raise UserError(f"corrupt manifest in {folder}: no digest")
+        raise UserError(f"benchmark job {folder} has no {RESULTS} listed in its manifest")
     try:
         res = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"corrupt {path}: {e.msg}") from None
-    runs = _get(res, "runs")
-    if not isinstance(runs, list) or not runs or not all(
-            isinstance(_get(r, "backend"), str) and isinstance(_get(r, "config"), str) for r in runs):
-        raise UserError(f"{path}: 'runs' must be a non-empty list of runs with 'backend' and 'config'")
-    refs, agreement = _get(res, "references") or [], _get(res, "agreement") or {}
-    if not isinstance(refs, list) or not isinstance(agreement, dict):
-        raise UserError(f"{path}: 'references' must be a list and 'agreement' an object")
-    refs = [{"backend": str(_get(r, "backend")), "impl": str(_get(r, "impl") or DASH),
-             "decode": _spread(_get(r, "decode_tps"), f"{path}: references.decode_tps"),
-             "ratio": _num(_get(r, "ours_over_reference"), f"{path}: references.ours_over_reference")}
-            for r in refs]
-    agreement = {k: _num(v, f"{path}: agreement.{k}") for k, v in agreement.items()}
-    return {"dir": folder, "label": folder.name, "manifest": m, "results": res,
-            "tag": f"[bench:{m['digest'][:12]}]",
-            "runs": [_row(r, f"{path} run {r['backend']}/{r['config']}") for r in runs],
-            "references": refs, "agreement": agreement}
+    src = {"dir": folder, "manifest": m, "results": res, "tag": f"[bench:{m['digest'][:12]}]"}
+    if m["stage"] == "benchmark_reference":
+        ref = _get(res, "reference")
+        if not isinstance(ref, dict) or not isinstance(_get(ref, "backend"), str):
+            raise UserError(f"{path}: 'reference' must be an object with a 'backend'")
+        return {**src, "kind": "reference", "backend": ref["backend"], "impl": str(_get(ref, "impl") or DASH),
+                "decode": _spread(_get(ref, "decode_tps"), f"{path}: decode_tps"),
+                "ours": _spread(_get(ref, "ours_decode_tps"), f"{path}: ours_decode_tps"),
+                "ratio": _num(_get(ref, "paired_ours_over_reference", "median"), f"{path}: ratio"),
+                "ratio_ci": _get(ref, "paired_ours_over_reference", "ci95")}
+    run = _get(res, "run")
+    if not isinstance(_get(run, "backend"), str) or not isinstance(_get(run, "config"), str):
+        raise UserError(f"{path}: 'run' must be an object with 'backend' and 'config'")
+    return {**src, "kind": "run", "row": _row(run, f"{path}"), "top1": _get(res, "top1") or [],
+            "greedy": _get(res, "greedy") or []}
 
 
 def _row(run: dict, where: str) -> dict:
@@ -150,33 +152,47 @@ def _row(run: dict, where: str) -> dict:
         m[f"batch_tps_bs{size}"] = batch[size][0]
     return {"backend": run["backend"], "config": run["config"], "batch": batch,
             "decode": _spread(_get(run, "speed", "decode_tps"), f"{where}: decode_tps"),
+            "heads": _get(run, "structural", "head_usage") or {},
             "metrics": {k: v for k, v in m.items() if v is not None}}
 
 
 def _rows(sources: list[dict]) -> list[dict]:
-    """One row per backend x config; a repeat from a later folder becomes config@folder-name."""
     rows, seen = [], set()
     for s in sources:
-        for r in s["runs"]:
-            key = r["config"] if (r["backend"], r["config"]) not in seen else f"{r['config']}@{s['label']}"
-            if (r["backend"], key) in seen or r["backend"] in ("agreement", "reference_ratios"):
-                raise UserError(f"{s['dir']}: duplicate or reserved run {r['backend']}/{key}")
-            seen.add((r["backend"], key))
-            rows.append({**r, "config": key, "run_config": r["config"], "tag": s["tag"], "source": s})
+        if s["kind"] != "run":
+            continue
+        key = (s["row"]["backend"], s["row"]["config"])
+        if key in seen:
+            raise UserError(f"{s['dir']}: a second job for {key[0]}/{key[1]}")
+        seen.add(key)
+        rows.append({**s["row"], "tag": s["tag"], "source": s})
     return rows
 
 
-def _metrics(rows: list[dict], sources: list[dict]) -> dict:
+def _agreement(rows: list[dict]) -> dict[str, dict]:
+    """torch vs MLX per configuration: teacher-forced top-1 and greedy continuations, from the jobs."""
+    out = {}
+    by = {(r["backend"], r["config"]): r["source"] for r in rows}
+    for (backend, config), t in sorted(by.items()):
+        m = by.get(("mlx", config))
+        if backend != "torch" or m is None or len(t["top1"]) != len(m["top1"]):
+            continue
+        same = [np.array(a) == np.array(b) for a, b in zip(t["top1"], m["top1"], strict=True) if len(a) == len(b)]
+        if not same:
+            continue
+        greedy = [a == b for a, b in zip(t["greedy"], m["greedy"], strict=False)]
+        out[config] = {"torch_vs_mlx_top1": float(np.concatenate(same).mean()), "tokens": int(sum(map(len, same))),
+                       "greedy_identical": int(sum(greedy)), "greedy_prompts": len(greedy)}
+    return out
+
+
+def _metrics(rows: list[dict], refs: list[dict], agreement: dict) -> dict:
     out: dict = {}
     for r in rows:
         out.setdefault(r["backend"], {})[r["config"]] = r["metrics"]
-    out["agreement"], out["reference_ratios"] = {}, {}
-    for s in sources:
-        items = [("agreement", k, v) for k, v in s["agreement"].items()]
-        items += [("reference_ratios", r["backend"], r["ratio"]) for r in s["references"]]
-        for section, k, v in items:
-            if v is not None:  # a repeat from a later folder is keyed name@folder-name
-                out[section][k if k not in out[section] else f"{k}@{s['label']}"] = v
+    out["agreement"] = agreement.get("baseline", {})
+    out["agreement_by_config"] = agreement
+    out["reference_ratios"] = {s["backend"]: s["ratio"] for s in refs if s["ratio"] is not None}
     return out
 
 
@@ -197,59 +213,111 @@ def _ci(m, key: str, ci: str, fmt: str, fmt_ci: str) -> str:
     return _f(m(key), fmt) + interval
 
 
-def _setup(s: dict) -> str:
-    model, env = _get(s["results"], "model") or {}, _get(s["results"], "environment") or {}
-    size = [_f(_num(_get(model, k), f"model.{k}"), fmt) for k, fmt in
-            (("params", "{:,} params"), ("weight_bytes", "{:,} weight bytes"), ("num_layers", "{} layers"))]
-    blas = _get(env, "blas")
-    blas = ", ".join(f"{k}: {v}" for k, v in blas.items()) if isinstance(blas, dict) else blas or DASH
-    return (f"{s['tag']} Model {_get(model, 'name') or DASH} ({', '.join(size)}); "
-            f"CPU {_get(env, 'cpu') or DASH}, {_get(env, 'threads') or DASH} threads; BLAS {blas}.")
+def _backends(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["backend"] for r in rows))
 
 
-def _main_table(rows: list[dict]) -> tuple:
+def _glance(rows: list[dict], backend: str) -> tuple:
+    body = []
+    for r in sorted((r for r in rows if r["backend"] == backend), key=lambda r: -r["metrics"].get("speedup_vs_baseline", 0)):
+        m = r["metrics"].get
+        body.append([r["config"], _ci(m, "speedup_vs_baseline", "speedup_ci95", "{:.3f}×", "{:.3f}"),
+                     _f(m("structural_bound"), "{:.3f}×"), _ci(m, "realized_share", "realized_share_ci95", "{:.0%}", "{:.0%}"),
+                     _f(m("kl_to_baseline"), "{:.3f}"), _f(m("top1_agreement"), "{:.1%}"), _f(m("perplexity"), "{:.2f}"),
+                     r["tag"]])
+    return ("table", ["config", "speedup [95% CI]", "bound", "realized share [95% CI]", "KL", "top-1", "perplexity",
+                      "source"], body)
+
+
+def _reading(rows: list[dict], backend: str) -> str:
+    """A plain sentence or three: the best trade, what does not pay, where quality goes."""
+    mine = [r for r in rows if r["backend"] == backend and r["config"] != "baseline"]
+    if not mine:
+        return f"{backend}: only the baseline ran."
+    g = lambda r, k: r["metrics"].get(k)  # noqa: E731
+    fast = max(mine, key=lambda r: g(r, "speedup_vs_baseline") or 0)
+    out = [f"On {backend}, {fast['config']} is the fastest at {g(fast, 'speedup_vs_baseline'):.3f}× "
+           f"(bound {_f(g(fast, 'structural_bound'), '{:.3f}')}×) for a KL of {_f(g(fast, 'kl_to_baseline'), '{:.3f}')} "
+           f"nats/token and top-1 agreement {_f(g(fast, 'top1_agreement'), '{:.1%}')}."]
+    flat = [r["config"] for r in mine if (g(r, "speedup_ci95_lo") or 0) <= 1.0]
+    if flat:
+        out.append(f"No measurable speedup (interval reaches 1.0) for: {', '.join(flat)}.")
+    lossy = [r for r in mine if (g(r, "kl_to_baseline") or 0) > 0]
+    if lossy:
+        best = min(lossy, key=lambda r: g(r, "kl_to_baseline") / max((g(r, "speedup_vs_baseline") or 1) - 1, 1e-3))
+        out.append(f"Least quality lost per unit of speedup: {best['config']}.")
+    return " ".join(out)
+
+
+def _speed_table(rows: list[dict]) -> tuple:
     sizes = sorted({b for r in rows for b in r["batch"]})
-    head = ["backend", "config", "decode tok/s", "prefill tok/s", "p50 / p95 ms", "peak RSS MB",
-            *[f"bs {b} tok/s" for b in sizes], "speedup [95% CI]", "bound", "speedup / bound", "realized share [95% CI]",
-            "common head", "perplexity", "KL",
-            "top-1",
-            "GSM8K", "source"]
+    body = []
+    for r in rows:
+        m = r["metrics"].get
+        body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("baseline_decode_tps")), _f(m("prefill_tps")),
+                     f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}",
+                     *[_f(r["batch"].get(b, (None,))[0]) for b in sizes], _f(m("peak_rss_mb"), "{:.0f}"), r["tag"]])
+    return ("table", ["backend", "config", "decode tok/s", "its baseline tok/s", "prefill tok/s", "p50 / p95 ms",
+                      *[f"bs {b} tok/s" for b in sizes], "peak RSS MB", "source"], body)
+
+
+def _quality_table(rows: list[dict]) -> tuple:
     body = []
     for r in rows:
         m = r["metrics"].get
         gsm = _f(m("gsm8k_accuracy"), "{:.1%}") + (f" (n={m('gsm8k_n')})" if m("gsm8k_n") is not None else "")
-        body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("prefill_tps")),
-                     f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}", _f(m("peak_rss_mb"), "{:.0f}"),
-                     *[_f(r["batch"].get(b, (None,))[0]) for b in sizes],
-                     _ci(m, "speedup_vs_baseline", "speedup_ci95", "{:.3f}×", "{:.3f}"),
-                     _f(m("structural_bound"), "{:.3f}×"), _f(m("speedup_over_bound"), "{:.2f}"),
-                     _ci(m, "realized_share", "realized_share_ci95", "{:.0%}", "{:.0%}"),
-                     _f(m("common_head_rate"), "{:.0%}"),
-                     _f(m("perplexity"), "{:.3f}"),
-                     _f(m("kl_to_baseline"), "{:.3g}"), _f(m("top1_agreement"), "{:.1%}"), gsm, r["tag"]])
-    return ("table", head, body)
+        heads = ", ".join(f"{k} {v:.0%}" for k, v in r["heads"].items()) or DASH
+        body.append([r["backend"], r["config"], _f(m("perplexity"), "{:.3f}"), _f(m("kl_to_baseline"), "{:.3g}"),
+                     _f(m("top1_agreement"), "{:.1%}"), gsm, _f(m("weight_bytes_fraction"), "{:.1%}"),
+                     _f(m("flops_fraction"), "{:.1%}"), heads, r["tag"]])
+    return ("table", ["backend", "config", "perplexity", "KL", "top-1", "GSM8K", "bytes read", "FLOPs", "head used",
+                      "source"], body)
 
 
-def _references(rows: list[dict], sources: list[dict]) -> tuple:
+def _category_table(rows: list[dict]) -> tuple | None:
+    cats = sorted({c for r in rows for c in (_get(r["source"]["results"], "run", "quality", "by_category") or {})})
+    if not cats:
+        return None
     body = []
-    for s in sources:
-        for ref in s["references"]:
-            ours = next((r for r in rows if r["source"] is s and r["backend"] == ref["backend"]
-                         and r["run_config"] == "baseline"), None)
-            body.append([ref["backend"], ref["impl"], _med(ref["decode"]),
-                         _med(ours["decode"]) if ours else DASH, _f(ref["ratio"], "{:.2f}×"), s["tag"]])
-    if not body:
+    for r in rows:
+        by = _get(r["source"]["results"], "run", "quality", "by_category") or {}
+        body.append([r["backend"], r["config"], *[_f(_get(by, c, "kl_to_baseline"), "{:.3f}") for c in cats]])
+    return ("table", ["backend", "config", *[f"KL {c}" for c in cats]], body)
+
+
+def _references(refs: list[dict]) -> tuple:
+    if not refs:
         return ("p", "No reference generate() timings in these runs.")
     return ("table", ["backend", "reference", "reference decode tok/s", "ours (baseline) decode tok/s",
-                      "ours / reference", "source"], body)
+                      "ours / reference [95% CI]", "source"],
+            [[s["backend"], s["impl"], _med(s["decode"]), _med(s["ours"]),
+              _f(s["ratio"], "{:.2f}×") + (f" [{s['ratio_ci'][0]:.2f}–{s['ratio_ci'][1]:.2f}]" if s["ratio_ci"] else ""),
+              s["tag"]] for s in refs])
 
 
-def _agreement(s: dict) -> str:
-    a = s["agreement"]
-    return (f"{s['tag']} torch vs MLX (same weights, baseline): top-1 agreement "
-            f"{_f(a.get('torch_vs_mlx_top1'), '{:.2%}')} over {_f(a.get('tokens'), '{:,}')} tokens; greedy "
-            f"continuations identical on {_f(a.get('greedy_identical'), '{}')} / "
-            f"{_f(a.get('greedy_prompts'), '{}')} prompts.")
+def _agreement_block(agreement: dict) -> tuple:
+    if not agreement:
+        return ("p", "Only one backend ran: no agreement measured.")
+    return ("table", ["config", "torch vs MLX top-1", "tokens", "greedy identical"],
+            [[c, _f(a["torch_vs_mlx_top1"], "{:.2%}"), f"{a['tokens']:,}", f"{a['greedy_identical']} / {a['greedy_prompts']}"]
+             for c, a in agreement.items()])
+
+
+def _setup(sources: list[dict]) -> str:
+    model = _get(sources[0]["results"], "model") or {}
+    size = ", ".join(_f(_num(_get(model, k), f"model.{k}"), fmt) for k, fmt in
+                     (("params", "{:,} params"), ("weight_bytes", "{:,} weight bytes"), ("num_layers", "{} layers")))
+    envs = {}
+    for s in sources:  # one line per backend
+        envs.setdefault(s["backend"] if s["kind"] == "reference" else s["row"]["backend"],
+                        _get(s["results"], "environment") or {})
+    lines = []
+    for backend, env in envs.items():
+        blas = _get(env, "blas")
+        blas = f"; BLAS {', '.join(f'{k}: {v}' for k, v in blas.items())}" if isinstance(blas, dict) else ""
+        lines.append(f"{backend} on {_get(env, 'device') or DASH} ({_get(env, 'cpu') or DASH}, "
+                     f"{_get(env, 'threads') or DASH} threads){blas}")
+    return f"Model {_get(model, 'name') or DASH} ({size}). " + "; ".join(lines) + "."
 
 
 def _provenance(sources: list[dict]) -> tuple:
@@ -259,21 +327,25 @@ def _provenance(sources: list[dict]) -> tuple:
         inputs = ", ".join(f"{k}={_get(v, 'sha256')[:12]}" for k, v in (m.get("inputs") or {}).items()
                            if isinstance(_get(v, "sha256"), str)) or DASH
         pkgs = ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items()) or DASH
-        body.append([s["tag"], str(s["dir"]), inputs, m.get("code_version", DASH),
-                     m.get("created", DASH), pkgs])
-    return ("table", ["source (manifest digest)", "folder", "inputs (sha256)", "code version", "created",
-                      "packages"], body)
+        body.append([s["tag"], "/".join(Path(s["dir"]).parts[-2:]), inputs, (m.get("code") or DASH)[:12], pkgs])
+    return ("table", ["source (manifest digest)", "job", "inputs (sha256)", "code", "packages"], body)
 
 
-def _blocks(title: str, rows: list[dict], sources: list[dict]) -> list[tuple]:
-    agree = [("p", _agreement(s)) for s in sources if s["agreement"]]
-    agree = agree or [("p", "Only one backend ran: no agreement measured.")]
-    return [("h1", title), ("p", HOW_TO_READ), *[("p", _setup(s)) for s in sources],
-            ("h2", "Results"), _main_table(rows),
-            ("h2", "Against the libraries' own generate()"), _references(rows, sources),
-            ("h2", "torch vs MLX agreement"), *agree,
-            ("h2", "Plots"), *[("img", name, alt) for name, alt in PLOTS.items()],
-            ("h2", "Provenance"), _provenance(sources)]
+def _blocks(title, rows, refs, agreement, tech, sources) -> list[tuple]:
+    out = [("h1", title), ("p", _setup(sources))]
+    for b in _backends(rows):
+        out += [("h2", f"At a glance: {b}"), ("lead", _reading(rows, b)), _glance(rows, b)]
+    out += [("img", "speed_quality.png", PLOTS["speed_quality.png"]), ("p", HOW_TO_READ),
+            ("h2", "Speed"), _speed_table(rows), ("img", "batch_throughput.png", PLOTS["batch_throughput.png"]),
+            ("h2", "Quality and structure"), _quality_table(rows)]
+    cat = _category_table(rows)
+    if cat:
+        out += [("h3", "KL to the baseline per eval category"), cat]
+    out += [("h2", "Against the libraries' own generate()"), _references(refs),
+            ("h2", "torch vs MLX agreement"), _agreement_block(agreement)]
+    if tech:
+        out += [("h2", "Technique artifacts"), *tech]
+    return out + [("h2", "Provenance"), _provenance(sources)]
 
 
 # ---- rendering
@@ -285,7 +357,8 @@ def _markdown(blocks: list[tuple]) -> str:
             lines = [a[0], ["---"] * len(a[0]), *a[1]]
             out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
         else:
-            out.append({"h1": "# {}", "h2": "## {}", "h3": "### {}", "p": "{}", "img": "![{1}]({0})"}[kind].format(*a))
+            fmt = {"h1": "# {}", "h2": "## {}", "h3": "### {}", "p": "{}", "lead": "**{}**", "img": "![{1}]({0})"}
+            out.append(fmt[kind].format(*a))
         out.append("")
     return "\n".join(out)
 
@@ -301,119 +374,69 @@ def _html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
             body.append(f"<table><tr>{head}</tr>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>")
         elif kind == "img":
             data = base64.b64encode(pngs[a[0]]).decode()
-            body.append(f'<figure><img alt="{e(a[1])}" src="data:image/png;base64,{data}">'
+            wide = ' class="wide"' if a[0] == "speed_quality.png" else ""
+            body.append(f'<figure{wide}><img alt="{e(a[1])}" src="data:image/png;base64,{data}">'
                         f"<figcaption>{e(a[1])}</figcaption></figure>")
+        elif kind == "lead":
+            body.append(f'<p class="lead">{e(a[0])}</p>')
         else:
             body.append(f"<{kind}>{e(a[0])}</{kind}>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(blocks[0][1])}</title>'
             f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _styles(rows: list[dict]) -> tuple[dict, dict]:
-    """Colour per backend, marker per config, in order of first appearance."""
-    backends, configs = dict.fromkeys(r["backend"] for r in rows), dict.fromkeys(r["config"] for r in rows)
-    return ({b: f"C{i % 10}" for i, b in enumerate(backends)},
-            {c: "osD^vPX*<>"[i % 10] for i, c in enumerate(configs)})
-
-
-def _figure(title: str, xlabel: str, ylabel: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.margins(0.12)  # room for point labels
-    return fig, ax
-
-
-def _png(fig, ax) -> bytes:
+def _png(fig) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    if ax.has_data():
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return buf.getvalue()
 
 
 def _plot_speed_quality(rows: list[dict]) -> bytes:
-    fig, ax = _figure("Speed vs quality", "decode speedup vs baseline (×)",
-                      "KL to baseline (mean per token)")
-    colours, markers = _styles(rows)
-    ax.axvline(1.0, color="0.6", ls="--", lw=0.8)
-    for r in rows:
-        x, y = r["metrics"].get("speedup_vs_baseline"), r["metrics"].get("kl_to_baseline")
-        if x is not None and y is not None:
-            ax.scatter(x, y, s=55, color=colours[r["backend"]], marker=markers[r["config"]],
-                       label=f"{r['backend']} / {r['config']}")
-            ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    return _png(fig, ax)
+    """One panel per backend; error bars are the speedup's 95% interval; labels are staggered vertically
+    (sorted by KL) so nearby points do not print on top of each other."""
+    from matplotlib.figure import Figure
 
-
-def _plot_profile(profile: list[dict]) -> bytes:
-    fig, ax = _figure("MLP profile (calib)", "layer", "KL when only this MLP is zeroed")
-    if profile:
-        layers = [r["layer"] for r in profile]
-        ax.bar(layers, [r["kl"] for r in profile], color="C0", alpha=0.7, label="ablation KL (left)")
-        ax.set_yscale("log")
-        twin = ax.twinx()
-        twin.plot(layers, [r["fire_rate"] for r in profile], "C1o-", ms=3, label="fire rate (right)")
-        twin.plot(layers, [r["gini"] for r in profile], "C2s-", ms=3, label="Gini (right)")
-        twin.set_ylim(0, 1)
-        twin.legend(fontsize=8, loc="upper right")
-    return _png(fig, ax)
-
-
-def _techniques(artifacts: list[Path]) -> dict:
-    """Summaries of the technique artifacts the configurations applied, each citing its digest."""
-    blocks, profile = [], []
-    for a in artifacts:
-        m = manifest.verify(a)
-        tag, stage = f"[{m['stage']}:{m['digest'][:12]}]", m["stage"]
-        if stage == "profile_ffn":
-            profile = json.loads((a / "profile.json").read_text())["layers"]
-            blocks += [("h3", f"MLP profile {tag}"),
-                       ("table", ["layer", "ablation KL", "perplexity +", "fire rate", "Gini", "MLP bytes share"],
-                        [[r["layer"], _f(r["kl"], "{:.3f}"), _f(r["perplexity_delta"], "{:.2f}"),
-                          _f(r["fire_rate"], "{:.1%}"), _f(r["gini"], "{:.3f}"), _f(r["mlp_bytes_share"], "{:.2%}")]
-                         for r in profile]),
-                       ("img", *PROFILE_PLOT)]
-        elif stage == "make_lobotomy":
-            plan = json.loads((a / "lobotomy.json").read_text())
-            blocks.append(("p", f"Lobotomy {tag}: MLPs of layers {plan['cut']} zeroed; whole-cut KL on calib "
-                                f"{plan['calib_kl']:.3f} (budget {plan['budget']['max_kl']}), calib perplexity "
-                                f"{plan['calib_perplexity']:.2f}."))
-        elif stage == "train_vocab_router":
-            r = json.loads((a / "router.json").read_text())
-            c = r["calib"]
-            blocks.append(("p", f"Vocab router {tag}: {r['sizes']['common_ids']} common ids "
-                                f"({r['common']['share_of_vocab']:.1%} of the vocabulary) cover {r['common']['coverage']:.1%} "
-                                f"of train tokens; router {r['sizes']['router_params']} params, threshold "
-                                f"{r['threshold']:.3f}; on calib: recall of rare steps {c['recall']:.1%}, precision "
-                                f"{c['precision']:.1%}, common head on {c['common_head_rate']:.1%} of steps "
-                                f"(rare steps {c['rare_rate']:.1%})."))
-    if blocks:
-        blocks.insert(0, ("h2", "Technique artifacts"))
-    return {"blocks": blocks, "profile": profile}
+    backends = _backends(rows)
+    fig = Figure(figsize=(5.2 * len(backends), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(backends), squeeze=False)[0]
+    for ax, b in zip(axes, backends, strict=True):
+        pts = [(r["config"], r["metrics"]) for r in rows if r["backend"] == b]
+        pts = [(c, m) for c, m in pts if m.get("speedup_vs_baseline") is not None and m.get("kl_to_baseline") is not None]
+        ax.axvline(1.0, color="0.6", ls="--", lw=0.8)
+        ax.set(title=b, xlabel="decode speedup vs baseline (×)", ylabel="KL to baseline (nats / token)")
+        ax.grid(alpha=0.3)
+        for i, (c, m) in enumerate(sorted(pts, key=lambda p: p[1]["kl_to_baseline"])):
+            x, y = m["speedup_vs_baseline"], m["kl_to_baseline"]
+            lo, hi = m.get("speedup_ci95_lo", x), m.get("speedup_ci95_hi", x)
+            ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", color=f"C{i % 10}", capsize=3)
+            ax.annotate(c, (x, y), textcoords="offset points", xytext=(8, 10 * (i % 3) - 10), fontsize=8,
+                        color=f"C{i % 10}")
+        ax.margins(0.2)
+    return _png(fig)
 
 
 def _plot_batch(rows: list[dict]) -> bytes:
-    fig, ax = _figure("Batch throughput", "batch size", "decode tok/s (all sequences)")
-    colours, markers = _styles(rows)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title="Batch throughput", xlabel="batch size", ylabel="decode tok/s (all sequences)")
+    ax.grid(alpha=0.3)
     sizes = sorted({b for r in rows for b, t in r["batch"].items() if t[0] is not None})
+    backends, configs = _backends(rows), list(dict.fromkeys(r["config"] for r in rows))
     for r in rows:
         pts = [(b, *t) for b, t in sorted(r["batch"].items()) if t[0] is not None]
         if pts:
-            bs, med = [p[0] for p in pts], [p[1] for p in pts]
             err = [[m - (lo if lo is not None else m) for _, m, lo, _ in pts],
                    [(hi if hi is not None else m) - m for _, m, _, hi in pts]]
-            ax.errorbar(bs, med, yerr=err, capsize=3, color=colours[r["backend"]],
-                        marker=markers[r["config"]], label=f"{r['backend']} / {r['config']}")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, capsize=3,
+                        color=f"C{configs.index(r['config']) % 10}", ls=["-", "--", ":"][backends.index(r["backend"]) % 3],
+                        marker="osD^"[backends.index(r["backend"]) % 4], label=f"{r['backend']} / {r['config']}")
     if sizes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set_xticks([], minor=True)
-    return _png(fig, ax)
+        ax.legend(fontsize=7, ncols=2)
+    return _png(fig)

@@ -1,26 +1,48 @@
+# The benchmark matrix: one job per (backend, configuration) and one library-reference job per backend.
+# Timing jobs take the `timing` resource (one unit exists: workflow/profiles/default), so two never overlap.
+
+
 rule benchmark:
     input:
-        code=[
-            "src/adaptive_inference/benchmark.py",
-            "src/adaptive_inference/generation.py",
-            "src/adaptive_inference/torch_backend.py",
-            "src/adaptive_inference/mlx_backend.py",
-            "src/adaptive_inference/techniques/__init__.py",
-            "src/adaptive_inference/techniques/lobotomy/stages.py",
-            "src/adaptive_inference/techniques/vocab_router/train.py",
-        ],
+        code=lambda w: jobs.job_code(BENCH, w.cfg),
         model="artifacts/model",
         corpus="artifacts/corpus",
-        router="artifacts/router",
-        lobotomy="artifacts/lobotomy",
+        artifacts=lambda w: jobs.job_artifacts(BENCH, w.cfg),
     output:
-        directory("artifacts/benchmark"),
+        directory("artifacts/benchmark/{backend}/{cfg}"),
+    wildcard_constraints:
+        backend="|".join(BENCH["backends"]),
+        cfg="|".join(BENCH["configs"]),
     params:
-        section=config["benchmark"],
+        job=lambda w: jobs.job_params(BENCH, w.cfg),
     log:
-        "logs/benchmark.log",
-    threads: workflow.cores  # timings need the machine to themselves
+        "logs/benchmark/{backend}/{cfg}.log",
+    threads: workflow.cores
+    resources:
+        timing=1,
     conda:
         "../envs/adaptive-inference.yaml"
     shell:
-        "adaptive-inference benchmark --params params.yaml --model {input.model} --corpus {input.corpus} --artifacts {input.router} {input.lobotomy} --out {output} > {log} 2>&1"
+        "adaptive-inference benchmark --params params.yaml --backend {wildcards.backend} --config {wildcards.cfg} --model {input.model} --corpus {input.corpus} --artifacts {input.artifacts} --out {output} > {log} 2>&1"
+
+
+rule benchmark_reference:
+    input:
+        code=jobs.job_code(BENCH, None),
+        model="artifacts/model",
+        corpus="artifacts/corpus",
+    output:
+        directory("artifacts/benchmark/{backend}/reference"),
+    wildcard_constraints:
+        backend="|".join(BENCH["backends"]),
+    params:
+        job=jobs.job_params(BENCH, None),
+    log:
+        "logs/benchmark/{backend}/reference.log",
+    threads: workflow.cores
+    resources:
+        timing=1,
+    conda:
+        "../envs/adaptive-inference.yaml"
+    shell:
+        "adaptive-inference benchmark-reference --params params.yaml --backend {wildcards.backend} --model {input.model} --corpus {input.corpus} --out {output} > {log} 2>&1"

@@ -1,8 +1,6 @@
 rule build_corpus:
     input:
-        code=[
-            "src/adaptive_inference/corpus.py",
-        ],
+        code=codedeps.files("adaptive_inference.corpus"),
     output:
         directory("artifacts/corpus"),
     params:
@@ -17,10 +15,7 @@ rule build_corpus:
 
 rule cache_hidden:
     input:
-        code=[
-            "src/adaptive_inference/hidden_cache.py",
-            "src/adaptive_inference/torch_backend.py",
-        ],
+        code=codedeps.files("adaptive_inference.hidden_cache"),
         model="artifacts/model",
         corpus="artifacts/corpus",
     output:

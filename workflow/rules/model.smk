@@ -1,8 +1,6 @@
 rule prepare_model:
     input:
-        code=[
-            "src/adaptive_inference/prepare_model.py",
-        ],
+        code=codedeps.files("adaptive_inference.prepare_model"),
     output:
         directory("artifacts/model"),
     params:

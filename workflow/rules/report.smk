@@ -1,15 +1,13 @@
 rule report:
     input:
-        code=[
-            "src/adaptive_inference/report.py",
-        ],
-        results="artifacts/benchmark",
-        techniques=["artifacts/profile_ffn", "artifacts/lobotomy", "artifacts/router"],
+        code=codedeps.files("adaptive_inference.report"),
+        results=jobs.job_folders(BENCH),
+        techniques=jobs.technique_folders(),
     output:
         md="reports/report.md",
         html="reports/report.html",
         metrics="reports/metrics.json",
-        plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput", "ffn_profile"]),
+        plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput"]),
     params:
         section=config["report"],
     log:

@@ -33,13 +33,16 @@ class Technique:
 
 @dataclass(frozen=True)
 class Stage:
-    """One CLI subcommand: `call` ("module:function") is called as f(params[section], *inputs, out)."""
+    """One CLI subcommand and pipeline stage: `call` ("module:function") is called as
+    f(params[section], *input folders, out folder); inputs: CLI argument -> folder under artifacts/ that
+    the pipeline passes; out: its folder under artifacts/."""
 
     name: str
     section: str
     call: str
     help: str
-    inputs: tuple[str, ...] = ()
+    out: str
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def _subpackages() -> list:

@@ -6,5 +6,5 @@ from .. import Stage, Technique
 TECHNIQUES = [Technique("router", artifacts={"router": "train_vocab_router"}, policy=".vocab_router.head:policy")]
 STAGES = [Stage("train-vocab-router", "train_vocab_router", ".vocab_router.train:build",
                 "Pick common ids, train the surprisal router on cached hidden states, calibrate its threshold.",
-                inputs=("hidden",))]
+                out="router", inputs={"hidden": "hidden"})]
 SUMMARIES = {"train_vocab_router": ".vocab_router.summary:blocks"}

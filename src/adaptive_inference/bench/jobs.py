@@ -1,0 +1,44 @@
+"""Which benchmark jobs exist and what each depends on: shared by the Snakefile, the dvc.yaml generator
+and the jobs themselves (light: no numpy, torch or MLX)."""
+
+from __future__ import annotations
+
+from .. import codedeps, techniques
+
+SHARED_KEYS = ("dtype", "quality", "decode", "batch", "gsm8k")  # what every job reads besides its config
+REFERENCE_KEYS = ("dtype", "quality", "decode")  # the library-reference job times decode only
+JOB_MODULE = "adaptive_inference.bench.job"
+
+
+def job_params(bench: dict, config: str | None) -> dict:
+    """The slice of the benchmark params a job depends on (its manifest records exactly this)."""
+    out = {k: bench[k] for k in (SHARED_KEYS if config is not None else REFERENCE_KEYS)}
+    if config is not None:
+        out["config"] = {"name": config, **bench["configs"][config]}
+    return out
+
+
+def job_folders(bench: dict) -> list[str]:
+    """Every job's output folder: artifacts/benchmark/<backend>/<config or 'reference'>."""
+    names = list(bench["configs"]) + (["reference"] if bench["reference"] else [])
+    return [f"artifacts/benchmark/{b}/{c}" for b in bench["backends"] for c in names]
+
+
+def job_artifacts(bench: dict, config: str) -> list[str]:
+    """Technique artifact folders the configuration applies."""
+    return [f"artifacts/{f}" for f in techniques.artifact_folders(bench["configs"][config]["techniques"])]
+
+
+def job_code(bench: dict, config: str | None) -> list[str]:
+    """Source files a job runs: the job driver and, for a configuration, its techniques' policies."""
+    mods = [JOB_MODULE]
+    if config is not None:
+        reg = techniques.registry()
+        mods += [codedeps.stage_module(reg[techniques.spec_name(s)].policy)
+                 for s in bench["configs"][config]["techniques"]]
+    return codedeps.files(*mods)
+
+
+def technique_folders() -> list[str]:
+    """Every technique stage's output folder (their summaries go in the report)."""
+    return [f"artifacts/{s.out}" for s in techniques.stages()]

@@ -1,0 +1,130 @@
+"""Measurements of one configuration against the baseline of the same backend, in one process.
+
+Decode: the configuration and the baseline generate the same prompt side by side, one step each in turn
+(who goes first alternates), so every token of one has a token of the other taken within ~100 ms of
+machine state: a paired speedup per (prompt, repeat) with little noise. Quality: teacher-forced, against
+the baseline logits computed here (no other job is needed)."""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+import time
+
+import numpy as np
+
+from .. import cost, metrics
+from ..generation import generate, generate_batch, stream, teacher_forced
+from .stats import paired_speedup, spread
+
+
+def _begin(policy, meta: dict):
+    if hasattr(policy, "begin"):  # e.g. the category map's oracle control reads the prompt's true category
+        policy.begin(meta)
+    return policy
+
+
+def quality(lm, data: dict, new_policy, prompt_tokens: int) -> tuple[dict, list[list[int]]]:
+    """Perplexity, KL and top-1 agreement against the baseline, overall and per category; and the
+    configuration's teacher-forced argmax ids (torch vs MLX agreement is computed from them)."""
+    parts, by_cat, top1 = [], {}, []
+    for ids, cat in zip(data["eval"], data["eval_categories"], strict=True):
+        base = lm.logits(ids)
+        if new_policy is None:
+            logits = base
+        else:
+            policy = _begin(new_policy(), {"category": cat})
+            full = getattr(policy, "static", False) and policy.plan(0).is_full
+            logits = base if full else teacher_forced(lm, ids, policy, prompt_tokens=prompt_tokens)[0]
+        part = metrics.compare(logits, metrics.log_softmax(base), ids)
+        parts.append(part)
+        by_cat.setdefault(cat, []).append(part)
+        top1.append(logits.argmax(-1).tolist())
+    out = metrics.summarize(parts)
+    out["by_category"] = {c: metrics.summarize(p) for c, p in sorted(by_cat.items())}
+    return out, top1
+
+
+def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
+    """policies: {"baseline": factory, "config": factory} (or the baseline alone). Greedy decode of each
+    prompt, the policies stepping in turn; per (repeat, prompt) one paired sample."""
+    n, names = p["new_tokens"], list(policies)
+    prompts, cats = data["prompts"], data["prompt_categories"]
+    for _ in range(p["warmup"]):
+        for name in names:
+            generate(lm, prompts[0], max_new_tokens=n, policy=_begin(policies[name](), {"category": cats[0]}))
+    acc = {name: {"per_token": [], "prefill": [], "latencies": [], "executed": [], "greedy": []} for name in names}
+    for rep in range(p["repeats"]):
+        for i, (prompt, cat) in enumerate(zip(prompts, cats, strict=True)):
+            order = names if (rep + i) % 2 == 0 else names[::-1]
+            streams = {k: stream(lm, np.array([prompt]), max_new_tokens=n,
+                                 policy=_begin(policies[k](), {"category": cat})) for k in order}
+            steps = {k: [] for k in order}
+            for _ in range(n):
+                for k in order:
+                    steps[k].append(next(streams[k]))
+            for k, ss in steps.items():
+                a = acc[k]
+                decode = [s.seconds for s in ss[1:]]
+                a["per_token"].append(sum(decode) / len(decode))
+                a["prefill"].append(len(prompt) / ss[0].seconds)
+                a["latencies"] += decode
+                a["executed"] += [s.executed for s in ss[1:]]
+                if rep == 0:
+                    a["greedy"].append([int(s.tokens[0]) for s in ss])
+    k = len(prompts)
+    out = {}
+    for name, a in acc.items():
+        lat = np.array(a["latencies"]) * 1e3
+        per_rep = [k / sum(a["per_token"][j:j + k]) for j in range(0, len(a["per_token"]), k)]
+        out[name] = {"decode_tps": spread(per_rep), "prefill_tps": spread(a["prefill"]),
+                     "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))},
+                     "per_token_s": a["per_token"], "executed": a["executed"], "greedy": a["greedy"]}
+    if "config" in out:
+        out["config"]["paired_speedup"] = paired_speedup(out["baseline"]["per_token_s"], out["config"]["per_token_s"])
+    return out
+
+
+def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
+    """Batched greedy throughput (generated tokens / wall time, prefill included); the first round warms up."""
+    pool, n = data["batch_pool"], p["new_tokens"]
+    values = {bs: [] for bs in p["sizes"]}
+    for rep in range(1 + p["repeats"]):
+        for bs in p["sizes"]:
+            prompts = np.array([pool[i % len(pool)] for i in range(bs)])
+            t0 = time.perf_counter()
+            generate_batch(lm, prompts, max_new_tokens=n, policy=new_policy())
+            if rep:
+                values[bs].append(bs * n / (time.perf_counter() - t0))
+    return [{"batch_size": bs, "tps": spread(v)} for bs, v in values.items()]
+
+
+def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int) -> dict:
+    if not data["gsm8k"]:
+        return {}
+    correct = 0
+    for item in data["gsm8k"]:
+        res = generate(lm, item["prompt"], max_new_tokens=max_new_tokens, stop_ids=data["stop_ids"],
+                       policy=_begin(new_policy(), {"category": item["category"]}))
+        numbers = re.findall(r"-?\d[\d,]*\.?\d*", data["tokenizer"].decode(res.tokens))
+        got = numbers[-1].replace(",", "").rstrip(".") if numbers else None
+        correct += got is not None and float(got) == float(item["answer"])
+    return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
+
+
+def structural(lm, executed: list, context: int) -> dict:
+    out = cost.structural(lm.cfg, executed, context)
+    heads = cost.head_usage(executed)
+    return {**out, "head_usage": heads}
+
+
+def peak_memory_mb(lm) -> dict:
+    """Peak resident memory of this process (host RAM); on CUDA also the allocator's peak (device memory)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}  # bytes on macOS, KiB on Linux
+    if lm.name == "torch" and lm.device == "cuda":
+        import torch
+
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

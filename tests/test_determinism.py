@@ -1,0 +1,43 @@
+"""Deterministic stages give byte-identical folders for identical inputs, params and code, wherever they run:
+no time, host, path or wall time in what DVC and Snakemake hash."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import make_tiny_model
+
+from adaptive_inference import corpus, manifest
+from adaptive_inference.techniques.lobotomy import stages as lobotomy
+
+CORPUS = {"seed": 0, "categories": ["code", "prose"], "train": 1, "calib": 3, "eval": 1, "max_chars": 300}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _inputs(root: Path) -> tuple[Path, Path]:
+    from test_pipeline import tiny_tokenizer
+
+    model = root / "model"
+    model.mkdir(parents=True)
+    make_tiny_model(model, "llama")
+    tiny_tokenizer(model)
+    manifest.write(model, stage="prepare_model", inputs={}, params={})
+    corpus.build(CORPUS, root / "corpus")
+    return model, root / "corpus"
+
+
+def test_stages_are_byte_identical_in_two_places(tmp_path):
+    a, b = tmp_path / "checkout-a" / "deep", tmp_path / "elsewhere"
+    model_a, corpus_a = _inputs(a)
+    shutil.copytree(a, b)  # the same inputs at another path
+    for root, model, corp in ((a, model_a, corpus_a), (b, b / "model", b / "corpus")):
+        lobotomy.profile({"texts": 3, "seq_len": 16, "fire_threshold": 0.5}, model, corp, root / "profile")
+        lobotomy.make({"max_layers": 1, "max_kl": 10.0}, root / "profile", model, corp, root / "lobotomy")
+    for stage in ("model", "corpus", "profile", "lobotomy"):
+        assert folder_bytes(a / stage) == folder_bytes(b / stage), stage
+    text = (a / "lobotomy" / manifest.MANIFEST).read_text()
+    assert str(tmp_path) not in text and "created" not in text
