@@ -48,6 +48,10 @@ def tiny_params(model_dir: Path) -> dict:
     p["train_vocab_router"].update(coverage=0.8, hidden=16, epochs=2)
     p["profile_ffn"].update(texts=4, seq_len=16)
     p["make_lobotomy"].update(max_layers=1, max_kl=10.0)
+    p["build_layer_map"].update(window=8, k=3)
+    p["layer_importance"].update(texts_per_category=1, seq_len=16, budgets=[0.25], tries=1)
+    p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items()
+                                 if k in ("baseline", "router", "lobotomy", "stacked", "map-hard-25")}
     p["benchmark"].update(
         quality={"seq_len": 32, "max_texts": 4},
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
@@ -95,7 +99,8 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     run(["snakemake", "--cores", "2"], work)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     for backend in ("torch", "mlx"):
-        assert set(metrics[backend]) == {"baseline", "router", "lobotomy", "stacked"}
+        assert set(metrics[backend]) == {"baseline", "router", "lobotomy", "stacked", "map-hard-25"}
+        assert metrics[backend]["map-hard-25"]["weight_bytes_fraction"] < 1
         assert metrics[backend]["baseline"]["kl_to_baseline"] == 0.0
         assert metrics[backend]["lobotomy"]["kl_to_baseline"] > 0
         assert metrics[backend]["lobotomy"]["weight_bytes_fraction"] < 1
@@ -113,7 +118,8 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     edit_params(work, lambda p: p["make_lobotomy"].update(max_kl=9.0))  # a technique key
     assert ran_stages(run(["dvc", "repro"], work)) == {"make_lobotomy", "report"} | jobs("lobotomy", "stacked")
     edit_params(work, lambda p: p["benchmark"]["batch"].update(new_tokens=3))  # a benchmark key
-    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("baseline", "router", "lobotomy", "stacked")
+    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("baseline", "router", "lobotomy", "stacked",
+                                                                         "map-hard-25")
     edit_params(work, lambda p: p["report"].update(title="Tiny"))  # a report key
     assert ran_stages(run(["dvc", "repro"], work)) == {"report"}
     edit_params(work, lambda p: p["benchmark"]["configs"].update(cut={"techniques": ["lobotomy"]}))  # a configuration
