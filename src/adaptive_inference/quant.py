@@ -5,7 +5,7 @@ Formats (a weight is [N, K], out x in, as in nn.Linear):
   Symmetric because LLM weight rows are near zero-centred, so a zero point buys little at 255 levels
   and the kernel needs no offset term.
 - "int4": group-wise affine, w ~ scale[n, g] * q + minv[n, g], q in [0, 15], fp16 scale and min per
-  group of `group_size` input columns. Affine rather than symmetric because 16 levels are few: the
+  group of `group_size` input columns (a power of two >= 32). Affine rather than symmetric because 16 levels are few: the
   min/max range wastes no level on a skewed group, and it is exactly MLX's affine (scale, bias) format.
 - "nested": "int4" plus a second 4-bit plane with the residual, read at depth 4 (== "int4") or depth 8
   (code 16 q + r, step scale/16). One resident copy serves both low gears: the low gear reads half of it.
@@ -14,7 +14,8 @@ Nibble order (both 4-bit planes): in each block of 32 columns, byte i holds colu
 and column 16 + i in its high nibble (llama.cpp's Q4 order), so an AVX2 kernel unpacks a block with
 one AND and one shift and no shuffle.
 
-Error bounds (tested): int8 |w - w~| <= scale/2; int4 <= scale/2; nested depth 8 <= scale/32.
+Every format needs in-features divisible by 32. Error bounds (tested): int8 |w - w~| <= scale/2;
+int4 <= scale/2; nested depth 8 <= scale/32.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def quantize(w: np.ndarray, fmt: str, *, group_size: int = 32) -> Int8Weight | I
     if fmt not in FORMATS:
         raise UserError(f"quantize: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     w = _check_weight(w, f"quantize {fmt}")
+    if w.shape[1] % BLOCK:  # the torch kernel's activation blocks and MLX's groups are 32 columns
+        raise UserError(f"quantize {fmt}: in-features {w.shape[1]} is not a multiple of {BLOCK}")
     if fmt == "int8":
         return _quantize_int8(w)
     return _quantize_int4(w, group_size, nested=fmt == "nested")
@@ -95,8 +98,8 @@ def _round_f16(x: np.ndarray, direction: float) -> np.ndarray:
 def _quantize_int4(w: np.ndarray, group_size: int, *, nested: bool) -> Int4Weight:
     n, k = w.shape
     what = "nested" if nested else "int4"
-    if group_size <= 0 or group_size % BLOCK:
-        raise UserError(f"quantize {what}: group_size must be a positive multiple of {BLOCK}, got {group_size}")
+    if group_size < BLOCK or group_size & (group_size - 1):  # the kernel finds a block's group by a shift
+        raise UserError(f"quantize {what}: group_size must be a power of two >= {BLOCK}, got {group_size}")
     if k % group_size:
         raise UserError(f"quantize {what}: in-features {k} is not a multiple of group_size {group_size}")
     if np.abs(w).max() > 60000:  # scales and mins are fp16

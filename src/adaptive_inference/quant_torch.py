@@ -1,12 +1,14 @@
 """Torch runtime for the packed gears (quant.py formats): `prepare(packed)` once, then `linear(x, prepared)`.
 
 The matmul is a small C++ extension built at first use (torch.utils.cpp_extension; needs g++, ninja and the
-Python headers, e.g. Debian build-essential, ninja-build, python3-dev). On x86 with AVX2+FMA+F16C it widens
-the packed codes to fp32 in registers (activations stay fp32, so a gear's error is its weights' alone) and
-splits output rows over torch's threads; elsewhere the same source builds a plain C++ loop. Stock kernels
-were measured slower than fp32 on this CPU (DESIGN.md; scripts/bench_quant_kernels.py); fbgemm's dynamic
-int8 is fast but also quantizes the activations.
-Decode batches (1..8 rows) run in one pass over the weights; larger batches go 8 rows at a time.
+Python headers, e.g. Debian build-essential, ninja-build, python3-dev). Like llama.cpp's Q4_0 x Q8_0 path, it
+quantizes the activations to int8 per block of 32 (scale max|x|/127) and runs integer dot products on the
+packed codes (AVX2 maddubs/madd), so a 4-bit gear costs fewer instructions per weight than widening the
+codes to fp32 would: on this CPU a float-activation kernel ran int4 no faster than int8 (compute-bound),
+this one runs int4 near memory speed. The result is x~ @ w~.T with x~ the rounded activations, so the
+extra error is bounded per output by sum_k |w~_nk| |x_k - x~_k| <= sum_k |w~_nk| d_block(k) / 2 (tested).
+Without AVX2+FMA+F16C the same source builds plain C++ loops with the same arithmetic.
+Output rows are split over torch's threads; a batch runs 8 rows per pass over the weights.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from .errors import UserError
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define AI_AVX2 1
@@ -32,11 +37,48 @@ _SRC = r"""
 
 namespace {
 
+constexpr int64_t QB = 32;  // activation block: one int8 scale per 32 inputs (llama.cpp's Q8_0)
+
 inline float h2f(uint16_t h) {
+#ifdef AI_AVX2
+  return _cvtsh_ss(h);
+#else
   c10::Half v; std::memcpy(&v, &h, 2); return static_cast<float>(v);
+#endif
 }
 
-// acc[b][u] layout: U independent accumulators per batch row hide the FMA latency at small B.
+// Activations of one batch chunk: int8 codes, a scale per 32-block, and per weight group the sum of the
+// rounded activations (the offset term then sees the same x~ as the codes: y = x~ . w~ exactly).
+struct Act {
+  std::vector<int8_t> q;  // [B, K]
+  std::vector<float> d;   // [B, K / 32]
+  std::vector<float> gsum;  // [B, K / gs]
+};
+
+// x [B, K] -> xq = rint(x / d), d = max|x_block| / 127 (the same arithmetic as the scalar path and the test)
+Act quantize_act(const float* x, int64_t B, int64_t K, int64_t gs) {
+  const int64_t NB = K / QB, G = K / gs;
+  Act a{std::vector<int8_t>(B * K), std::vector<float>(B * NB), std::vector<float>(B * G, 0.f)};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < NB; ++j) {
+      const float* v = x + b * K + j * QB;
+      int8_t* q = a.q.data() + b * K + j * QB;
+      float amax = 0.f;
+      for (int i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.f, id = d >= FLT_MIN ? 1.f / d : 0.f;  // a ~zero block: codes 0
+      int32_t sum = 0;
+      for (int i = 0; i < QB; ++i) {
+        q[i] = static_cast<int8_t>(std::nearbyint(v[i] * id));
+        sum += q[i];
+      }
+      a.d[b * NB + j] = d;
+      a.gsum[b * G + j * QB / gs] += d * float(sum);
+    }
+  }
+  return a;
+}
+
+// U independent accumulators per batch row hide the FMA latency at small B; 8 registers in all.
 constexpr int unroll(int B) { return B <= 2 ? 4 : (B <= 4 ? 2 : 1); }
 
 #ifdef AI_AVX2
@@ -46,107 +88,139 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// 32 unsigned codes (< 128) . 32 int8 activations -> 8 int32 partial sums (no int16 saturation below 128)
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// one 32-column block of 4-bit codes (byte i: column i low nibble, column 16 + i high nibble)
+inline __m256i unpack4(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
 #endif
 
-// y[b, n] = scale[n] * sum_k q[n, k] x[b, k]  for rows n in [n0, n1)
+// int8 per-channel: y[b, n] = scale[n] * sum_j d[b, j] * (q_nj . xq_bj)
 template <int B>
-void w8_rows(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t N,
+void w8_rows(const Act& a, int64_t K, const int8_t* q, const float* scale, float* y, int64_t N,
              int64_t n0, int64_t n1) {
   constexpr int U = unroll(B);
+  const int64_t NB = K / QB;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = q + n * K;
-    float tail[B] = {0};
-    int64_t k = 0;
 #ifdef AI_AVX2
     __m256 acc[B][U];
     for (int b = 0; b < B; ++b) for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
-    for (; k + 8 * U <= K; k += 8 * U) {
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) {
-        __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8 * u))));
+    auto block = [&](int64_t j, int u) __attribute__((always_inline)) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * QB));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as unsigned, sign moved onto x
 #pragma GCC unroll 8
-        for (int b = 0; b < B; ++b)
-          acc[b][u] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + b * K + k + 8 * u), acc[b][u]);
+      for (int b = 0; b < B; ++b) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * K + j * QB));
+        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv, wv));
+        acc[b][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a.d[b * NB + j]), acc[b][u]);
       }
+    };
+    int64_t j = 0;
+    for (; j + U <= NB; j += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) block(j + u, u);
     }
-#endif
-    for (; k < K; ++k)
-      for (int b = 0; b < B; ++b) tail[b] += float(w[k]) * x[b * K + k];
+    for (; j < NB; ++j) block(j, 0);
     for (int b = 0; b < B; ++b) {
-      float s = tail[b];
-#ifdef AI_AVX2
       __m256 t = acc[b][0];
       for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[b][u]);
-      s += hsum(t);
-#endif
+      y[b * N + n] = hsum(t) * scale[n];
+    }
+#else
+    for (int b = 0; b < B; ++b) {
+      float s = 0.f;
+      for (int64_t j = 0; j < NB; ++j) {
+        int32_t dot = 0;
+        for (int64_t k = j * QB; k < (j + 1) * QB; ++k) dot += int32_t(w[k]) * a.q[b * K + k];
+        s += float(dot) * a.d[b * NB + j];
+      }
       y[b * N + n] = s * scale[n];
     }
+#endif
   }
 }
 
-// 4-bit codes (+ optional 4-bit residual plane: code = 16 c + r, scale / 16, offset - 7.5 scale / 16).
-// y[b, n] = sum_g scale[n, g] * (codes . x)_g + offset[n, g] * xsum[b, g]
+// 4-bit codes (+ optional residual plane: code 16 c + r, scale / 16, offset minv - 7.5 scale / 16):
+// y[b, n] = sum_j scale[n, g(j)] d[b, j] (codes_nj . xq_bj) + sum_g offset[n, g] gsum[b, g]
 template <int B, bool NESTED>
-void w4_rows(const float* x, int64_t K, const uint8_t* c4, const uint8_t* r4, const uint16_t* scale,
-             const uint16_t* minv, int64_t gs, const float* xsum, float* y, int64_t N, int64_t n0, int64_t n1) {
+void w4_rows(const Act& a, int64_t K, const uint8_t* c4, const uint8_t* r4, const uint16_t* scale,
+             const uint16_t* minv, int64_t gs, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int U = unroll(B);
-  const int64_t G = K / gs;
+  const int64_t NB = K / QB, G = K / gs;
+  const int shift = __builtin_ctzll(gs / QB);  // block j lies in group j >> shift (gs: a power of two)
+  const float sdiv = NESTED ? 1.f / 16 : 1.f;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* c = c4 + n * (K / 2);
     const uint8_t* r = NESTED ? r4 + n * (K / 2) : nullptr;
     const uint16_t* sc = scale + n * G;
     const uint16_t* mn = minv + n * G;
-    float out[B] = {0};
+    float out[B];
 #ifdef AI_AVX2
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m256 tot[B][U];
-    for (int b = 0; b < B; ++b) for (int u = 0; u < U; ++u) tot[b][u] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 acc[B][U];
-      for (int b = 0; b < B; ++b) for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-        __m128i v = _mm_loadu_si128((const __m128i*)(c + k / 2));
-        __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-        if (NESTED) {
-          __m128i rv = _mm_loadu_si128((const __m128i*)(r + k / 2));
-          lo = _mm_or_si128(_mm_slli_epi16(lo, 4), _mm_and_si128(rv, low));
-          hi = _mm_or_si128(_mm_slli_epi16(hi, 4), _mm_and_si128(_mm_srli_epi16(rv, 4), low));
-        }
-        __m256 wf[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j)
+    __m256 acc[B][U];
+    for (int b = 0; b < B; ++b) for (int u = 0; u < U; ++u) acc[b][u] = _mm256_setzero_ps();
+    auto block = [&](int64_t j, int u) __attribute__((always_inline)) {
+      const __m256i cv = unpack4(c + j * QB / 2);
+      const __m256i rv = NESTED ? unpack4(r + j * QB / 2) : cv;
+      const __m256 sv = _mm256_set1_ps(h2f(sc[j >> shift]) * sdiv);
 #pragma GCC unroll 8
-          for (int b = 0; b < B; ++b)
-            acc[b][j % U] = _mm256_fmadd_ps(wf[j], _mm256_loadu_ps(x + b * K + k + 8 * j), acc[b][j % U]);
+      for (int b = 0; b < B; ++b) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * K + j * QB));
+        __m256i p = dot_u8s8(cv, xv);
+        if (NESTED) p = _mm256_add_epi32(_mm256_slli_epi32(p, 4), dot_u8s8(rv, xv));
+        const __m256 d = _mm256_mul_ps(sv, _mm256_set1_ps(a.d[b * NB + j]));
+        acc[b][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[b][u]);
       }
-      __m256 s = _mm256_set1_ps(NESTED ? h2f(sc[g]) * 0.0625f : h2f(sc[g]));
-      for (int b = 0; b < B; ++b)
-        for (int u = 0; u < U; ++u) tot[b][u] = _mm256_fmadd_ps(acc[b][u], s, tot[b][u]);
+    };
+    int64_t j = 0;
+    for (; j + U <= NB; j += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) block(j + u, u);
     }
+    for (; j < NB; ++j) block(j, 0);
     for (int b = 0; b < B; ++b) {
-      __m256 t = tot[b][0];
-      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, tot[b][u]);
+      __m256 t = acc[b][0];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[b][u]);
       out[b] = hsum(t);
     }
 #else
-    for (int64_t g = 0; g < G; ++g) {
-      float dot[B] = {0};
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-        int64_t blk = k / 32 * 16, i = k % 32;
-        int code = i < 16 ? (c[blk + i] & 15) : (c[blk + i - 16] >> 4);
-        if (NESTED) code = code * 16 + (i < 16 ? (r[blk + i] & 15) : (r[blk + i - 16] >> 4));
-        for (int b = 0; b < B; ++b) dot[b] += float(code) * x[b * K + k];
+    for (int b = 0; b < B; ++b) {
+      out[b] = 0.f;
+      for (int64_t j = 0; j < NB; ++j) {
+        int32_t dot = 0;
+        for (int64_t k = j * QB; k < (j + 1) * QB; ++k) {
+          const int64_t byte = k / QB * (QB / 2) + k % (QB / 2);
+          const int shift = k % QB < QB / 2 ? 0 : 4;
+          int code = (c[byte] >> shift) & 15;
+          if (NESTED) code = code * 16 + ((r[byte] >> shift) & 15);
+          dot += code * a.q[b * K + k];
+        }
+        out[b] += float(dot) * (h2f(sc[j >> shift]) * sdiv * a.d[b * NB + j]);
       }
-      float s = NESTED ? h2f(sc[g]) * 0.0625f : h2f(sc[g]);
-      for (int b = 0; b < B; ++b) out[b] += s * dot[b];
     }
 #endif
-    for (int64_t g = 0; g < G; ++g) {
-      float m = NESTED ? h2f(mn[g]) - 7.5f * (h2f(sc[g]) * 0.0625f) : h2f(mn[g]);
-      for (int b = 0; b < B; ++b) out[b] += m * xsum[b * G + g];
+    int64_t g = 0;  // offsets: sum_g offset[n, g] * gsum[b, g]
+#ifdef AI_AVX2
+    __m256 o[B];
+    for (int b = 0; b < B; ++b) o[b] = _mm256_setzero_ps();
+    for (; g + 8 <= G; g += 8) {
+      __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g)));
+      if (NESTED)
+        m = _mm256_fnmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g))),
+                             _mm256_set1_ps(7.5f * sdiv), m);
+      for (int b = 0; b < B; ++b) o[b] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a.gsum.data() + b * G + g), o[b]);
+    }
+    for (int b = 0; b < B; ++b) out[b] += hsum(o[b]);
+#endif
+    for (; g < G; ++g) {
+      const float m = NESTED ? h2f(mn[g]) - 7.5f * (h2f(sc[g]) * sdiv) : h2f(mn[g]);
+      for (int b = 0; b < B; ++b) out[b] += m * a.gsum[b * G + g];
     }
     for (int b = 0; b < B; ++b) y[b * N + n] = out[b];
   }
@@ -154,55 +228,45 @@ void w4_rows(const float* x, int64_t K, const uint8_t* c4, const uint8_t* r4, co
 
 constexpr int64_t GRAIN = 16;  // output rows per task: small shapes still split over both threads
 
-template <int B>
-void w8_batch(const float* x, int64_t K, const int8_t* q, const float* s, float* y, int64_t N) {
-  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { w8_rows<B>(x, K, q, s, y, N, n0, n1); });
-}
-
-template <int B>
-void w4_batch(const float* x, int64_t K, const uint8_t* c, const uint8_t* r, const uint16_t* sc,
-              const uint16_t* mn, int64_t gs, const float* xs, float* y, int64_t N) {
-  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-    if (r) w4_rows<B, true>(x, K, c, r, sc, mn, gs, xs, y, N, n0, n1);
-    else w4_rows<B, false>(x, K, c, r, sc, mn, gs, xs, y, N, n0, n1);
-  });
-}
-
 #define AI_DISPATCH(B, CALL) switch (B) { \
   case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
   case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); }
 
 }  // namespace
 
-// x [M, K] fp32; q [N, K] int8; scale [N] fp32 -> [M, N]
+// x [M, K] fp32 (K % 32 == 0); q [N, K] int8; scale [N] fp32 -> [M, N]
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto y = torch::empty({M, N}, x.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const int64_t B = std::min<int64_t>(8, M - m0);
-    const float* xp = x.data_ptr<float>() + m0 * K;
+    const Act a = quantize_act(x.data_ptr<float>() + m0 * K, B, K, QB);
     float* yp = y.data_ptr<float>() + m0 * N;
-#define AI_W8(b) w8_batch<b>(xp, K, q.data_ptr<int8_t>(), scale.data_ptr<float>(), yp, N)
+#define AI_W8(b) at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { w8_rows<b>(a, K, qp, sp, yp, N, n0, n1); })
     AI_DISPATCH(B, AI_W8)
   }
   return y;
 }
 
-// x [M, K] fp32; codes/residual [N, K/2] uint8 (residual may be empty); scale/minv [N, K/gs] fp16
+// x [M, K] fp32; codes/residual [N, K/2] uint8 (residual empty: depth 4); scale/minv [N, K/gs] fp16;
+// gs a power of two >= 32
 torch::Tensor w4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor residual, torch::Tensor scale,
                         torch::Tensor minv, int64_t gs) {
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = K / gs;
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
   auto y = torch::empty({M, N}, x.options());
-  auto xsum = x.view({M, G, gs}).sum(2).contiguous();
-  const uint8_t* r = residual.numel() ? residual.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* rp = residual.numel() ? residual.data_ptr<uint8_t>() : nullptr;
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mn = reinterpret_cast<const uint16_t*>(minv.data_ptr<at::Half>());
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const int64_t B = std::min<int64_t>(8, M - m0);
-    const float* xp = x.data_ptr<float>() + m0 * K;
-    const float* xs = xsum.data_ptr<float>() + m0 * G;
+    const Act a = quantize_act(x.data_ptr<float>() + m0 * K, B, K, gs);
     float* yp = y.data_ptr<float>() + m0 * N;
-#define AI_W4(b) w4_batch<b>(xp, K, codes.data_ptr<uint8_t>(), r, sc, mn, gs, xs, yp, N)
+#define AI_W4(b) at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { \
+      if (rp) w4_rows<b, true>(a, K, cp, rp, sc, mn, gs, yp, N, n0, n1); \
+      else w4_rows<b, false>(a, K, cp, rp, sc, mn, gs, yp, N, n0, n1); })
     AI_DISPATCH(B, AI_W4)
   }
   return y;
