@@ -152,6 +152,44 @@ def time_shape(paths: list[Path_], k: int, batch: int, repeats: int, working_set
     return rows
 
 
+SMOLLM2_LINEARS = {  # per layer (x30) and the head: (N, K, count)
+    "q_proj": (576, 576, 30), "k_proj": (192, 576, 30), "v_proj": (192, 576, 30), "o_proj": (576, 576, 30),
+    "gate_proj": (1536, 576, 30), "up_proj": (1536, 576, 30), "down_proj": (576, 1536, 30),
+    "lm_head": (49152, 576, 1),
+}
+
+
+def gear_memory(group: int) -> dict:
+    """Bytes per gear for SmolLM2-135M's linears + head, read per token and held resident per layout."""
+    rows = {"fp32": 0, "int8": 0, "int4": 0, "nested": 0}
+    for n, k, count in SMOLLM2_LINEARS.values():
+        rows["fp32"] += count * 4 * n * k
+        rows["int8"] += count * (n * k + 4 * n)
+        rows["int4"] += count * (n * k // 2 + 4 * n * k // group)
+        rows["nested"] += count * (n * k + 4 * n * k // group)
+    return {"read_per_token": {"high (fp32)": rows["fp32"], "mid (int8 per-channel)": rows["int8"],
+                               "mid (nested depth 8)": rows["nested"], "low (int4)": rows["int4"]},
+            "resident": {"fp32 + int8 + int4 (separate)": rows["fp32"] + rows["int8"] + rows["int4"],
+                         "fp32 + nested (int4 planes shared)": rows["fp32"] + rows["nested"]},
+            "group_size": group}
+
+
+def monitor_cost(vocab: int = 49152, repeats: int = 200) -> dict:
+    """us per decode step for the gear decision: entropy of one logits row + one monitor update."""
+    from adaptive_inference import entropy_monitor as em
+
+    cfg = em.MonitorConfig(low=0.9, high=2.8, vocab_size=vocab)
+    state = em.start(cfg)
+    logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        state = em.update(cfg, state, float(em.entropy_bits(logits)))
+        ts.append((time.perf_counter_ns() - t0) / 1e3)
+    return {"vocab": vocab, "median_us": float(np.median(ts)),
+            "note": "a gear shift itself is picking another resident weight set (no copy, no quantization)"}
+
+
 def machine_info(threads: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": threads,
@@ -220,7 +258,8 @@ def main(argv=None):
     doc = {"what": __doc__.splitlines()[0], "machine": machine_info(args.threads),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-           "wall_s": round(time.time() - t_start, 1), "results": rows}
+           "wall_s": round(time.time() - t_start, 1), "monitor_step": monitor_cost(),
+           "gear_memory_smollm2_135m": gear_memory(args.group_size), "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out, (json.dumps(doc, indent=1) + "\n").encode())
