@@ -151,3 +151,20 @@ def test_bad_calibration_input_is_refused():
         em.calibrate([1.0], vocab_size=V, low_percentile=70, high_percentile=60)
     with pytest.raises(UserError):
         em.start(cfg(), gear=3)
+
+
+def test_torch_and_mlx_logits_give_the_same_gears():
+    import torch
+
+    from adaptive_inference.blas import import_mlx
+
+    mx = import_mlx()
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((40, V)) * rng.uniform(0.1, 8.0, size=(40, 1))).astype(np.float32)
+    h_torch = em.entropy_bits(torch.from_numpy(logits).numpy())
+    h_mlx = em.entropy_bits(np.array(mx.array(logits)))
+    np.testing.assert_array_equal(h_torch, h_mlx)
+    c = cfg(low=2.0, high=6.0, window=3, hysteresis=0.2, min_duration=2)
+    gears = em.run(c, h_torch, gear=MID)
+    np.testing.assert_array_equal(gears, em.run(c, h_mlx, gear=MID))
+    assert len(set(gears.tolist())) > 1  # the trace really moves between gears
