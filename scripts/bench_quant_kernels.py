@@ -176,7 +176,7 @@ def gear_memory(group: int) -> dict:
 
 def monitor_cost(vocab: int = 49152, repeats: int = 200) -> dict:
     """us per decode step for the gear decision: entropy of one logits row + one monitor update."""
-    from adaptive_inference import entropy_monitor as em
+    from adaptive_inference.techniques.gears import monitor as em
 
     cfg = em.MonitorConfig(low=0.9, high=2.8, vocab_size=vocab)
     state = em.start(cfg)

@@ -51,3 +51,21 @@ def tiny_llama(tmp_path_factory):
     """One tiny Llama, for technique tests whose subject is the technique, not the architecture."""
     path = tmp_path_factory.mktemp("tiny-llama-one")
     return "llama", path, make_tiny_model(path, "llama")
+
+
+def tiny_stage_inputs(root, corpus_params: dict, hidden_params: dict | None = None):
+    """A tiny Llama with its own tokenizer (a prepare_model manifest), a real corpus and optionally the hidden
+    cache: the inputs of the technique stages. Returns root (model/, corpus/, hidden/ under it)."""
+    from test_pipeline import tiny_tokenizer
+
+    from adaptive_inference import corpus, hidden_cache, manifest
+
+    model = root / "model"
+    model.mkdir()
+    make_tiny_model(model, "llama")
+    tiny_tokenizer(model)
+    manifest.write(model, stage="prepare_model", inputs={}, params={})
+    corpus.build(corpus_params, root / "corpus")
+    if hidden_params is not None:
+        hidden_cache.build(hidden_params, model, root / "corpus", root / "hidden")
+    return root

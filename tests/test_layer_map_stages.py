@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model
+from conftest import tiny_stage_inputs
 
-from adaptive_inference import corpus, hidden_cache, manifest
 from adaptive_inference.errors import UserError
 from adaptive_inference.techniques.layer_map import importance
 from adaptive_inference.techniques.layer_map import map as layer_map
@@ -16,19 +15,10 @@ from adaptive_inference.techniques.layer_map import map as layer_map
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from test_pipeline import tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("layer_map")
-    model = root / "model"
-    model.mkdir()
-    make_tiny_model(model, "llama")
-    tiny_tokenizer(model)
-    manifest.write(model, stage="prepare_model", inputs={}, params={})
-    corpus.build({"seed": 0, "categories": ["code", "prose"], "train": 3, "calib": 2, "eval": 2, "max_chars": 400},
-                 root / "corpus")
-    hidden_cache.build({"seq_len": 48, "batch_size": 4, "early_layer": 1, "layer_inputs": [], "dtype": "float32"},
-                       model, root / "corpus", root / "hidden")
-    return root
+    return tiny_stage_inputs(
+        tmp_path_factory.mktemp("layer_map"),
+        {"seed": 0, "categories": ["code", "prose"], "train": 3, "calib": 2, "eval": 2, "max_chars": 400},
+        {"seq_len": 48, "batch_size": 4, "early_layer": 1, "layer_inputs": [], "dtype": "float32"})
 
 
 def test_map_build_is_deterministic_and_scored(inputs, tmp_path):

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model
+from conftest import tiny_stage_inputs
 
-from adaptive_inference import corpus, manifest, techniques
+from adaptive_inference import techniques
 from adaptive_inference.errors import UserError
 from adaptive_inference.model_config import ModelConfig
 from adaptive_inference.plan import StepPlan
@@ -20,16 +20,9 @@ def test_gini():
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """profile_ffn + make_lobotomy on a tiny Llama with a real (stdlib) corpus and its own tokenizer."""
-    from test_pipeline import tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("lobo")
+    root = tiny_stage_inputs(tmp_path_factory.mktemp("lobo"), {"seed": 0, "categories": ["code", "prose"], "train": 1,
+                                                                "calib": 3, "eval": 1, "max_chars": 300})
     model = root / "model"
-    model.mkdir()
-    make_tiny_model(model, "llama")
-    tiny_tokenizer(model)
-    manifest.write(model, stage="prepare_model", inputs={}, params={})
-    corpus.build({"seed": 0, "categories": ["code", "prose"], "train": 1, "calib": 3, "eval": 1, "max_chars": 300},
-                 root / "corpus")
     lobotomy.profile({"texts": 4, "seq_len": 24, "fire_threshold": 0.5}, model, root / "corpus", root / "profile")
     return root
 

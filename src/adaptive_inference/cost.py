@@ -19,16 +19,19 @@ def _params(cfg: ModelConfig) -> dict[str, int]:
             "head": cfg.vocab_size * h}
 
 
-def step_params(cfg: ModelConfig, step: ExecutedStep, relative_bytes: dict[str, float] | None = None) -> float:
-    """Weight bytes a step read, in units of one full-precision parameter."""
+def step_params(cfg: ModelConfig, step: ExecutedStep, relative_bytes: dict[str, dict] | None = None) -> float:
+    """Weight bytes a step read, in units of one full-precision parameter. relative_bytes: per packed weight
+    set, {attention|mlp|head: bytes it reads / full bytes} (Decoder.relative_bytes); the head's share
+    applies when the full head ran (a narrower head reads full-precision rows)."""
     p = _params(cfg)
-    scale = (relative_bytes or {}).get(step.weights, 1.0)
-    blocks = len(step.layers_run) * p["attention"] + len(step.mlps_run) * p["mlp"]
-    return scale * blocks + step.head_params
+    r = (relative_bytes or {}).get(step.weights, {})
+    head = r.get("head", 1.0) if step.head == "full" else 1.0
+    return (r.get("attention", 1.0) * len(step.layers_run) * p["attention"]
+            + r.get("mlp", 1.0) * len(step.mlps_run) * p["mlp"] + head * step.head_params)
 
 
 def structural(cfg: ModelConfig, steps: list[ExecutedStep], context: int,
-               relative_bytes: dict[str, float] | None = None) -> dict[str, float]:
+               relative_bytes: dict[str, dict] | None = None) -> dict[str, float]:
     """Mean share of weight bytes and FLOPs per decode step against the full model, over `steps`."""
     p, L = _params(cfg), cfg.num_hidden_layers
     full_params = L * (p["attention"] + p["mlp"]) + p["head"]
@@ -48,5 +51,13 @@ def structural(cfg: ModelConfig, steps: list[ExecutedStep], context: int,
 
 def head_usage(steps: list[ExecutedStep]) -> dict[str, float]:
     """Share of steps per head that ran ({'full': 1.0} for a plain model)."""
-    counts = Counter(s.head for s in steps)
-    return {k: v / len(steps) for k, v in sorted(counts.items())} if steps else {}
+    return _shares(Counter(s.head for s in steps), len(steps))
+
+
+def weights_usage(steps: list[ExecutedStep]) -> dict[str, float]:
+    """Share of steps per weight set (gear occupancy; {'full': 1.0} for a plain model)."""
+    return _shares(Counter(s.weights for s in steps), len(steps))
+
+
+def _shares(counts: Counter, n: int) -> dict[str, float]:
+    return {k: v / n for k, v in sorted(counts.items())} if n else {}

@@ -9,13 +9,13 @@ the baseline ops.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from .errors import UserError
 from .model_config import ModelConfig
-from .plan import FULL, FULL_WEIGHTS, ExecutedStep, HeadOutput, StepPlan
+from .plan import FULL, FULL_WEIGHTS, ExecutedStep, HeadOutput, StepPlan, WeightSet, weights_name
 
 
 @dataclass
@@ -29,6 +29,11 @@ class Layer:
     w_gate_up: object  # [2 * inter, hidden]
     w_down: object
     bqkv: object | None = None
+
+
+LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")  # the matrices a packed weight set may replace
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+PART = {"wqkv": "attention", "wo": "attention", "w_gate_up": "mlp", "w_down": "mlp"}
 
 
 @dataclass
@@ -86,6 +91,13 @@ class Decoder(abc.ABC):
     @abc.abstractmethod
     def logits32(self, h, w):
         """h @ w.T in float32: [..., rows of w]."""
+
+    @abc.abstractmethod
+    def pack(self, state, depth: int | None):
+        """A quant.py packed state -> what `linear` and `logits32` accept in place of a weight (no float copy)."""
+
+    @abc.abstractmethod
+    def weight_shape(self, w) -> tuple[int, int]: ...
 
     @abc.abstractmethod
     def where_rows(self, mask: np.ndarray, a, b):
@@ -147,9 +159,7 @@ class Decoder(abc.ABC):
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"KV cache full: {start}+{T} > {cache.max_len}")
-        layers = self.weight_sets.get(plan.weights)
-        if layers is None:
-            raise UserError(f"plan asks for weight set {plan.weights!r}; loaded: {sorted(self.weight_sets)}")
+        layers = self.resolve_weights(plan.weights)
         pos = self.positions(start, T)
         rope = self.rope(pos)
         x = self.embed_ids(ids)
@@ -183,12 +193,69 @@ class Decoder(abc.ABC):
         if capture and len(layers) in capture:
             captured[len(layers)] = x
         cache.length = start + T
-        executed = dict(layers_run=frozenset(run), mlps_run=frozenset(mlps), weights=plan.weights, tokens=B * T,
+        executed = dict(layers_run=frozenset(run), mlps_run=frozenset(mlps), weights=weights_name(plan.weights), tokens=B * T,
                         row_layer_share=float(ran.mean() / len(layers)), info=info)
         return self.final_norm(x), captured, executed
 
-    def head_weights(self, weights: str = FULL_WEIGHTS):
-        return self.lm_head
+    def head_weights(self, weights: str | WeightSet = FULL_WEIGHTS):
+        return self.packed_heads.get(weights_name(weights), self.lm_head)
+
+    # ---- weight sets: the full one, and packed ones loaded on first use (precision gears) -------
+
+    @property
+    def packed_heads(self) -> dict:
+        return self.__dict__.setdefault("_packed_heads", {})
+
+    @property
+    def relative_bytes(self) -> dict[str, dict[str, float]]:
+        """{weight set: {attention|mlp|head: bytes it reads / bytes of the full weights}} for the cost model."""
+        return self.__dict__.setdefault("_relative_bytes", {})
+
+    def resolve_weights(self, weights: str | WeightSet) -> list[Layer]:
+        name = weights_name(weights)
+        sources = self.__dict__.setdefault("_weight_sources", {})
+        if isinstance(weights, WeightSet) and sources.get(name) != weights:
+            self.add_weight_set(weights)
+            sources[name] = weights
+        layers = self.weight_sets.get(name)
+        if layers is None:
+            raise UserError(f"plan asks for weight set {name!r}; loaded: {sorted(self.weight_sets)}")
+        return layers
+
+    def add_weight_set(self, ws: WeightSet) -> None:
+        """Load ws.path (quant.py states) as weight set ws.name: its packed matrices replace the full ones,
+        everything else (norms, embedding, unpacked matrices) is shared with the full set."""
+        from . import quant
+
+        states = quant.load_file(ws.path)
+        full, itemsize = self.weight_sets[FULL_WEIGHTS], ITEMSIZE[str(self.dtype).split(".")[-1]]
+        read = {"attention": [0, 0], "mlp": [0, 0], "head": [0, 0]}  # [bytes read, full bytes]
+
+        def packed(name: str, w, part: str):
+            state = states.pop(name, None)
+            n, k = self.weight_shape(w)
+            read[part][1] += n * k * itemsize
+            if state is None:
+                read[part][0] += n * k * itemsize
+                return w
+            if tuple(state.shape) != (n, k):
+                raise UserError(f"packed weights {ws.path}: {name} is {tuple(state.shape)}, the model's is {(n, k)}")
+            depth = ws.depth
+            if depth is not None and depth not in getattr(state, "depths", (8,)):
+                raise UserError(f"packed weights {ws.path}: {name} cannot be read at depth {depth}")
+            read[part][0] += quant.bytes_read(state, depth=depth)
+            return self.pack(state, depth)
+
+        layers = [replace(lw, **{f.name: packed(f"layers.{i}.{f.name}", getattr(lw, f.name), PART[f.name])
+                                 for f in fields(lw) if f.name in LINEARS})
+                  for i, lw in enumerate(full)]
+        head = packed("lm_head", self.lm_head, "head")
+        if states:
+            raise UserError(f"packed weights {ws.path}: {sorted(states)[0]} matches no weight of this model")
+        self.weight_sets[ws.name] = layers
+        if head is not self.lm_head:
+            self.packed_heads[ws.name] = head
+        self.relative_bytes[ws.name] = {k: r / f for k, (r, f) in read.items()}
 
     def forward(self, ids, cache, plan: StepPlan = FULL, *, last_only: bool = False, capture=None,
                 observe_mlp=None) -> Forward:

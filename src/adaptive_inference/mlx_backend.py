@@ -44,10 +44,19 @@ def _apply_rope(x, cos, sin):
     return x * cos + mx.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
+def mm(x, w):
+    """x @ w.T for a full weight or a packed one (quant_mlx); packed weights take the uncompiled path."""
+    if isinstance(w, mx.array):
+        return x @ w.T
+    from . import quant_mlx
+
+    return quant_mlx.linear(x, w)
+
+
 def project_qkv(x, ln1, wqkv, bqkv, cos, sin, n_heads: int, n_kv_heads: int, eps: float):
     """x [B, T, hidden] -> q [B, H, T, D], k, v [B, Hkv, T, D] (input norm, fused projection, RoPE)."""
     B, T, _ = x.shape
-    qkv = mx.fast.rms_norm(x, ln1, eps) @ wqkv.T
+    qkv = mm(mx.fast.rms_norm(x, ln1, eps), wqkv)
     if bqkv is not None:
         qkv = qkv + bqkv
     qkv = qkv.reshape(B, T, n_heads + 2 * n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, H + 2 Hkv, T, D]
@@ -58,16 +67,15 @@ def project_qkv(x, ln1, wqkv, bqkv, cos, sin, n_heads: int, n_kv_heads: int, eps
 def attention_out(attn, wo):
     """o_proj of attn [B, H, T, D] -> [B, T, hidden]."""
     B, _, T, _ = attn.shape
-    return attn.transpose(0, 2, 1, 3).reshape(B, T, -1) @ wo.T
+    return mm(attn.transpose(0, 2, 1, 3).reshape(B, T, -1), wo)
 
 
 def mlp_out(x, ln2, w_gate_up, w_down, eps: float):
-    gate, up = mx.split(mx.fast.rms_norm(x, ln2, eps) @ w_gate_up.T, 2, axis=-1)
-    return (gate * mx.sigmoid(gate) * up) @ w_down.T
+    return mm(mlp_act(x, ln2, w_gate_up, eps), w_down)
 
 
 def mlp_act(x, ln2, w_gate_up, eps: float):
-    gate, up = mx.split(mx.fast.rms_norm(x, ln2, eps) @ w_gate_up.T, 2, axis=-1)
+    gate, up = mx.split(mm(mx.fast.rms_norm(x, ln2, eps), w_gate_up), 2, axis=-1)
     return gate * mx.sigmoid(gate) * up
 
 
@@ -135,7 +143,7 @@ class MLXLM(Decoder):
 
     def attention(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions, rows):
         cfg = self.cfg
-        project, out_proj, _ = compiled_blocks() if x.shape[1] == 1 else PLAIN  # decode: one trace for T = 1
+        project, out_proj, _ = self._blocks_for(x, lw)
         q, k, v = project(x, lw.ln1, lw.wqkv, lw.bqkv, *rope, cfg.num_attention_heads, cfg.num_key_value_heads,
                           cfg.rms_norm_eps)
         start, T = positions
@@ -154,20 +162,33 @@ class MLXLM(Decoder):
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         if observe is None:
-            return (compiled_blocks() if x.shape[1] == 1 else PLAIN)[2](x, lw.ln2, lw.w_gate_up, lw.w_down, self.cfg.rms_norm_eps)
+            return self._blocks_for(x, lw)[2](x, lw.ln2, lw.w_gate_up, lw.w_down, self.cfg.rms_norm_eps)
         act = mlp_act(x, lw.ln2, lw.w_gate_up, self.cfg.rms_norm_eps)
         observe(layer, act)
-        return act @ lw.w_down.T
+        return mm(act, lw.w_down)
+
+    @staticmethod
+    def _blocks_for(x, lw: Layer) -> tuple:
+        """Compiled pieces for decode (one trace for T = 1) of full weights; plain ones otherwise."""
+        return compiled_blocks() if x.shape[1] == 1 and isinstance(lw.wqkv, mx.array) else PLAIN
 
     def final_norm(self, x):
         return mx.fast.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def linear(self, x, w, b=None):
-        y = x @ w.T
+        y = mm(x, w)
         return y if b is None else y + b
 
     def logits32(self, h, w):
-        return (h @ w.T).astype(mx.float32)
+        return mm(h, w).astype(mx.float32)
+
+    def pack(self, state, depth: int | None):
+        from . import quant_mlx
+
+        return quant_mlx.prepare(state, depth=depth)
+
+    def weight_shape(self, w) -> tuple[int, int]:
+        return tuple(w.shape)
 
     def where_rows(self, mask: np.ndarray, a, b):
         return mx.where(mx.array(mask)[..., None], a, b)

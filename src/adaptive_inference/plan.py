@@ -5,7 +5,7 @@ A plan can say what every seed needs:
   skip_layers  whole blocks bypassed (no KV written: later steps mask the hole)           seeds 001, 003
   zero_mlp     blocks whose MLP returns zeros (weights not read)                          seed 000
   blend        (layer, alpha): the block runs, its output is x + alpha * (block(x) - x)   seed 001 (soft)
-  weights      name of the weight set the step reads (precision gears)                    seed 002
+  weights      the weight set the step reads: "full", or a packed WeightSet (precision gears) seed 002
   gate         a decision taken inside the forward, after layer `gate.after_layer`        seeds 001, 003
   head         a head that may answer over candidate ids only (common-id head)            seed 000
 """
@@ -18,6 +18,21 @@ from typing import Any, Protocol
 import numpy as np
 
 FULL_WEIGHTS = "full"
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Packed weights a step reads instead of the full ones: `path` is a safetensors file of quant.py states
+    (names 'layers.{i}.{field}', 'lm_head'; matrices it lacks stay full), read at `depth` bits where a
+    format stores several (nested). The decoder loads it once and keeps it resident under `name`."""
+
+    name: str
+    path: str
+    depth: int | None = None
+
+
+def weights_name(weights: str | WeightSet) -> str:
+    return weights if isinstance(weights, str) else weights.name
 
 
 class Gate(Protocol):
@@ -67,7 +82,7 @@ class StepPlan:
     skip_layers: frozenset[int] = frozenset()
     zero_mlp: frozenset[int] = frozenset()
     blend: tuple[tuple[int, float], ...] = ()
-    weights: str = FULL_WEIGHTS
+    weights: str | WeightSet = FULL_WEIGHTS
     gate: Gate | None = None
     head: Head | None = None
 

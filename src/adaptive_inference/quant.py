@@ -194,3 +194,29 @@ def from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> Int8Weight | Int4
     return Int4Weight(codes=arrays[f"{prefix}.q4"], scale=arrays[f"{prefix}.scale"],
                       minv=arrays[f"{prefix}.minv"], group_size=int(arrays[f"{prefix}.group_size"][0]),
                       residual=arrays.get(f"{prefix}.r4"))
+
+
+def save_file(states: dict[str, Int8Weight | Int4Weight], path) -> None:
+    """Packed states by weight name -> one safetensors file (deterministic bytes for the same states)."""
+    from safetensors.numpy import save_file as save
+
+    arrays = {}
+    for name, p in sorted(states.items()):
+        arrays.update(to_arrays(p, name))
+    save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+
+
+def load_file(path) -> dict[str, Int8Weight | Int4Weight]:
+    """Inverse of save_file; a missing or corrupt file is a one-line UserError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file as load
+
+    try:
+        arrays = load(str(path))
+        names = sorted({k.rsplit(".", 1)[0] for k in arrays if k.endswith((".q8", ".q4"))})
+        states = {n: from_arrays(arrays, n) for n in names}
+    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as e:
+        raise UserError(f"corrupt packed weights {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not states:
+        raise UserError(f"packed weights {path}: no packed matrix in the file")
+    return states

@@ -114,7 +114,7 @@ class TorchLM(Decoder):
     def attention(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions, rows):
         B, T, _ = x.shape
         cfg = self.cfg
-        qkv = F.linear(F.rms_norm(x, (x.shape[-1],), lw.ln1, cfg.rms_norm_eps), lw.wqkv, lw.bqkv)
+        qkv = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln1, cfg.rms_norm_eps), lw.wqkv, lw.bqkv)
         q, k, v = qkv.split(self._split, dim=-1)
         q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -136,23 +136,37 @@ class TorchLM(Decoder):
             future = torch.arange(end, device=self.device)[None, :] > positions[:, None]  # [T, end]
             mask = bias[:, None, None, :end].masked_fill(future[None, None], float("-inf"))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), lw.wo)
+        return self.linear(out.transpose(1, 2).reshape(B, T, -1), lw.wo)
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
-        gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps), lw.w_gate_up).chunk(2, -1)
+        gate, up = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps), lw.w_gate_up).chunk(2, -1)
         act = F.silu(gate) * up  # [B, T, inter]
         if observe is not None:
             observe(layer, act)
-        return F.linear(act, lw.w_down)
+        return self.linear(act, lw.w_down)
 
     def final_norm(self, x):
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
 
     def linear(self, x, w, b=None):
-        return F.linear(x, w, b)
+        if isinstance(w, torch.Tensor):
+            return F.linear(x, w, b)
+        from . import quant_torch
+
+        return quant_torch.linear(x, w, b)
 
     def logits32(self, h, w):
-        return F.linear(h, w).float()
+        return self.linear(h, w).float()
+
+    def pack(self, state, depth: int | None):
+        if self.device != "cpu":
+            raise UserError(f"packed weight sets run on CPU only (the kernels are AVX2 C++); device is {self.device}")
+        from . import quant_torch
+
+        return quant_torch.prepare(state, depth=depth)
+
+    def weight_shape(self, w) -> tuple[int, int]:
+        return tuple(w.shape)
 
     def where_rows(self, mask: np.ndarray, a, b):
         return torch.where(torch.as_tensor(mask, device=self.device)[..., None], a, b)

@@ -19,9 +19,11 @@ from ..generation import generate, generate_batch, stream, teacher_forced
 from .stats import paired_speedup, spread
 
 
-def _begin(policy, meta: dict):
-    if hasattr(policy, "begin"):  # e.g. the category map's oracle control reads the prompt's true category
-        policy.begin(meta)
+def _begin(policy, data: dict, prompt, category: str):
+    """A policy's view of the request before it runs (the category map's oracle control reads the true
+    category; the gears' prompt classifier reads the prompt's text)."""
+    if hasattr(policy, "begin"):
+        policy.begin({"category": category, "text": data["tokenizer"].decode(list(prompt))})
     return policy
 
 
@@ -34,7 +36,7 @@ def quality(lm, data: dict, new_policy, prompt_tokens: int) -> tuple[dict, list[
         if new_policy is None:
             logits = base
         else:
-            policy = _begin(new_policy(), {"category": cat})
+            policy = _begin(new_policy(), data, ids[:prompt_tokens], cat)
             full = getattr(policy, "static", False) and policy.plan(0).is_full
             logits = base if full else teacher_forced(lm, ids, policy, prompt_tokens=prompt_tokens)[0]
         part = metrics.compare(logits, metrics.log_softmax(base), ids)
@@ -53,13 +55,13 @@ def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
     prompts, cats = data["prompts"], data["prompt_categories"]
     for _ in range(p["warmup"]):
         for name in names:
-            generate(lm, prompts[0], max_new_tokens=n, policy=_begin(policies[name](), {"category": cats[0]}))
+            generate(lm, prompts[0], max_new_tokens=n, policy=_begin(policies[name](), data, prompts[0], cats[0]))
     acc = {name: {"per_token": [], "prefill": [], "latencies": [], "executed": [], "greedy": []} for name in names}
     for rep in range(p["repeats"]):
         for i, (prompt, cat) in enumerate(zip(prompts, cats, strict=True)):
             order = names if (rep + i) % 2 == 0 else names[::-1]
             streams = {k: stream(lm, np.array([prompt]), max_new_tokens=n,
-                                 policy=_begin(policies[k](), {"category": cat})) for k in order}
+                                 policy=_begin(policies[k](), data, prompt, cat)) for k in order}
             steps = {k: [] for k in order}
             for _ in range(n):
                 for k in order:
@@ -106,7 +108,7 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int) -> dict:
     correct = 0
     for item in data["gsm8k"]:
         res = generate(lm, item["prompt"], max_new_tokens=max_new_tokens, stop_ids=data["stop_ids"],
-                       policy=_begin(new_policy(), {"category": item["category"]}))
+                       policy=_begin(new_policy(), data, item["prompt"], item["category"]))
         numbers = re.findall(r"-?\d[\d,]*\.?\d*", data["tokenizer"].decode(res.tokens))
         got = numbers[-1].replace(",", "").rstrip(".") if numbers else None
         correct += got is not None and float(got) == float(item["answer"])
@@ -114,9 +116,9 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int) -> dict:
 
 
 def structural(lm, executed: list, context: int) -> dict:
-    out = cost.structural(lm.cfg, executed, context)
-    heads = cost.head_usage(executed)
-    return {**out, "head_usage": heads}
+    out = cost.structural(lm.cfg, executed, context, lm.relative_bytes)
+    return {**out, "head_usage": cost.head_usage(executed), "weights_usage": cost.weights_usage(executed),
+            "relative_bytes": {k: v for k, v in lm.relative_bytes.items()}}
 
 
 def peak_memory_mb(lm) -> dict:

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from adaptive_inference import entropy_monitor as em
-from adaptive_inference.entropy_monitor import HIGH, LOW, MID
 from adaptive_inference.errors import UserError
+from adaptive_inference.techniques.gears import monitor as em
+from adaptive_inference.techniques.gears.monitor import HIGH, LOW, MID
 
 V = 1024  # log2 V = 10 bits; catastrophic above 9 bits
 

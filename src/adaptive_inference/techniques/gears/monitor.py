@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import UserError
+from ...errors import UserError
 
 LOW, MID, HIGH = 0, 1, 2
 GEARS = ("low", "mid", "high")

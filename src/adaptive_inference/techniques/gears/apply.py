@@ -1,0 +1,96 @@
+"""The gears' apply layer (both backends, through StepPlan.weights): a step reads the full weights (high),
+the 8-bit ones (mid) or the 4-bit ones (low); the decoder loads a packed set once and keeps it resident.
+
+`gears` (seed 002): the prompt classifier picks the first gear (prefill included); after each step the
+entropy of its next-token distribution feeds the monitor (rolling mean, hysteresis, minimum duration,
+catastrophic fallback), whose gear the next step reads. The minimum duration is also the seed's answer to
+the KV cache mixing precisions: entries written under one gear are read by steps of another, and holding a
+gear for a few steps keeps runs of same-precision entries. Rows of a batch have their own monitors; the
+step reads the highest gear any row asks for (one weight set per forward).
+`quantized`: one gear for every step (the static int8 / int4 controls).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ... import manifest
+from ...errors import UserError
+from ...plan import FULL_WEIGHTS, StepPlan, WeightSet
+from . import classifier, monitor
+
+
+def _json(folder: Path, stage: str, name: str) -> dict:
+    manifest.verify(folder, stage=stage)
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt artifact {folder}: {name}: {e}") from None
+
+
+def weight_sets(folder: Path) -> dict[int, str | WeightSet]:
+    """{gear: what StepPlan.weights names} from a quantize artifact."""
+    q = _json(folder, "quantize", "quantize.json")
+    sets: dict[int, str | WeightSet] = {monitor.HIGH: FULL_WEIGHTS}
+    for gear in (monitor.LOW, monitor.MID):
+        g = q["gears"][monitor.GEARS[gear]]
+        path = folder / g["file"]
+        if not path.is_file():
+            raise UserError(f"corrupt artifact {folder}: missing {g['file']}")
+        sets[gear] = WeightSet(monitor.GEARS[gear], str(path), g["depth"])
+    return sets
+
+
+class GearsPolicy:
+    static = False  # the plan changes with the monitor: teacher-forced quality follows it token by token
+
+    def __init__(self, sets: dict, cfg: monitor.MonitorConfig, model: dict | None, first: int):
+        self.sets, self.cfg, self.model, self.first = sets, cfg, model, first
+        self.states: list[monitor.MonitorState] | None = None
+        self.gear = first
+        self.shifts = 0
+
+    def begin(self, meta: dict) -> None:
+        """The prompt classifier, from the prompt's text (the benchmark passes it before each prompt)."""
+        if self.model is not None and meta.get("text"):
+            e = classifier.predict_entropy(self.model, meta["text"])
+            self.gear = classifier.gear_of(e, self.cfg.low, self.cfg.high)
+
+    def plan(self, step: int) -> StepPlan:
+        return StepPlan(weights=self.sets[self.gear])
+
+    def observe(self, executed, logits) -> None:
+        h = monitor.entropy_bits(np.asarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1]))
+        if self.states is None:
+            self.states = [monitor.start(self.cfg, self.gear) for _ in h]
+        self.states = [monitor.update(self.cfg, s, float(v)) for s, v in zip(self.states, h, strict=True)]
+        gear = max(s.gear for s in self.states)
+        self.shifts += gear != self.gear
+        self.gear = gear
+
+
+def gears_policy(artifacts: dict[str, Path], cfg, options: dict) -> GearsPolicy:
+    e = _json(artifacts["entropy"], "calibrate_entropy", "entropy.json")
+    if e["vocab_size"] != cfg.vocab_size:
+        raise UserError(f"entropy calibration {artifacts['entropy']} is for vocab {e['vocab_size']}, "
+                        f"model has {cfg.vocab_size}")
+    first = options["first"]
+    if first not in ("classifier", *monitor.GEARS):
+        raise UserError(f"gears: first must be 'classifier' or one of {', '.join(monitor.GEARS)}, got {first!r}")
+    mcfg = monitor.MonitorConfig(low=e["thresholds"]["low"], high=e["thresholds"]["high"], vocab_size=cfg.vocab_size,
+                                 window=options["window"], hysteresis=options["hysteresis"],
+                                 min_duration=options["min_duration"])
+    model = e["classifier"] if first == "classifier" else None
+    return GearsPolicy(weight_sets(artifacts["quantized"]), mcfg, model,
+                       monitor.MID if first == "classifier" else monitor.GEARS.index(first))
+
+
+def static_policy(artifacts: dict[str, Path], cfg, options: dict):
+    from ...plan import StaticPolicy
+
+    if options["gear"] not in monitor.GEARS:
+        raise UserError(f"quantized: gear must be one of {', '.join(monitor.GEARS)}, got {options['gear']!r}")
+    return StaticPolicy(StepPlan(weights=weight_sets(artifacts["quantized"])[monitor.GEARS.index(options["gear"])]))
