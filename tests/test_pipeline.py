@@ -40,6 +40,9 @@ def tiny_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
+TINY_CONFIGS = ("baseline", "router", "lobotomy", "stacked", "map-hard-25", "gears")
+
+
 def tiny_params(model_dir: Path) -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["model"]["source"] = str(model_dir)
@@ -50,8 +53,8 @@ def tiny_params(model_dir: Path) -> dict:
     p["make_lobotomy"].update(max_layers=1, max_kl=10.0)
     p["build_layer_map"].update(window=8, k=3)
     p["layer_importance"].update(texts_per_category=1, seq_len=16, budgets=[0.25], tries=1)
-    p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items()
-                                 if k in ("baseline", "router", "lobotomy", "stacked", "map-hard-25")}
+    p["calibrate_entropy"].update(prompt_tokens=8)
+    p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items() if k in TINY_CONFIGS}
     p["benchmark"].update(
         quality={"seq_len": 32, "max_texts": 4},
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
@@ -99,8 +102,11 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     run(["snakemake", "--cores", "2"], work)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     for backend in ("torch", "mlx"):
-        assert set(metrics[backend]) == {"baseline", "router", "lobotomy", "stacked", "map-hard-25"}
+        assert set(metrics[backend]) == set(TINY_CONFIGS)
         assert metrics[backend]["map-hard-25"]["weight_bytes_fraction"] < 1
+        gears = json.loads((work / f"artifacts/benchmark/{backend}/gears/results.json").read_text())["run"]
+        assert sum(gears["structural"]["weights_usage"].values()) == pytest.approx(1)
+        assert set(gears["structural"]["relative_bytes"]) <= {"low", "mid"}  # packed sets load on first use
         assert metrics[backend]["baseline"]["kl_to_baseline"] == 0.0
         assert metrics[backend]["lobotomy"]["kl_to_baseline"] > 0
         assert metrics[backend]["lobotomy"]["weight_bytes_fraction"] < 1
@@ -118,8 +124,7 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     edit_params(work, lambda p: p["make_lobotomy"].update(max_kl=9.0))  # a technique key
     assert ran_stages(run(["dvc", "repro"], work)) == {"make_lobotomy", "report"} | jobs("lobotomy", "stacked")
     edit_params(work, lambda p: p["benchmark"]["batch"].update(new_tokens=3))  # a benchmark key
-    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("baseline", "router", "lobotomy", "stacked",
-                                                                         "map-hard-25")
+    assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs(*TINY_CONFIGS)
     edit_params(work, lambda p: p["report"].update(title="Tiny"))  # a report key
     assert ran_stages(run(["dvc", "repro"], work)) == {"report"}
     edit_params(work, lambda p: p["benchmark"]["configs"].update(cut={"techniques": ["lobotomy"]}))  # a configuration

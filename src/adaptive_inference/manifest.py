@@ -135,3 +135,12 @@ def verify(folder: str | Path, *, stage: str | None = None) -> dict:
         if sha256_file(f) != digest:
             raise UserError(f"corrupt artifact {folder}: {rel} does not match its manifest hash")
     return m
+
+
+def read_json(folder: str | Path, stage: str, name: str) -> dict:
+    """A JSON file of a verified artifact of `stage`; a corrupt one is a one-line UserError."""
+    verify(folder, stage=stage)
+    try:
+        return json.loads((Path(folder) / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"corrupt artifact {folder}: {name}: {e}") from None

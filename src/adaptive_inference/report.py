@@ -150,9 +150,12 @@ def _row(run: dict, where: str) -> dict:
             raise UserError(f"{where}: speed.batch entries need an integer batch_size")
         batch[size] = _spread(_get(b, "tps"), f"{where}: batch {size} tps")
         m[f"batch_tps_bs{size}"] = batch[size][0]
+    weights = _get(run, "structural", "weights_usage") or {}
+    if set(weights) - {"full"}:  # gear occupancy: the share of decode steps per weight set
+        m.update({f"weights_share_{k}": _num(v, f"{where}: weights_usage.{k}") for k, v in weights.items()})
     return {"backend": run["backend"], "config": run["config"], "batch": batch,
             "decode": _spread(_get(run, "speed", "decode_tps"), f"{where}: decode_tps"),
-            "heads": _get(run, "structural", "head_usage") or {},
+            "heads": _get(run, "structural", "head_usage") or {}, "weights": weights,
             "metrics": {k: v for k, v in m.items() if v is not None}}
 
 
@@ -267,11 +270,12 @@ def _quality_table(rows: list[dict]) -> tuple:
         m = r["metrics"].get
         gsm = _f(m("gsm8k_accuracy"), "{:.1%}") + (f" (n={m('gsm8k_n')})" if m("gsm8k_n") is not None else "")
         heads = ", ".join(f"{k} {v:.0%}" for k, v in r["heads"].items()) or DASH
+        weights = ", ".join(f"{k} {v:.0%}" for k, v in r["weights"].items()) or DASH
         body.append([r["backend"], r["config"], _f(m("perplexity"), "{:.3f}"), _f(m("kl_to_baseline"), "{:.3g}"),
                      _f(m("top1_agreement"), "{:.1%}"), gsm, _f(m("weight_bytes_fraction"), "{:.1%}"),
-                     _f(m("flops_fraction"), "{:.1%}"), heads, r["tag"]])
+                     _f(m("flops_fraction"), "{:.1%}"), heads, weights, r["tag"]])
     return ("table", ["backend", "config", "perplexity", "KL", "top-1", "GSM8K", "bytes read", "FLOPs", "head used",
-                      "source"], body)
+                      "weights read (decode steps)", "source"], body)
 
 
 def _category_table(rows: list[dict]) -> tuple | None:

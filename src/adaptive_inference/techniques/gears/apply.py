@@ -12,7 +12,6 @@ step reads the highest gear any row asks for (one weight set per forward).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,9 @@ from ...plan import FULL_WEIGHTS, StepPlan, WeightSet
 from . import classifier, monitor
 
 
-def _json(folder: Path, stage: str, name: str) -> dict:
-    manifest.verify(folder, stage=stage)
-    try:
-        return json.loads((folder / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt artifact {folder}: {name}: {e}") from None
-
-
 def weight_sets(folder: Path) -> dict[int, str | WeightSet]:
     """{gear: what StepPlan.weights names} from a quantize artifact."""
-    q = _json(folder, "quantize", "quantize.json")
+    q = manifest.read_json(folder, "quantize", "quantize.json")
     sets: dict[int, str | WeightSet] = {monitor.HIGH: FULL_WEIGHTS}
     for gear in (monitor.LOW, monitor.MID):
         g = q["gears"][monitor.GEARS[gear]]
@@ -73,7 +64,7 @@ class GearsPolicy:
 
 
 def gears_policy(artifacts: dict[str, Path], cfg, options: dict) -> GearsPolicy:
-    e = _json(artifacts["entropy"], "calibrate_entropy", "entropy.json")
+    e = manifest.read_json(artifacts["entropy"], "calibrate_entropy", "entropy.json")
     if e["vocab_size"] != cfg.vocab_size:
         raise UserError(f"entropy calibration {artifacts['entropy']} is for vocab {e['vocab_size']}, "
                         f"model has {cfg.vocab_size}")

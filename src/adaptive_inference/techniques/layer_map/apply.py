@@ -6,7 +6,6 @@ category: a layer is computed if any row runs it (bytes saved = the intersection
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -84,18 +83,11 @@ class MapPolicy:
         pass
 
 
-def _read(folder: Path, stage: str, name: str) -> dict:
-    manifest.verify(folder, stage=stage)
-    try:
-        return json.loads((folder / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"corrupt artifact {folder}: {name}: {e}") from None
-
 
 def load_map(folder: Path) -> dict:
     import faiss
 
-    meta = _read(folder, "build_layer_map", "map.json")
+    meta = manifest.read_json(folder, "build_layer_map", "map.json")
     try:
         index, labels = faiss.read_index(str(folder / "index.faiss")), np.load(folder / "labels.npy")
     except (OSError, RuntimeError, ValueError) as e:
@@ -107,7 +99,7 @@ def load_map(folder: Path) -> dict:
 
 def skip_sets(folder: Path, budget: float, cfg) -> dict[str, list[int]]:
     """{category or 'global': sorted layers} for this budget, checked against the model."""
-    sets = _read(folder, "layer_importance", "importance.json")["skip_sets"].get(f"{budget:g}")
+    sets = manifest.read_json(folder, "layer_importance", "importance.json")["skip_sets"].get(f"{budget:g}")
     if sets is None:
         raise UserError(f"layer importance {folder} has no skip sets for budget {budget:g} "
                         "(set layer_importance.budgets)")
