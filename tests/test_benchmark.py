@@ -24,3 +24,30 @@ def test_paired_speedup_interval_widens_with_noise():
     noisy = paired_speedup(base, base / 1.05 * (1 + 0.05 * rng.standard_normal(20)))
     width = lambda s: s["ci95"][1] - s["ci95"][0]  # noqa: E731
     assert width(noisy) > 3 * width(quiet)
+
+
+def test_gpqa_choice_scores_options_under_the_policy(tiny_llama):
+    from adaptive_inference import metrics
+    from adaptive_inference.backends import load_backend
+    from adaptive_inference.bench.measure import gpqa_choice
+    from adaptive_inference.plan import StaticPolicy, StepPlan
+
+    lm = load_backend("torch", tiny_llama[1], "float32")
+    rng = np.random.default_rng(0)
+    items = [{"prompt": rng.integers(0, 128, 9).tolist(), "options": [rng.integers(0, 128, k).tolist() for k in (2, 3, 4, 5)],
+              "answer": a, "category": "science"} for a in (0, 1, 2, 3, 1, 2)]
+
+    def mean_lp(item, opt, plan):
+        ids = item["prompt"] + opt
+        lp = metrics.log_softmax(lm.logits(ids, plan)[len(item["prompt"]) - 1:-1])
+        return lp[np.arange(len(opt)), opt].mean()
+
+    same = gpqa_choice(lm, {"gpqa": items}, StaticPolicy)
+    assert same["gpqa_same_pick"] == 1.0 and same["gpqa_accuracy"] == same["gpqa_baseline_accuracy"]
+    picks = [int(np.argmax([mean_lp(it, o, StepPlan()) for o in it["options"]])) for it in items]
+    assert same["gpqa_accuracy"] == np.mean([p == it["answer"] for p, it in zip(picks, items, strict=True)])
+    skip = StepPlan(skip_layers=frozenset({1, 2}))
+    other = gpqa_choice(lm, {"gpqa": items}, lambda: StaticPolicy(skip))
+    skip_picks = [int(np.argmax([mean_lp(it, o, skip) for o in it["options"]])) for it in items]
+    assert other["gpqa_same_pick"] == np.mean([a == b for a, b in zip(picks, skip_picks, strict=True)])
+    assert gpqa_choice(lm, {"gpqa": []}, StaticPolicy) == {}

@@ -60,6 +60,7 @@ def tiny_params(model_dir: Path) -> dict:
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
         batch={"sizes": [1, 2], "new_tokens": 2, "repeats": 1},
         gsm8k={"samples": 1, "max_new_tokens": 4, "backends": ["torch"]},
+        gpqa={"samples": 1, "max_prompt_tokens": 12, "backends": ["torch"]},
     )
     return p
 

@@ -35,6 +35,9 @@ _FIELDS = {  # metrics.json key -> path inside one run
     "top1_agreement": ("quality", "top1_agreement"),
     "gsm8k_accuracy": ("quality", "gsm8k_accuracy"),
     "gsm8k_n": ("quality", "gsm8k_n"),
+    "gpqa_accuracy": ("quality", "gpqa_accuracy"),
+    "gpqa_same_pick": ("quality", "gpqa_same_pick"),
+    "gpqa_n": ("quality", "gpqa_n"),
     "weight_bytes_fraction": ("structural", "weight_bytes_fraction"),
     "flops_fraction": ("structural", "flops_fraction"),
     "speedup_vs_baseline": ("speedup_vs_baseline",),
@@ -269,12 +272,15 @@ def _quality_table(rows: list[dict]) -> tuple:
     for r in rows:
         m = r["metrics"].get
         gsm = _f(m("gsm8k_accuracy"), "{:.1%}") + (f" (n={m('gsm8k_n')})" if m("gsm8k_n") is not None else "")
+        gpqa = _f(m("gpqa_accuracy"), "{:.0%}") + (f" / {m('gpqa_same_pick'):.0%} (n={m('gpqa_n')})"
+                                                    if m("gpqa_n") is not None else "")
         heads = ", ".join(f"{k} {v:.0%}" for k, v in r["heads"].items()) or DASH
         weights = ", ".join(f"{k} {v:.0%}" for k, v in r["weights"].items()) or DASH
         body.append([r["backend"], r["config"], _f(m("perplexity"), "{:.3f}"), _f(m("kl_to_baseline"), "{:.3g}"),
-                     _f(m("top1_agreement"), "{:.1%}"), gsm, _f(m("weight_bytes_fraction"), "{:.1%}"),
+                     _f(m("top1_agreement"), "{:.1%}"), gsm, gpqa, _f(m("weight_bytes_fraction"), "{:.1%}"),
                      _f(m("flops_fraction"), "{:.1%}"), heads, weights, r["tag"]])
-    return ("table", ["backend", "config", "perplexity", "KL", "top-1", "GSM8K", "bytes read", "FLOPs", "head used",
+    return ("table", ["backend", "config", "perplexity", "KL", "top-1", "GSM8K", "GPQA acc / same pick as baseline",
+                      "bytes read", "FLOPs", "head used",
                       "weights read (decode steps)", "source"], body)
 
 

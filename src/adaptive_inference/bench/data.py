@@ -1,5 +1,6 @@
 """What a benchmark job measures on, all from the eval split: token ids for quality, decode prompts,
-GSM8K prompts, with each text's category (per-category quality, the oracle control)."""
+GSM8K prompts, GPQA multiple-choice items, with each text's category (per-category quality, the oracle
+control)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,19 @@ from ..model_config import ModelConfig
 GSM8K_INSTRUCTION = "Solve the problem. End your reply with 'The answer is N.' where N is a number."
 
 
-def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = True) -> dict:
+def gpqa_items(rows: list[dict], tok, samples: int, max_prompt_tokens: int) -> list[dict]:
+    """GPQA multiple choice: the question as the prompt (its last max_prompt_tokens tokens), each option's
+    text as a continuation to score by mean log-likelihood (length-normalized, as lm-eval's acc_norm)."""
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    items = []
+    for r in [r for r in rows if r.get("source") == "gpqa_diamond" and r.get("choices")][:samples]:
+        prompt = enc(f"Question: {r['question']}\nAnswer:")[-max_prompt_tokens:]
+        items.append({"prompt": prompt, "options": [enc(" " + c) for c in r["choices"]],
+                      "answer": "ABCD".index(r["answer"]), "category": r["category"]})
+    return items
+
+
+def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = True, gpqa: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -38,6 +51,7 @@ def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = Tr
         "prompt_categories": [c for _, c in prompts[: d["prompts"]]],
         "batch_pool": [ids for ids, _ in prompts],
         "gsm8k": gsm,
+        "gpqa": gpqa_items(rows, tok, params["gpqa"]["samples"], params["gpqa"]["max_prompt_tokens"]) if gpqa else [],
         "stop_ids": sorted({*cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}),
         "tokenizer": tok,
     }

@@ -103,7 +103,8 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     lm = load_backend(backend, model_dir, p["dtype"])
     new_config = lambda: techniques.make_policy(specs, artifacts, lm.cfg)  # noqa: E731
     new_config()  # a missing or corrupt artifact fails before minutes of timing
-    data = prepare(p, model_dir, corpus_dir, gsm8k=backend in params["gsm8k"]["backends"])
+    data = prepare(p, model_dir, corpus_dir, gsm8k=backend in params["gsm8k"]["backends"],
+                   gpqa=backend in params["gpqa"]["backends"])
     is_base = not specs
     policies = {"baseline": StaticPolicy} if is_base else {"baseline": StaticPolicy, "config": new_config}
     decode = _phase(f"{backend}/{config}: decode", measure.decode_pairs, lm, data, policies, p["decode"])
@@ -113,6 +114,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
                         p["decode"]["prompt_tokens"])
     qual.update(_phase(f"{backend}/{config}: gsm8k", measure.gsm8k_accuracy, lm, data, new_config,
                        p["gsm8k"]["max_new_tokens"]))
+    qual.update(_phase(f"{backend}/{config}: gpqa", measure.gpqa_choice, lm, data, new_config))
     memory = _phase(f"{backend}/{config}: memory probe", _in_fresh_process, _memory_probe,
                     {"backend": backend, "model": str(model_dir), "artifacts": [str(a) for a in artifacts],
                      "params": p, "prompts": data["prompts"]})
@@ -141,7 +143,7 @@ def build_reference(params: dict, backend: str, model_dir: Path, corpus_dir: Pat
     model_m = _check(params, backend, model_dir, corpus_dir, [])
     p = job_params(params, None)
     lm = load_backend(backend, model_dir, p["dtype"])
-    data = prepare(p, model_dir, corpus_dir, gsm8k=False)
+    data = prepare(p, model_dir, corpus_dir, gsm8k=False, gpqa=False)
     ref = _phase(f"{backend}/reference: decode", reference.measure, lm, data, model_dir, p)
     results = {"reference": ref, "model": _model(model_m, model_dir, p["dtype"]), "environment": _environment(lm)}
     with atomic.output_dir(out_dir) as tmp:

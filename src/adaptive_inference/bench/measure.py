@@ -115,6 +115,31 @@ def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int) -> dict:
     return {"gsm8k_accuracy": correct / len(data["gsm8k"]), "gsm8k_n": len(data["gsm8k"])}
 
 
+def gpqa_choice(lm, data: dict, new_policy) -> dict:
+    """GPQA multiple choice by mean log-likelihood of each option's tokens after the question, under the
+    configuration's policy (the question is its prompt) and under the baseline in the same job: accuracy
+    of each and how often the configuration picks what the baseline picks."""
+    if not data["gpqa"]:
+        return {}
+    picks = {"config": [], "baseline": []}
+    for item in data["gpqa"]:
+        n = len(item["prompt"])
+        for who, factory in (("baseline", None), ("config", new_policy)):
+            scores = []
+            for opt in item["options"]:
+                ids = item["prompt"] + opt
+                policy = None if factory is None else _begin(factory(), data, item["prompt"], item["category"])
+                logits = lm.logits(ids) if policy is None else teacher_forced(lm, ids, policy, prompt_tokens=n)[0]
+                lp = metrics.log_softmax(logits[n - 1:-1])
+                scores.append(float(lp[np.arange(len(opt)), opt].mean()))
+            picks[who].append(int(np.argmax(scores)))
+    answers = [item["answer"] for item in data["gpqa"]]
+    acc = lambda p: float(np.mean([a == b for a, b in zip(p, answers, strict=True)]))  # noqa: E731
+    return {"gpqa_accuracy": acc(picks["config"]), "gpqa_baseline_accuracy": acc(picks["baseline"]),
+            "gpqa_same_pick": float(np.mean([a == b for a, b in zip(picks["config"], picks["baseline"], strict=True)])),
+            "gpqa_n": len(answers)}
+
+
 def structural(lm, executed: list, context: int) -> dict:
     out = cost.structural(lm.cfg, executed, context, lm.relative_bytes)
     return {**out, "head_usage": cost.head_usage(executed), "weights_usage": cost.weights_usage(executed),
