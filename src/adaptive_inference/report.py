@@ -153,6 +153,7 @@ def _row(run: dict, where: str) -> dict:
             raise UserError(f"{where}: speed.batch entries need an integer batch_size")
         batch[size] = _spread(_get(b, "tps"), f"{where}: batch {size} tps")
         m[f"batch_tps_bs{size}"] = batch[size][0]
+        m[f"batch_bound_bs{size}"] = _num(_get(b, "structural_bound"), f"{where}: batch {size} structural_bound")
     weights = _get(run, "structural", "weights_usage") or {}
     if set(weights) - {"full"}:  # gear occupancy: the share of decode steps per weight set
         m.update({f"weights_share_{k}": _num(v, f"{where}: weights_usage.{k}") for k, v in weights.items()})
@@ -262,9 +263,14 @@ def _speed_table(rows: list[dict]) -> tuple:
         m = r["metrics"].get
         body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("baseline_decode_tps")), _f(m("prefill_tps")),
                      f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}",
-                     *[_f(r["batch"].get(b, (None,))[0]) for b in sizes], _f(m("peak_rss_mb"), "{:.0f}"), r["tag"]])
+                     *[_f(r["batch"].get(b, (None,))[0]) + _bound(m(f"batch_bound_bs{b}")) for b in sizes],
+                     _f(m("peak_rss_mb"), "{:.0f}"), r["tag"]])
     return ("table", ["backend", "config", "decode tok/s", "its baseline tok/s", "prefill tok/s", "p50 / p95 ms",
-                      *[f"bs {b} tok/s" for b in sizes], "peak RSS MB", "source"], body)
+                      *[f"bs {b} tok/s" for b in sizes], "peak RSS MB", "source"], body)  # bound: of the batch's own steps
+
+
+def _bound(b) -> str:
+    return f" (bound {b:.2f}×)" if b is not None and b > 1.0005 else ""
 
 
 def _quality_table(rows: list[dict]) -> tuple:

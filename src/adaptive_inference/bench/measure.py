@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .. import cost, metrics
-from ..generation import generate, generate_batch, stream, teacher_forced
+from ..generation import generate, stream, teacher_forced
 from .stats import paired_speedup, spread
 
 
@@ -89,17 +89,27 @@ def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
 
 
 def batch_speed(lm, data: dict, new_policy, p: dict) -> list[dict]:
-    """Batched greedy throughput (generated tokens / wall time, prefill included); the first round warms up."""
+    """Batched greedy throughput (generated tokens and requests per wall second, prefill included) and the
+    structural bound of the decode steps that ran (rows of a batch may ask for different plans: the bound
+    counts what the batch really read); the first round warms up."""
     pool, n = data["batch_pool"], p["new_tokens"]
     values = {bs: [] for bs in p["sizes"]}
+    executed = {bs: [] for bs in p["sizes"]}
     for rep in range(1 + p["repeats"]):
         for bs in p["sizes"]:
             prompts = np.array([pool[i % len(pool)] for i in range(bs)])
             t0 = time.perf_counter()
-            generate_batch(lm, prompts, max_new_tokens=n, policy=new_policy())
+            steps = list(stream(lm, prompts, max_new_tokens=n, policy=new_policy()))
             if rep:
                 values[bs].append(bs * n / (time.perf_counter() - t0))
-    return [{"batch_size": bs, "tps": spread(v)} for bs, v in values.items()]
+                executed[bs] += [s.executed for s in steps[1:]]
+    context = len(pool[0]) + n // 2
+    out = []
+    for bs, v in values.items():
+        frac = cost.structural(lm.cfg, executed[bs], context, lm.relative_bytes)["weight_bytes_fraction"]
+        out.append({"batch_size": bs, "tps": spread(v), "requests_per_s": spread([x / n for x in v]),
+                    "weight_bytes_fraction": frac, "structural_bound": 1 / frac})
+    return out
 
 
 def gsm8k_accuracy(lm, data: dict, new_policy, max_new_tokens: int) -> dict:
