@@ -108,6 +108,7 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
         gears = json.loads((work / f"artifacts/benchmark/{backend}/gears/results.json").read_text())["run"]
         assert sum(gears["structural"]["weights_usage"].values()) == pytest.approx(1)
         assert set(gears["structural"]["relative_bytes"]) <= {"low", "mid"}  # packed sets load on first use
+        assert 0 < gears["speed"]["bandwidth"]["share_of_limit"] and gears["speed"]["bandwidth"]["read_gbs"] > 0
         assert metrics[backend]["baseline"]["kl_to_baseline"] == 0.0
         assert metrics[backend]["lobotomy"]["kl_to_baseline"] > 0
         assert metrics[backend]["lobotomy"]["weight_bytes_fraction"] < 1

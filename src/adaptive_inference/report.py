@@ -44,6 +44,9 @@ _FIELDS = {  # metrics.json key -> path inside one run
     "speedup_ci95_lo": ("speedup_ci95", 0),
     "speedup_ci95_hi": ("speedup_ci95", 1),
     "common_head_rate": ("speed", "common_head_rate"),
+    "read_gbs": ("speed", "bandwidth", "read_gbs"),
+    "bandwidth_limit_tps": ("speed", "bandwidth", "limit_tps"),
+    "bandwidth_share": ("speed", "bandwidth", "share_of_limit"),
 }
 HOW_TO_READ = (
     "Speedup is the baseline's decode time per token over the configuration's, paired: in each job the "
@@ -53,7 +56,9 @@ HOW_TO_READ = (
     "gain; realized share = (speedup − 1) / (bound − 1) is the part of that saving that showed up. KL and "
     "top-1 agreement compare each configuration's next-token distribution with the baseline of its backend "
     "on held-out eval text, so baselines read 0 and 100%. Decode speeds are tokens per second (median of the "
-    "repeats, [min–max]).")
+    "repeats, [min–max]). The bandwidth limit is the machine's read bandwidth, measured in the same job (a timed "
+    "sum of a 512 MB buffer), over the weight bytes a decode step of that configuration reads: the tok/s a "
+    "decoder that only streamed its weights would reach; the share says how close the configuration gets.")
 _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12.5px}"
         "th,td{border:1px solid #ccc;padding:3px 7px}th{background:#f2f2f2;white-space:nowrap}"
@@ -261,11 +266,13 @@ def _speed_table(rows: list[dict]) -> tuple:
     body = []
     for r in rows:
         m = r["metrics"].get
-        body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("baseline_decode_tps")), _f(m("prefill_tps")),
+        limit = f"{_f(m('bandwidth_share'), '{:.0%}')} of {_f(m('bandwidth_limit_tps'), '{:.0f}')}"
+        body.append([r["backend"], r["config"], _med(r["decode"]), _f(m("baseline_decode_tps")), limit, _f(m("prefill_tps")),
                      f"{_f(m('latency_ms_p50'))} / {_f(m('latency_ms_p95'))}",
                      *[_f(r["batch"].get(b, (None,))[0]) + _bound(m(f"batch_bound_bs{b}")) for b in sizes],
                      _f(m("peak_rss_mb"), "{:.0f}"), r["tag"]])
-    return ("table", ["backend", "config", "decode tok/s", "its baseline tok/s", "prefill tok/s", "p50 / p95 ms",
+    return ("table", ["backend", "config", "decode tok/s", "its baseline tok/s", "share of its bandwidth limit (tok/s)",
+                      "prefill tok/s", "p50 / p95 ms",
                       *[f"bs {b} tok/s" for b in sizes], "peak RSS MB", "source"], body)  # bound: of the batch's own steps
 
 

@@ -19,7 +19,7 @@ from ..backends import load_backend
 from ..errors import UserError
 from ..model_config import ModelConfig
 from ..plan import StaticPolicy
-from . import measure, reference
+from . import bandwidth, measure, reference
 from .data import prepare
 from .jobs import job_params
 
@@ -118,6 +118,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     memory = _phase(f"{backend}/{config}: memory probe", _in_fresh_process, _memory_probe,
                     {"backend": backend, "model": str(model_dir), "artifacts": [str(a) for a in artifacts],
                      "params": p, "prompts": data["prompts"]})
+    bw = _phase(f"{backend}/{config}: read bandwidth", bandwidth.read_gbs)
     speedup = mine["paired_speedup"] if not is_base else {"median": 1.0, "ci95": [1.0, 1.0], "pairs": 0}
     context = p["decode"]["prompt_tokens"] + p["decode"]["new_tokens"] // 2
     run = {"backend": backend, "config": config, "techniques": specs, "device": str(lm.device),
@@ -126,10 +127,15 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
                      "paired_speedup": speedup, **memory},
            "speedup_vs_baseline": speedup["median"], "speedup_ci95": speedup["ci95"],
            "quality": qual, "structural": measure.structural(lm, mine["executed"], context)}
+    model = _model(model_m, model_dir, p["dtype"])
+    per_token = model["weight_bytes"] * run["structural"]["weight_bytes_fraction"]
+    run["speed"]["bandwidth"] = {**bw, "weight_bytes_per_token": per_token,
+                                 "limit_tps": bw["read_gbs"] * 1e9 / per_token,
+                                 "share_of_limit": mine["decode_tps"]["median"] * per_token / (bw["read_gbs"] * 1e9)}
     heads = run["structural"]["head_usage"]
     if "common" in heads:
         run["speed"]["common_head_rate"] = heads["common"]
-    results = {"run": run, "model": _model(model_m, model_dir, p["dtype"]), "environment": _environment(lm),
+    results = {"run": run, "model": model, "environment": _environment(lm),
                "top1": top1, "greedy": mine["greedy"]}
     with atomic.output_dir(out_dir) as tmp:
         atomic.write_json(tmp / RESULTS, results)
