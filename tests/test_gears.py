@@ -16,7 +16,7 @@ from adaptive_inference.backends import load_backend
 from adaptive_inference.errors import UserError
 from adaptive_inference.generation import generate, teacher_forced
 from adaptive_inference.plan import StaticPolicy, StepPlan, WeightSet
-from adaptive_inference.techniques.gears import apply, calibrate, monitor
+from adaptive_inference.techniques.gears import apply, calibrate, classifier, monitor
 from adaptive_inference.techniques.gears import quantize as qstage
 
 QPARAMS = {"layout": "nested", "group_size": 32, "parts": ["attention", "mlp", "head"]}
@@ -155,9 +155,12 @@ def test_calibration_thresholds_histograms_and_classifier(inputs, tmp_path):
 
 def test_classifier_picks_the_first_gear_from_the_prompt(inputs):
     p = techniques.make_policy(["gears"], [inputs / "quantized", inputs / "entropy"], _Cfg())
-    assert p.gear == monitor.MID  # before any prompt
-    p.begin({"category": "code", "text": "def f(x):\n    return x + 1"})
-    assert p.gear in (monitor.LOW, monitor.MID, monitor.HIGH)
+    c = json.loads((inputs / "entropy" / "entropy.json").read_text())["classifier"]
+    assert p.gear == monitor.GEARS.index(c["majority_gear"])  # before any prompt
+    p.model = {**c, "use": True}
+    text = "def f(x):\n    return x + 1"
+    p.begin({"category": "code", "text": text})
+    assert p.gear == classifier.gear_of(classifier.predict_entropy(c, text), p.cfg.low, p.cfg.high)
     assert techniques.make_policy([{"name": "quantized", "gear": "low"}], [inputs / "quantized"], _Cfg()).plan(3).weights.depth == 4
 
 

@@ -1,7 +1,8 @@
 """The gears' apply layer (both backends, through StepPlan.weights): a step reads the full weights (high),
 the 8-bit ones (mid) or the 4-bit ones (low); the decoder loads a packed set once and keeps it resident.
 
-`gears` (seed 002): the prompt classifier picks the first gear (prefill included); after each step the
+`gears` (seed 002): the prompt classifier picks the first gear (prefill included; the calib's most common gear
+where the classifier did not beat that choice in cross-validation); after each step the
 entropy of its next-token distribution feeds the monitor (rolling mean, hysteresis, minimum duration,
 catastrophic fallback), whose gear the next step reads. The minimum duration is also the seed's answer to
 the KV cache mixing precisions: entries written under one gear are read by steps of another, and holding a
@@ -46,7 +47,7 @@ class GearsPolicy:
 
     def begin(self, meta: dict) -> None:
         """The prompt classifier, from the prompt's text (the benchmark passes it before each prompt)."""
-        if self.model is not None and meta.get("text"):
+        if self.model is not None and self.model["use"] and meta.get("text"):
             e = classifier.predict_entropy(self.model, meta["text"])
             self.gear = classifier.gear_of(e, self.cfg.low, self.cfg.high)
 
@@ -75,8 +76,8 @@ def gears_policy(artifacts: dict[str, Path], cfg, options: dict) -> GearsPolicy:
                                  window=options["window"], hysteresis=options["hysteresis"],
                                  min_duration=options["min_duration"])
     model = e["classifier"] if first == "classifier" else None
-    return GearsPolicy(weight_sets(artifacts["quantized"]), mcfg, model,
-                       monitor.MID if first == "classifier" else monitor.GEARS.index(first))
+    start = (monitor.GEARS.index(model["majority_gear"]) if model is not None else monitor.GEARS.index(first))
+    return GearsPolicy(weight_sets(artifacts["quantized"]), mcfg, model, start)
 
 
 def static_policy(artifacts: dict[str, Path], cfg, options: dict):

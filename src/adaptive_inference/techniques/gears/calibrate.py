@@ -55,7 +55,8 @@ def _texts(hidden_dir: Path, corpus_dir: Path, head: np.ndarray) -> list[dict]:
 
 def _classifier(texts: list[dict], prompts: list[str], low: float, high: float, prompt_tokens: int) -> dict:
     """Fit on all calib texts; agreement with the gear of the text's mean entropy after the prompt, 2-fold
-    cross-validated (even / odd texts), beside always picking the most common gear."""
+    cross-validated (even / odd texts), beside always picking the most common gear (used instead when the
+    classifier does not beat it)."""
     target = np.array([float(np.mean(t["entropy"][prompt_tokens:] if len(t["entropy"]) > prompt_tokens
                                      else t["entropy"])) for t in texts])
     truth = [classifier.gear_of(v, low, high) for v in target]
@@ -65,9 +66,12 @@ def _classifier(texts: list[dict], prompts: list[str], low: float, high: float, 
         model = classifier.fit([prompts[i] for i in train], target[train])
         hits += sum(classifier.gear_of(classifier.predict_entropy(model, prompts[i]), low, high) == truth[i]
                     for i in range(len(texts)) if i % 2 == k)
-    majority = max(truth.count(g) for g in set(truth)) / len(truth)
+    common = max(sorted(set(truth)), key=truth.count)
+    majority = truth.count(common) / len(truth)
+    # the classifier picks the first gear only where it beat always picking the most common gear
     return {**classifier.fit(prompts, target), "prompt_tokens": prompt_tokens, "texts": len(texts),
             "cv_gear_agreement": hits / len(texts), "majority_gear_agreement": majority,
+            "majority_gear": monitor.GEARS[common], "use": hits / len(texts) > majority,
             "true_gears": {monitor.GEARS[g]: truth.count(g) for g in (monitor.LOW, monitor.MID, monitor.HIGH)}}
 
 

@@ -66,4 +66,6 @@ def entropy_blocks(artifact: Path) -> list[tuple]:
             ("p", f"Prompt classifier (first {c['prompt_tokens']} tokens -> predicted mean entropy -> gear): R^2 "
                   f"{c['r2']:.2f} in-sample; gear agreement {c['cv_gear_agreement']:.0%} (2-fold cross-validated "
                   f"on {c['texts']} calib texts) against {c['majority_gear_agreement']:.0%} for always the most "
-                  "common gear.")]
+                  f"common gear ({c['majority_gear']}): "
+                  + ("the classifier picks the first gear." if c["use"] else
+                     f"it does not beat that, so every generation starts in {c['majority_gear']}."))]
