@@ -1,0 +1,49 @@
+"""The token router's blocks in the report: per target the skip share reached, the training curve, skip
+rates per layer (plot) and by token type."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+
+def _tag(artifact: Path) -> str:
+    from ... import manifest
+
+    m = manifest.read(artifact)
+    return f"[{m['stage']}:{m['digest'][:12]}]"
+
+
+def layers_png(r: dict) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3), layout="constrained")
+    ax = fig.add_subplot()
+    for target, t in r["targets"].items():
+        rates = t["calib_skip_by_layer"]
+        ax.plot([i for i, v in enumerate(rates) if v is not None], [v for v in rates if v is not None], marker=".",
+                label=f"target {target} (reached {t['calib_skip']:.2f})")
+    ax.axvline(r["first_layers"] - 0.5, color="k", lw=0.8, ls=":")
+    ax.set(xlabel="layer", ylabel="share of calib tokens skipping it", ylim=(0, 1),
+           title=f"Per-layer skip rates; layers < {r['first_layers']} always run")
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def blocks(artifact: Path) -> list[tuple]:
+    r = json.loads((artifact / "token_router.json").read_text())
+    rows = [[t, f"{v['calib_skip']:.3f}", f"{v['curve'][0]['kd']:.4f} -> {v['curve'][-1]['kd']:.4f}",
+             " -> ".join(f"{c['hard_skip']:.2f}" for c in v["curve"])] for t, v in r["targets"].items()]
+    types = list(r["token_types"])
+    by_type = [[t, *[("—" if v["calib_skip_by_token_type"][k] is None else f"{v['calib_skip_by_token_type'][k]:.2f}")
+                     for k in types]] for t, v in r["targets"].items()]
+    return [("h3", f"Token router {_tag(artifact)}"),
+            ("p", f"First {r['first_layers']} of {r['num_layers']} layers always run; trained on {r['train_tokens']} "
+                  f"train tokens, measured on {r['calib_tokens']} calib tokens. KV policy: {r['kv_policy']}."),
+            ("table", ["target", "calib skip share", "KD (first -> last epoch)", "train skip share per epoch"], rows),
+            ("img", "token_router_layers.png", "Token router: skip rate per layer (calib)", layers_png(r)),
+            ("table", ["target", *[f"{k} (n={r['token_types'][k]})" for k in types]], by_type)]
