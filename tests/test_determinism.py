@@ -6,9 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import make_tiny_model
+from conftest import tiny_stage_inputs
 
-from adaptive_inference import corpus, manifest
+from adaptive_inference import manifest
+from adaptive_inference.techniques.gears import quantize
 from adaptive_inference.techniques.lobotomy import stages as lobotomy
 
 CORPUS = {"seed": 0, "categories": ["code", "prose"], "train": 1, "calib": 3, "eval": 1, "max_chars": 300}
@@ -19,15 +20,9 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def _inputs(root: Path) -> tuple[Path, Path]:
-    from test_pipeline import tiny_tokenizer
-
-    model = root / "model"
-    model.mkdir(parents=True)
-    make_tiny_model(model, "llama")
-    tiny_tokenizer(model)
-    manifest.write(model, stage="prepare_model", inputs={}, params={})
-    corpus.build(CORPUS, root / "corpus")
-    return model, root / "corpus"
+    root.mkdir(parents=True)
+    tiny_stage_inputs(root, CORPUS)
+    return root / "model", root / "corpus"
 
 
 def test_stages_are_byte_identical_in_two_places(tmp_path):
@@ -37,7 +32,8 @@ def test_stages_are_byte_identical_in_two_places(tmp_path):
     for root, model, corp in ((a, model_a, corpus_a), (b, b / "model", b / "corpus")):
         lobotomy.profile({"texts": 3, "seq_len": 16, "fire_threshold": 0.5}, model, corp, root / "profile")
         lobotomy.make({"max_layers": 1, "max_kl": 10.0}, root / "profile", model, corp, root / "lobotomy")
-    for stage in ("model", "corpus", "profile", "lobotomy"):
+        quantize.build({"layout": "nested", "group_size": 32, "parts": ["mlp", "head"]}, model, root / "quantized")
+    for stage in ("model", "corpus", "profile", "lobotomy", "quantized"):
         assert folder_bytes(a / stage) == folder_bytes(b / stage), stage
     text = (a / "lobotomy" / manifest.MANIFEST).read_text()
     assert str(tmp_path) not in text and "created" not in text

@@ -40,7 +40,7 @@ def tiny_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-TINY_CONFIGS = ("baseline", "router", "lobotomy", "stacked", "map-hard-25", "gears")
+TINY_CONFIGS = ("baseline", "router", "lobotomy", "stacked", "map-hard-25", "gears", "token-35")
 
 
 def tiny_params(model_dir: Path) -> dict:
@@ -54,6 +54,7 @@ def tiny_params(model_dir: Path) -> dict:
     p["build_layer_map"].update(window=8, k=3)
     p["layer_importance"].update(texts_per_category=1, seq_len=16, budgets=[0.25], tries=1)
     p["calibrate_entropy"].update(prompt_tokens=8)
+    p["train_token_router"].update(first_layers=2, targets=[0.35], hidden=8, texts=4, seq_len=16, epochs=1)
     p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items() if k in TINY_CONFIGS}
     p["benchmark"].update(
         quality={"seq_len": 32, "max_texts": 4},
