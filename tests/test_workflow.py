@@ -83,3 +83,14 @@ def test_bad_params_fail_naming_the_key(tmp_path, mutate, expected):
     assert res.returncode == 2
     assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "corpus").exists()
+
+
+def test_a_configuration_may_name_its_backends():
+    from adaptive_inference.bench import jobs
+
+    bench = {"backends": ["torch", "mlx"], "reference": False,
+             "configs": {"baseline": {"techniques": []}, "q": {"techniques": ["x"], "backends": ["torch"]}}}
+    assert jobs.job_folders(bench) == ["artifacts/benchmark/torch/baseline", "artifacts/benchmark/torch/q",
+                                       "artifacts/benchmark/mlx/baseline"]
+    assert jobs.config_backends(bench, "q") == ["torch"] and jobs.config_backends(bench, "baseline") == ["torch", "mlx"]
+    assert jobs.job_params({**bench, **{k: 0 for k in jobs.SHARED_KEYS}}, "q")["config"] == {"name": "q", "techniques": ["x"]}

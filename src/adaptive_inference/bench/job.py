@@ -21,7 +21,7 @@ from ..model_config import ModelConfig
 from ..plan import StaticPolicy
 from . import bandwidth, measure, reference
 from .data import prepare
-from .jobs import job_params
+from .jobs import config_backends, job_params
 
 RESULTS = "results.json"
 
@@ -97,6 +97,9 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     if "baseline" not in params["configs"] or params["configs"]["baseline"]["techniques"]:
         raise UserError("benchmark.configs: a 'baseline' configuration with no techniques is required")
     model_m = _check(params, backend, model_dir, corpus_dir, artifacts)
+    if backend not in config_backends(params, config):
+        raise UserError(f"configuration {config!r} runs on {', '.join(config_backends(params, config))} only "
+                        f"(benchmark.configs.{config}.backends)")
     specs = params["configs"][config]["techniques"]
     techniques.check({config: {"techniques": specs}})
     p = job_params(params, config)

@@ -14,14 +14,23 @@ def job_params(bench: dict, config: str | None) -> dict:
     """The slice of the benchmark params a job depends on (its manifest records exactly this)."""
     out = {k: bench[k] for k in (SHARED_KEYS if config is not None else REFERENCE_KEYS)}
     if config is not None:
-        out["config"] = {"name": config, **bench["configs"][config]}
+        out["config"] = {"name": config, "techniques": bench["configs"][config]["techniques"]}
     return out
+
+
+def config_backends(bench: dict, config: str) -> list[str]:
+    """The backends a configuration runs on: its own `backends` list (within benchmark.backends) or all."""
+    own = bench["configs"][config].get("backends")
+    return [b for b in bench["backends"] if own is None or b in own]
 
 
 def job_folders(bench: dict) -> list[str]:
     """Every job's output folder: artifacts/benchmark/<backend>/<config or 'reference'>."""
-    names = list(bench["configs"]) + (["reference"] if bench["reference"] else [])
-    return [f"artifacts/benchmark/{b}/{c}" for b in bench["backends"] for c in names]
+    out = []
+    for b in bench["backends"]:
+        out += [f"artifacts/benchmark/{b}/{c}" for c in bench["configs"] if b in config_backends(bench, c)]
+        out += [f"artifacts/benchmark/{b}/reference"] if bench["reference"] else []
+    return out
 
 
 def job_artifacts(bench: dict, config: str) -> list[str]:
