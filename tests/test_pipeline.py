@@ -56,6 +56,7 @@ def tiny_params(model_dir: Path) -> dict:
     p["calibrate_entropy"].update(prompt_tokens=8)
     p["train_token_router"].update(first_layers=2, targets=[0.35], hidden=8, texts=4, seq_len=16, epochs=1)
     p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items() if k in TINY_CONFIGS}
+    p["benchmark"]["configs"]["gears"]["backends"] = ["torch", "mlx"]  # cover the packed MLX path end to end
     p["benchmark"].update(
         quality={"seq_len": 32, "max_texts": 4},
         decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},

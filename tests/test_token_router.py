@@ -1,6 +1,7 @@
 """Token router on a tiny model: the training stage (loss falls, skip share moves to its target,
-deterministic bytes), the gate on both backends (keep-all is the baseline bit for bit, the KV cache with
-holes equals a one-shot forward with the same decisions, same decisions on both backends), bad inputs."""
+deterministic bytes), the gate on both backends (keep-all is the baseline bit for bit, decode with the KV
+cache equals a one-shot forward with the same decisions under both KV policies, the training forward is the
+inference forward, same decisions on both backends), the cost of K/V writes, bad inputs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from adaptive_inference.generation import teacher_forced
 from adaptive_inference.plan import StaticPolicy, StepPlan
 from adaptive_inference.techniques.token_router import apply, train
 
-PARAMS = {"first_layers": 1, "targets": [0.5], "hidden": 16, "texts": 6, "seq_len": 24, "epochs": 8,
+PARAMS = {"first_layers": 1, "targets": [0.5], "kv_policy": "project", "hidden": 16, "texts": 6, "seq_len": 24, "epochs": 8,
           "batch_size": 2, "lr": 0.02, "tau": 1.0, "sparsity": 0.0, "ratio_weight": 4.0, "teacher_topk": 16,
           "seed": 0}
 IDS = [5, 17, 99, 3, 64, 12, 7, 80, 33, 2, 41, 9]
@@ -30,6 +31,7 @@ def inputs(tmp_path_factory):
         {"seed": 0, "categories": ["code", "prose"], "train": 3, "calib": 2, "eval": 1, "max_chars": 400},
         {"seq_len": 32, "batch_size": 4, "early_layer": 1, "layer_inputs": [1], "dtype": "float32"})
     train.build(PARAMS, root / "hidden", root / "model", root / "token_router")
+    train.build({**PARAMS, "kv_policy": "hole"}, root / "hidden", root / "model", root / "token_router_hole")
     return root
 
 
@@ -52,8 +54,8 @@ def test_training_lowers_the_loss_and_reaches_toward_the_target(inputs, tmp_path
         assert (tmp_path / "again" / f).read_bytes() == (inputs / "token_router" / f).read_bytes()
 
 
-def _gate(lm, bias: float | None, inputs):
-    gate = apply.load(inputs / "token_router", 0.5, lm.cfg)
+def _gate(lm, bias: float | None, inputs, kv_policy: str = "project"):
+    gate = apply.load(inputs / ("token_router" if kv_policy == "project" else "token_router_hole"), 0.5, lm.cfg)
     if bias is not None:  # force every decision
         gate.w = {**gate.w, "w2": np.zeros_like(gate.w["w2"]), "b2": np.full_like(gate.w["b2"], bias)}
     return gate
@@ -75,15 +77,64 @@ def _text(inputs, n: int = 16) -> list[int]:
     return load_split(inputs / "hidden", "calib", ["token_ids"])["token_ids"][:n].tolist()
 
 
-def test_decode_with_holes_equals_one_forward_with_the_same_decisions(lm, inputs):
-    policy = apply.TokenPolicy(_gate(lm, None, inputs))
+def _once(lm, ids, gate):
+    t = lm.ids_array(np.asarray(ids)[None])
+    return lm.to_numpy(lm.forward(t, lm.new_cache(1, len(ids)), StepPlan(gate=gate)).out.logits[0])
+
+
+@pytest.mark.parametrize("kv_policy", ["project", "hole"])
+def test_decode_with_the_kv_cache_equals_one_forward_with_the_same_decisions(lm, inputs, kv_policy):
+    policy = apply.TokenPolicy(_gate(lm, None, inputs, kv_policy))
     ids = _text(inputs)
     stepwise, executed = teacher_forced(lm, ids, policy, prompt_tokens=3)
     assert 0 < np.mean([1 - e.row_layer_share for e in executed]) < 1  # some layers skipped, not all
-    t = lm.ids_array(np.asarray(ids)[None])
-    once = lm.to_numpy(lm.forward(t, lm.new_cache(1, len(ids)), StepPlan(gate=policy.gate)).out.logits[0])
+    kv_written = any(e.kv_only_layers for e in executed)
+    assert kv_written == (kv_policy == "project")  # decode steps that skip a layer write its K/V, or not
+    once = _once(lm, ids, policy.gate)
     np.testing.assert_allclose(stepwise, once, atol=1e-4)
     assert not np.allclose(once, lm.logits(ids), atol=1e-3)
+
+
+def test_kv_policies_differ_only_in_what_later_tokens_see(lm, inputs):
+    gate = _gate(lm, None, inputs)
+    hole = apply.TokenGate(gate.w, gate.after_layer + 1, gate.L, writes_kv=False)
+    ids = _text(inputs)
+    a, b = _once(lm, ids, gate), _once(lm, ids, hole)
+    assert not np.allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # the first token attends only to itself either way
+
+
+@pytest.mark.parametrize("kv_policy", ["project", "hole"])
+def test_the_training_forward_is_the_inference_forward(inputs, kv_policy):
+    import torch
+
+    lm = load_backend("torch", inputs / "model", "float32")
+    gate = _gate(lm, None, inputs, kv_policy)
+    ids = lm.ids_array(np.asarray(_text(inputs))[None])
+    _, captured = lm.hidden(ids, lm.new_cache(1, ids.shape[1]), capture={1})
+    hard = torch.from_numpy(gate.decide(captured[1], lm).keep[:, :, 1:].astype(np.float32))
+    with torch.no_grad():
+        trained = train._frozen_forward(lm, captured[1], hard, hard, torch.arange(ids.shape[1]), kv_policy == "hole")
+    served, _ = lm.hidden(ids, lm.new_cache(1, ids.shape[1]), StepPlan(gate=gate))
+    assert 0 < hard.mean() < 1
+    torch.testing.assert_close(trained, served, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_writes_are_counted_in_the_structural_bound(inputs):
+    from dataclasses import replace
+
+    from adaptive_inference import cost
+    from adaptive_inference.model_config import ModelConfig
+    from adaptive_inference.plan import ExecutedStep
+
+    cfg = ModelConfig.from_dir(inputs / "model")
+    L, head = cfg.num_hidden_layers, cfg.vocab_size * cfg.hidden_size
+    skip = ExecutedStep(frozenset(range(L - 1)), frozenset(range(L - 1)), "full", "full", head, 1)
+    write = replace(skip, kv_only_layers=frozenset({L - 1}))
+    full = ExecutedStep(frozenset(range(L)), frozenset(range(L)), "full", "full", head, 1)
+    frac = {name: cost.structural(cfg, [s], 8)["weight_bytes_fraction"] for name, s in
+            {"skip": skip, "write": write, "full": full}.items()}
+    assert frac["skip"] < frac["write"] < frac["full"] == pytest.approx(1.0)
 
 
 def test_backends_take_the_same_decisions(inputs):

@@ -16,6 +16,7 @@ def _params(cfg: ModelConfig) -> dict[str, int]:
     h, d = cfg.hidden_size, cfg.head_dim
     return {"attention": h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + h,  # + its norm
             "mlp": 3 * h * cfg.intermediate_size + h,
+            "kv": 2 * h * d * cfg.num_key_value_heads + h,  # a skipping token's K/V write (+ the input norm)
             "head": cfg.vocab_size * h}
 
 
@@ -26,7 +27,7 @@ def step_params(cfg: ModelConfig, step: ExecutedStep, relative_bytes: dict[str, 
     p = _params(cfg)
     r = (relative_bytes or {}).get(step.weights, {})
     head = r.get("head", 1.0) if step.head == "full" else 1.0
-    return (r.get("attention", 1.0) * len(step.layers_run) * p["attention"]
+    return (r.get("attention", 1.0) * (len(step.layers_run) * p["attention"] + len(step.kv_only_layers) * p["kv"])
             + r.get("mlp", 1.0) * len(step.mlps_run) * p["mlp"] + head * step.head_params)
 
 
@@ -45,7 +46,8 @@ def structural(cfg: ModelConfig, steps: list[ExecutedStep], context: int,
         # a row computes only the layers it ran (row_layer_share); the head runs for every row
         block = 2 * (p["attention"] * len(s.layers_run) + p["mlp"] * len(s.mlps_run))
         share = s.row_layer_share * L / max(len(s.layers_run), 1)
-        ff.append((block * share + 2 * s.head_params + s.row_layer_share * L * attn_flops) / full_flops)
+        kv = 2 * p["kv"] * len(s.kv_only_layers)
+        ff.append((block * share + kv + 2 * s.head_params + s.row_layer_share * L * attn_flops) / full_flops)
     return {"weight_bytes_fraction": float(np.mean(fb)), "flops_fraction": float(np.mean(ff))}
 
 

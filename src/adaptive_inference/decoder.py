@@ -79,6 +79,11 @@ class Decoder(abc.ABC):
         only those (row, position) slots are marked written; the others stay holes."""
 
     @abc.abstractmethod
+    def write_kv(self, x, lw: Layer, layer: int, cache, rope: tuple, positions):
+        """Input norm, k/v projection and RoPE of x written to this layer's cache, no attention: the keys of
+        rows that skip the layer under a gate that writes_kv (about 6% of a Llama layer's bytes)."""
+
+    @abc.abstractmethod
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         """Post-attention norm + SwiGLU MLP output [B, T, hidden]; observe(layer, act) sees the activation."""
 
@@ -164,7 +169,8 @@ class Decoder(abc.ABC):
         rope = self.rope(pos)
         x = self.embed_ids(ids)
         blend, gate = dict(plan.blend), plan.gate
-        keep, info, captured, run, mlps = None, {}, {}, set(), set()
+        writes_kv = gate is not None and getattr(gate, "writes_kv", False)
+        keep, info, captured, run, mlps, kv_only = None, {}, {}, set(), set(), set()
         ran = np.zeros((B, T))  # layers run per (row, position)
         for i, lw in enumerate(layers):
             if gate is not None and i == gate.after_layer + 1:
@@ -179,11 +185,14 @@ class Decoder(abc.ABC):
             if keep is not None:
                 rows = keep[:, :, i]
                 if not rows.any():
+                    if writes_kv:
+                        self.write_kv(x, lw, i, cache, rope, pos)
+                        kv_only.add(i)
                     continue
                 rows = None if rows.all() else rows
             run.add(i)
             ran += 1 if rows is None else rows
-            y = x + self.attention(x, lw, i, cache, rope, pos, rows)
+            y = x + self.attention(x, lw, i, cache, rope, pos, None if writes_kv else rows)
             if i not in plan.zero_mlp:
                 y = y + self.mlp(y, lw, i, observe_mlp)
                 mlps.add(i)
@@ -194,7 +203,8 @@ class Decoder(abc.ABC):
             captured[len(layers)] = x
         cache.length = start + T
         executed = dict(layers_run=frozenset(run), mlps_run=frozenset(mlps), weights=weights_name(plan.weights), tokens=B * T,
-                        row_layer_share=float(ran.mean() / len(layers)), info=info)
+                        row_layer_share=float(ran.mean() / len(layers)), kv_only_layers=frozenset(kv_only),
+                        info=info)
         return self.final_norm(x), captured, executed
 
     def head_weights(self, weights: str | WeightSet = FULL_WEIGHTS):

@@ -148,9 +148,7 @@ class MLXLM(Decoder):
                           cfg.rms_norm_eps)
         start, T = positions
         end = start + T
-        cache.k[layer][:, :, start:end] = k
-        cache.v[layer][:, :, start:end] = v
-        cache.written[layer, :, start:end] = True if rows is None else mx.array(rows)
+        self._write(cache, layer, k, v, positions, rows)
         written = cache.written[layer, :, :end]  # [B, end]
         if T == 1:
             mask = written[:, None, None, :]
@@ -159,6 +157,26 @@ class MLXLM(Decoder):
         out = mx.fast.scaled_dot_product_attention(q, cache.k[layer][:, :, :end], cache.v[layer][:, :, :end],
                                                    scale=self.scale, mask=mask)
         return out_proj(out, lw.wo)
+
+    def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q_dim, kv_heads = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads
+        h = mx.fast.rms_norm(x, lw.ln1, cfg.rms_norm_eps)
+        # a full weight: only its k/v rows are read; a packed one is read whole
+        kv = mm(h, lw.wqkv[q_dim:]) if isinstance(lw.wqkv, mx.array) else mm(h, lw.wqkv)[..., q_dim:]
+        if lw.bqkv is not None:
+            kv = kv + lw.bqkv[q_dim:]
+        kv = kv.reshape(B, T, 2 * kv_heads, -1).transpose(0, 2, 1, 3)  # [B, 2 Hkv, T, D]
+        self._write(cache, layer, _apply_rope(kv[:, :kv_heads], *rope), kv[:, kv_heads:], positions, None)
+
+    @staticmethod
+    def _write(cache: KVCache, layer: int, k, v, positions, rows) -> None:
+        """k, v into the cache; the (row, position) slots in rows (None: all) marked written."""
+        start, T = positions
+        cache.k[layer][:, :, start:start + T] = k
+        cache.v[layer][:, :, start:start + T] = v
+        cache.written[layer, :, start:start + T] = True if rows is None else mx.array(rows)
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         if observe is None:

@@ -39,6 +39,8 @@ class Gate(Protocol):
     """Runs inside the forward once the residual after layer `after_layer` is known."""
 
     after_layer: int
+    # optional attribute writes_kv (default False): a row that skips a layer still writes its K/V there
+    # (projection only, Decoder.write_kv); False leaves a masked hole in that layer's cache
 
     def decide(self, x, lm) -> GateDecision:
         """x: the residual entering layer after_layer + 1, backend array [B, T, hidden]."""
@@ -109,6 +111,7 @@ class ExecutedStep:
     head_params: int
     tokens: int
     row_layer_share: float = 1.0
+    kv_only_layers: frozenset[int] = frozenset()  # skipped by every row but their K/V written (gate.writes_kv)
     info: dict = field(default_factory=dict)
 
 

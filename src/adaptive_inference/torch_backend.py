@@ -119,15 +119,9 @@ class TorchLM(Decoder):
         q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
-        cache.k[layer].index_copy_(2, positions, k)
-        cache.v[layer].index_copy_(2, positions, v)
+        q = self._apply_rope(q, *rope)
+        self._write(cache, layer, k, v, rope, positions, rows)
         bias = cache.bias[layer]  # [B, S]
-        if rows is None:
-            bias[:, positions] = 0.0
-        else:
-            bias[:, positions] = torch.where(torch.as_tensor(rows, device=self.device), 0.0, float("-inf")).to(bias)
         if T == 1:  # decode: attend over the whole static cache; unwritten slots are masked
             keys, values, mask = cache.k[layer], cache.v[layer], bias[:, None, None, :]
         else:  # prefill: the written prefix, causal inside the chunk
@@ -137,6 +131,27 @@ class TorchLM(Decoder):
             mask = bias[:, None, None, :end].masked_fill(future[None, None], float("-inf"))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.linear(out.transpose(1, 2).reshape(B, T, -1), lw.wo)
+
+    def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
+        B, T, _ = x.shape
+        q_dim, (kv_heads, d) = self._split[0], (self.cfg.num_key_value_heads, self.cfg.head_dim)
+        h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
+        if isinstance(lw.wqkv, torch.Tensor):  # read only the k/v rows of the fused weight
+            kv = F.linear(h, lw.wqkv[q_dim:], None if lw.bqkv is None else lw.bqkv[q_dim:])
+        else:  # a packed weight is read whole
+            kv = self.linear(h, lw.wqkv, lw.bqkv)[..., q_dim:]
+        k, v = (t.view(B, T, kv_heads, d).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+        self._write(cache, layer, k, v, rope, positions, None)
+
+    def _write(self, cache: KVCache, layer: int, k, v, rope, positions, rows) -> None:
+        """RoPE on k; k, v into the cache; the (row, position) slots in rows (None: all) marked written."""
+        cache.k[layer].index_copy_(2, positions, self._apply_rope(k, *rope))
+        cache.v[layer].index_copy_(2, positions, v)
+        bias = cache.bias[layer]  # [B, S]
+        if rows is None:
+            bias[:, positions] = 0.0
+        else:
+            bias[:, positions] = torch.where(torch.as_tensor(rows, device=self.device), 0.0, float("-inf")).to(bias)
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         gate, up = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps), lw.w_gate_up).chunk(2, -1)

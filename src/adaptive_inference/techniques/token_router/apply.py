@@ -1,7 +1,8 @@
 """The token router's apply layer (both backends, through a plan gate): after the first K layers, a small
 MLP on each token's residual says which later layers that token runs. A (row, position) that skips layer l
-neither computes it nor writes K/V there: later tokens see a masked hole in that layer's cache (the
-decoder's KV policy). Training runs the same mask (train.py), so the router learns the model that runs.
+does not compute it; under kv_policy 'project' it still writes its K/V there (the gate's writes_kv:
+Decoder.write_kv), under 'hole' later tokens see a masked hole in that layer's cache. Training runs the
+same policy (train.py), so the router learns the model that runs.
 
 The router is a few hundred thousand multiply-adds: it runs on the host in numpy (the residual is read
 back once per step), so torch and MLX take bit-identical decisions from the same residual."""
@@ -32,8 +33,8 @@ def keep_logits(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 
 class TokenGate:
-    def __init__(self, weights: dict[str, np.ndarray], first_layers: int, num_layers: int):
-        self.w, self.after_layer, self.L = weights, first_layers - 1, num_layers
+    def __init__(self, weights: dict[str, np.ndarray], first_layers: int, num_layers: int, writes_kv: bool):
+        self.w, self.after_layer, self.L, self.writes_kv = weights, first_layers - 1, num_layers, writes_kv
 
     def decide(self, x, lm) -> GateDecision:
         z = keep_logits(self.w, lm.to_numpy(x))  # [B, T, L - K]
@@ -73,7 +74,9 @@ def load(folder: Path, target: float, cfg) -> TokenGate:
     if w["w1"].shape[1] != cfg.hidden_size or w["w2"].shape[0] != cfg.num_hidden_layers - k:
         raise UserError(f"token router {folder} does not fit this model (hidden {cfg.hidden_size}, "
                         f"{cfg.num_hidden_layers} layers)")
-    return TokenGate(w, k, cfg.num_hidden_layers)
+    if meta.get("kv_policy") not in ("project", "hole"):
+        raise UserError(f"corrupt artifact {folder}: token_router.json kv_policy {meta.get('kv_policy')!r}")
+    return TokenGate(w, k, cfg.num_hidden_layers, meta["kv_policy"] == "project")
 
 
 def policy(artifacts: dict[str, Path], cfg, options: dict) -> TokenPolicy:

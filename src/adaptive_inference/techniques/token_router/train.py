@@ -8,9 +8,10 @@ run in a differentiable torch forward; the router is the only thing trained.
 
 Gates: Gumbel-softmax straight-through. Per token and layer, keep ~ sigmoid((z + logistic noise) / tau),
 hard in the forward (a token runs the layer or not) with the soft gradient. The forward is the model that
-runs at inference: a token that skips layer l leaves its input unchanged there and contributes no key /
-value to later tokens at l (its key is masked, the inference cache's hole). A skipping token still gets a
-"what if it ran" output for the gradient, attending to the kept earlier tokens and itself.
+runs at inference: a token that skips layer l leaves its input unchanged there, and under `kv_policy`
+'project' still writes the K/V of that input at l (later tokens attend to it: Decoder.write_kv), under
+'hole' contributes no key (masked, the inference cache's hole). A skipping token still gets a "what if it
+ran" output for the gradient.
 Loss = KD + sparsity * mean keep probability + ratio_weight * (skip share - target)^2, the quadratic term
 pulling every router to its own target (against collapse to keep-all or skip-all).
 
@@ -58,9 +59,9 @@ def teacher(final: np.ndarray, head, topk: int):
         return torch.topk(logp, topk, dim=-1)
 
 
-def _frozen_forward(lm, x, gates, hard, positions):
+def _frozen_forward(lm, x, gates, hard, positions, holes: bool):
     """Layers K..L-1 on x [B, T, H] with per-token gates [B, T, L-K] (straight-through values) and their
-    hard 0/1 decisions (the attention mask): the final-normed hidden state."""
+    hard 0/1 decisions (with holes: the attention mask): the final-normed hidden state."""
     import torch
     import torch.nn.functional as F
 
@@ -72,7 +73,7 @@ def _frozen_forward(lm, x, gates, hard, positions):
     split = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
              cfg.num_key_value_heads * cfg.head_dim)
     for j, lw in enumerate(lm.layers[k0:]):
-        kept = hard[:, :, j].bool()  # [B, T] tokens whose K/V exist at this layer
+        kept = hard[:, :, j].bool() if holes else torch.ones(B, T, dtype=torch.bool)  # tokens with K/V here
         allowed = causal[None] & (kept[:, None, :] | eye[None])  # [B, query, key]
         bias = torch.zeros(B, 1, T, T).masked_fill(~allowed[:, None], float("-inf"))
         h = F.rms_norm(x, (H,), lw.ln1, cfg.rms_norm_eps)
@@ -115,7 +116,7 @@ def train_one(lm, data: dict, teach, p: dict, target: float) -> tuple[dict[str, 
             soft = torch.sigmoid((z + u.log() - (1 - u).log()) / p["tau"])
             hard = (soft > 0.5).float()
             gates = hard + soft - soft.detach()
-            out = _frozen_forward(lm, x0, gates, hard.detach(), positions)
+            out = _frozen_forward(lm, x0, gates, hard.detach(), positions, p["kv_policy"] == "hole")
             logq = torch.log_softmax(out @ head.T, dim=-1)
             t_lp = top_lp[idx]
             kd = (t_lp.exp() * (t_lp - logq.gather(-1, top_ids[idx]))).sum(-1).mean()
@@ -171,7 +172,7 @@ def build(params: dict, hidden_dir: Path, model_dir: Path, out_dir: Path) -> dic
               f"{skipped.mean():.3f}, final KD {curve[-1]['kd']:.4f}", file=sys.stderr, flush=True)
     result = {"first_layers": k, "num_layers": lm.cfg.num_hidden_layers, "train_tokens": int(np.prod(shape)),
               "calib_tokens": int(len(calib["token_ids"])), "token_types": analysis.type_counts(types),
-              "kv_policy": "a token that skips layer l writes no K/V at l; later tokens see a masked hole",
+              "kv_policy": params["kv_policy"],
               "targets": targets}
     with atomic.output_dir(out_dir) as tmp:
         for name, w in routers.items():
