@@ -18,7 +18,7 @@ from adaptive_inference.generation import teacher_forced
 from adaptive_inference.plan import StaticPolicy, StepPlan
 from adaptive_inference.techniques.token_router import apply, train
 
-PARAMS = {"first_layers": 1, "targets": [0.5], "kv_policy": "project", "hidden": 16, "texts": 6, "seq_len": 24, "epochs": 8,
+PARAMS = {"first_layers": 1, "targets": [0.5], "kv_policy": "project", "init_logit": 3.0, "hidden": 16, "texts": 6, "seq_len": 24, "epochs": 8,
           "batch_size": 2, "lr": 0.02, "tau": 1.0, "sparsity": 0.0, "ratio_weight": 4.0, "teacher_topk": 16,
           "seed": 0}
 IDS = [5, 17, 99, 3, 64, 12, 7, 80, 33, 2, 41, 9]
@@ -44,14 +44,22 @@ def test_training_lowers_the_loss_and_reaches_toward_the_target(inputs, tmp_path
     r = json.loads((inputs / "token_router" / "token_router.json").read_text())
     t = r["targets"]["0.5"]
     curve = t["curve"]
-    assert curve[0]["hard_skip"] < 0.2  # routers start near keep-all ...
-    assert abs(curve[-1]["hard_skip"] - 0.5) < abs(curve[0]["hard_skip"] - 0.5) - 0.2  # ... and move to the target
-    assert 0.2 < t["calib_skip"] < 0.8 and t["calib_skip_by_layer"][0] is None
+    assert abs(curve[-1]["hard_skip"] - 0.5) < 0.2 and 0.2 < t["calib_skip"] < 0.8  # at the target
+    assert t["calib_skip_by_layer"][0] is None and t["prior_layer_kd"][0] is None
+    prior = np.asarray(t["prior_layer_kd"][1:])
+    assert (prior > 0).all()  # every routed layer costs something when skipped alone
     assert curve[-1]["loss"] < curve[0]["loss"]
     assert set(t["calib_skip_by_token_type"]) >= {"punctuation", "stop word", "digits", "rare id", "high loss", "all"}
     train.build(PARAMS, inputs / "hidden", inputs / "model", tmp_path / "again")
     for f in ("router_0.5.safetensors", "token_router.json"):
         assert (tmp_path / "again" / f).read_bytes() == (inputs / "token_router" / f).read_bytes()
+
+
+def test_training_moves_the_skip_share_to_its_target(inputs, tmp_path):
+    p = {**PARAMS, "targets": [0.15], "init_logit": 0.0, "lr": 0.05, "epochs": 12}  # start at 50% skipped
+    train.build(p, inputs / "hidden", inputs / "model", tmp_path / "r")
+    curve = json.loads((tmp_path / "r" / "token_router.json").read_text())["targets"]["0.15"]["curve"]
+    assert curve[0]["hard_skip"] > 0.3 and abs(curve[-1]["hard_skip"] - 0.15) < 0.1
 
 
 def _gate(lm, bias: float | None, inputs, kv_policy: str = "project"):

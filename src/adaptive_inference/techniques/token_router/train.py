@@ -88,21 +88,41 @@ def _frozen_forward(lm, x, gates, hard, positions, holes: bool):
     return lm.final_norm(x)
 
 
-def train_one(lm, data: dict, teach, p: dict, target: float) -> tuple[dict[str, np.ndarray], list[dict]]:
+def _kd(lm, out, top_lp, top_ids):
+    import torch
+
+    logq = torch.log_softmax(out @ lm.lm_head.T, dim=-1)
+    return (top_lp.exp() * (top_lp - logq.gather(-1, top_ids))).sum(-1).mean()
+
+
+def train_one(lm, data: dict, teach, p: dict, target: float) -> tuple[dict[str, np.ndarray], list[dict], list]:
     import torch
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(p["seed"])
     L, K, H = lm.cfg.num_hidden_layers, p["first_layers"], lm.cfg.hidden_size
-    w = {"w1": (torch.randn(p["hidden"], H, generator=g) / H**0.5).requires_grad_(),
-         "b1": torch.zeros(p["hidden"], requires_grad=True),
-         "w2": (torch.randn(L - K, p["hidden"], generator=g) * 0.01).requires_grad_(),
-         "b2": torch.full((L - K,), 3.0, requires_grad=True)}  # start near keep-all; training finds the target
-    opt = torch.optim.Adam(w.values(), lr=p["lr"])
     x_all = torch.from_numpy(data["x"])
     top_lp, top_ids = teach
     positions = torch.arange(x_all.shape[1])
-    head = lm.lm_head
+    holes = p["kv_policy"] == "hole"
+    # prior: the round(target * routed) layers whose skip alone costs the least KD start skipped, the
+    # others kept; training then decides per token (from keep-all, 36 steps only reach random skipping)
+    probe = slice(0, min(len(x_all), 8))
+    ones = torch.ones(*x_all[probe].shape[:2], L - K)
+    costs = []
+    with torch.no_grad():
+        for j in range(L - K):
+            hard = ones.clone()
+            hard[:, :, j] = 0
+            out = _frozen_forward(lm, x_all[probe], hard, hard, positions, holes)
+            costs.append(_kd(lm, out, top_lp[probe], top_ids[probe]).item())
+    b2 = torch.full((L - K,), p["init_logit"])
+    b2[torch.from_numpy(np.argsort(costs, kind="stable")[:round(target * (L - K))].copy())] = -p["init_logit"]
+    w = {"w1": (torch.randn(p["hidden"], H, generator=g) / H**0.5).requires_grad_(),
+         "b1": torch.zeros(p["hidden"], requires_grad=True),
+         "w2": (torch.randn(L - K, p["hidden"], generator=g) * 0.01).requires_grad_(),
+         "b2": b2.requires_grad_()}
+    opt = torch.optim.Adam(w.values(), lr=p["lr"])
     curve = []
     for _ in range(p["epochs"]):
         perm = torch.randperm(len(x_all), generator=g)
@@ -116,10 +136,8 @@ def train_one(lm, data: dict, teach, p: dict, target: float) -> tuple[dict[str, 
             soft = torch.sigmoid((z + u.log() - (1 - u).log()) / p["tau"])
             hard = (soft > 0.5).float()
             gates = hard + soft - soft.detach()
-            out = _frozen_forward(lm, x0, gates, hard.detach(), positions, p["kv_policy"] == "hole")
-            logq = torch.log_softmax(out @ head.T, dim=-1)
-            t_lp = top_lp[idx]
-            kd = (t_lp.exp() * (t_lp - logq.gather(-1, top_ids[idx]))).sum(-1).mean()
+            out = _frozen_forward(lm, x0, gates, hard.detach(), positions, holes)
+            kd = _kd(lm, out, top_lp[idx], top_ids[idx])
             keep = torch.sigmoid(z)
             skip = 1 - keep.mean()
             loss = kd + p["sparsity"] * keep.mean(dim=(0, 1)).mean() + p["ratio_weight"] * (skip - target) ** 2
@@ -128,7 +146,7 @@ def train_one(lm, data: dict, teach, p: dict, target: float) -> tuple[dict[str, 
             opt.step()
             sums += np.array([loss.item(), kd.item(), 1 - hard.mean().item(), 1]) * len(idx)
         curve.append({"loss": sums[0] / sums[3], "kd": sums[1] / sums[3], "hard_skip": sums[2] / sums[3]})
-    return {k: v.detach().numpy().astype(np.float32) for k, v in w.items()}, curve
+    return {k: v.detach().numpy().astype(np.float32) for k, v in w.items()}, curve, costs
 
 
 def build(params: dict, hidden_dir: Path, model_dir: Path, out_dir: Path) -> dict:
@@ -159,13 +177,14 @@ def build(params: dict, hidden_dir: Path, model_dir: Path, out_dir: Path) -> dic
     routers, targets = {}, {}
     for target in params["targets"]:
         t0 = time.perf_counter()
-        w, curve = train_one(lm, data, teach, params, float(target))
+        w, curve, costs = train_one(lm, data, teach, params, float(target))
         z = keep_logits(w, calib[f"layer_input.{k}"].astype(np.float32))
         skipped = z <= 0  # [N, L - K]
         name = f"router_{target:g}.safetensors"
         routers[name] = w
         targets[f"{target:g}"] = {
             "file": name, "curve": curve, "calib_skip": float(skipped.mean()),
+            "prior_layer_kd": [None] * k + np.round(costs, 6).tolist(),
             "calib_skip_by_layer": [None] * k + skipped.mean(0).round(6).tolist(),
             "calib_skip_by_token_type": analysis.skip_by_type(skipped.mean(1), types)}
         print(f"train_token_router: target {target:g}: {time.perf_counter() - t0:.0f} s, calib skip "
