@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic, manifest, techniques
+from . import atomic, manifest, plots, techniques
 from .errors import UserError
 
 RESULTS = "results.json"
@@ -408,21 +407,12 @@ def _html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
             f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def _plot_speed_quality(rows: list[dict]) -> bytes:
     """One panel per backend; error bars are the speedup's 95% interval; labels are staggered vertically
     (sorted by KL) so nearby points do not print on top of each other."""
-    from matplotlib.figure import Figure
 
     backends = _backends(rows)
-    fig = Figure(figsize=(5.2 * len(backends), 4.2), layout="constrained")
+    fig = plots.figure(5.2 * len(backends), 4.2)
     axes = fig.subplots(1, len(backends), squeeze=False)[0]
     for ax, b in zip(axes, backends, strict=True):
         pts = [(r["config"], r["metrics"]) for r in rows if r["backend"] == b]
@@ -437,13 +427,12 @@ def _plot_speed_quality(rows: list[dict]) -> bytes:
             ax.annotate(c, (x, y), textcoords="offset points", xytext=(8, 10 * (i % 3) - 10), fontsize=8,
                         color=f"C{i % 10}")
         ax.margins(0.2)
-    return _png(fig)
+    return plots.png(fig)
 
 
 def _plot_batch(rows: list[dict]) -> bytes:
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = plots.figure(6.4, 4.2)
     ax = fig.add_subplot()
     ax.set(title="Batch throughput", xlabel="batch size", ylabel="decode tok/s (all sequences)")
     ax.grid(alpha=0.3)
@@ -462,4 +451,4 @@ def _plot_batch(rows: list[dict]) -> bytes:
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set_xticks([], minor=True)
         ax.legend(fontsize=7, ncols=2)
-    return _png(fig)
+    return plots.png(fig)

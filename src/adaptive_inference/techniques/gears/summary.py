@@ -3,9 +3,10 @@ category, separation and the prompt classifier."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
+
+from ... import plots
 
 
 def _tag(artifact: Path) -> str:
@@ -31,11 +32,9 @@ def quantize_blocks(artifact: Path) -> list[tuple]:
 
 
 def histogram_png(e: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     edges = e["histogram_edges"]
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    fig = plots.figure(8, 3.2)
     ax = fig.add_subplot()
     for cat, c in e["by_category"].items():
         total = max(sum(c["histogram"]), 1)
@@ -46,9 +45,7 @@ def histogram_png(e: dict) -> bytes:
     ax.set(xlabel="next-token entropy (bits)", ylabel="share of tokens",
            title=f"Entropy on calib; gear thresholds low {t['low']:.2f} / high {t['high']:.2f} bits")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
+    return plots.png(fig)
 
 
 def entropy_blocks(artifact: Path) -> list[tuple]:

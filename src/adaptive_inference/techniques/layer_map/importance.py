@@ -8,13 +8,12 @@ reached that layer, so the layers before it always run (for the global control t
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from ... import atomic, manifest, metrics
+from ... import atomic, manifest, metrics, plots
 from ...errors import UserError
 from ...hidden_cache import read_split, tokenize
 from ...plan import StepPlan
@@ -100,18 +99,14 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, map_dir: Path, out_di
 
 def heat_map(result: dict) -> bytes:
     """Categories x layers heat map of the single-layer skip KL (log colour scale)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
 
     groups = list(result["kl"])
     m = np.array([[np.nan if v is None else v for v in result["kl"][g]] for g in groups], dtype=float)
-    fig = Figure(figsize=(8, 0.5 * len(groups) + 1.6), layout="constrained")
+    fig = plots.figure(8, 0.5 * len(groups) + 1.6)
     ax = fig.add_subplot()
     im = ax.imshow(m, aspect="auto", cmap="viridis", norm=LogNorm(vmin=np.nanmin(m), vmax=np.nanmax(m)))
     ax.set(yticks=range(len(groups)), yticklabels=groups, xlabel="layer skipped alone",
            title="KL to the baseline when one layer is skipped (calib)")
     fig.colorbar(im, ax=ax, label="KL (nats / token)")
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
+    return plots.png(fig)

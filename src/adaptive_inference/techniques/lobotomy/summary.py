@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
+
+from ... import plots
 
 PLOT = "ffn_profile.png"
 
@@ -34,10 +35,8 @@ def cut_blocks(artifact: Path) -> list[tuple]:
 
 
 def plot(profile: list[dict]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = plots.figure(6.4, 4.2)
     ax = fig.add_subplot()
     ax.set(title="MLP profile (calib)", xlabel="layer", ylabel="KL when only this MLP is zeroed")
     ax.grid(alpha=0.3)
@@ -50,6 +49,4 @@ def plot(profile: list[dict]) -> bytes:
     twin.set_ylim(0, 1)
     twin.legend(fontsize=8, loc="upper right")
     ax.legend(fontsize=8, loc="upper left")
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
+    return plots.png(fig)

@@ -3,9 +3,10 @@ rates per layer (plot) and by token type."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
+
+from ... import plots
 
 
 def _tag(artifact: Path) -> str:
@@ -16,10 +17,8 @@ def _tag(artifact: Path) -> str:
 
 
 def layers_png(r: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3), layout="constrained")
+    fig = plots.figure(8, 3)
     ax = fig.add_subplot()
     for target, t in r["targets"].items():
         rates = t["calib_skip_by_layer"]
@@ -29,9 +28,7 @@ def layers_png(r: dict) -> bytes:
     ax.set(xlabel="layer", ylabel="share of calib tokens skipping it", ylim=(0, 1),
            title=f"Per-layer skip rates; layers < {r['first_layers']} always run")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
+    return plots.png(fig)
 
 
 def blocks(artifact: Path) -> list[tuple]:
