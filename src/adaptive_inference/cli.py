@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -123,8 +124,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(BaseException):
+    """SIGTERM (what a scheduler sends at a time limit) as an exception, so every atomic output's cleanup
+    runs on the way out and no `.<output>.tmp-*` folder is left behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    handle_sigterm()
     try:
         from . import params as params_mod
 
@@ -135,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        print(f"adaptive-inference {args.stage}: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
+        return 143
     return 0
 
 
