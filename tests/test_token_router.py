@@ -69,6 +69,20 @@ def _gate(lm, bias: float | None, inputs, kv_policy: str = "project"):
     return gate
 
 
+def _varied_gate(lm, inputs, kv_policy: str = "project"):
+    """The trained gate with random, token-dependent decisions: a tiny trained router may learn one layer
+    prior for every token, and a layer that every token skips cannot tell the KV policies apart."""
+    gate = _gate(lm, None, inputs, kv_policy)
+    w2 = np.random.default_rng(0).normal(size=gate.w["w2"].shape).astype(np.float32) * 10
+    gate.w = {**gate.w, "w2": w2, "b2": np.zeros_like(gate.w["b2"])}
+    at = gate.after_layer + 1  # the gate reads the input of the first routed layer
+    ids = lm.ids_array(np.asarray(_text(inputs))[None])
+    keep = gate.decide(lm.hidden(ids, lm.new_cache(1, ids.shape[1]), capture={at})[1][at], lm).keep[0]
+    mixed = [(~keep[:-1, j]).any() and keep[1:, j].any() for j in range(at, gate.L)]
+    assert any(mixed)  # some token skips a layer that a later token runs
+    return gate
+
+
 class _EveryStep(StaticPolicy):
     static = False
 
@@ -92,7 +106,7 @@ def _once(lm, ids, gate):
 
 @pytest.mark.parametrize("kv_policy", ["project", "hole"])
 def test_decode_with_the_kv_cache_equals_one_forward_with_the_same_decisions(lm, inputs, kv_policy):
-    policy = apply.TokenPolicy(_gate(lm, None, inputs, kv_policy))
+    policy = apply.TokenPolicy(_varied_gate(lm, inputs, kv_policy))
     ids = _text(inputs)
     stepwise, executed = teacher_forced(lm, ids, policy, prompt_tokens=3)
     assert 0 < np.mean([1 - e.row_layer_share for e in executed]) < 1  # some layers skipped, not all
@@ -104,7 +118,7 @@ def test_decode_with_the_kv_cache_equals_one_forward_with_the_same_decisions(lm,
 
 
 def test_kv_policies_differ_only_in_what_later_tokens_see(lm, inputs):
-    gate = _gate(lm, None, inputs)
+    gate = _varied_gate(lm, inputs)
     hole = apply.TokenGate(gate.w, gate.after_layer + 1, gate.L, writes_kv=False)
     ids = _text(inputs)
     a, b = _once(lm, ids, gate), _once(lm, ids, hole)
