@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # TORCH='torch --index-url https://download.pytorch.org/whl/cpu' for a CPU-only machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup reproduce dvc-repro test lint clean-artifacts
+.PHONY: setup reproduce dvc-repro regenerate test lint clean-artifacts
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ reproduce: setup
 dvc-repro: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH adaptive-inference dvc-yaml
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
+
+# what CI runs after the tests: the CI configuration (ci/: a tiny random model, every technique, both
+# backends) through dvc repro, then dvc metrics diff against ci/reports/metrics.json as committed
+regenerate: setup
+	cd ci && PATH=$(CURDIR)/$(BIN):$$PATH adaptive-inference regenerate
 
 test: lint
 	PATH=$(CURDIR)/$(BIN):$$PATH pytest -q

@@ -37,3 +37,17 @@ def test_stages_are_byte_identical_in_two_places(tmp_path):
         assert folder_bytes(a / stage) == folder_bytes(b / stage), stage
     text = (a / "lobotomy" / manifest.MANIFEST).read_text()
     assert str(tmp_path) not in text and "created" not in text
+
+
+def test_prepare_model_tiny_is_byte_identical_in_two_processes(tmp_path):
+    """model.source tiny (the CI configuration's model) from two fresh processes: same bytes (a set's order
+    once leaked into the tokenizer's vocabulary and changed every downstream number)."""
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("adaptive-inference")
+    params = Path(__file__).resolve().parents[1] / "ci" / "params.yaml"
+    for out in ("a", "b"):
+        subprocess.run([str(cli), "prepare-model", "--params", str(params), "--out", str(tmp_path / out)],
+                       check=True, capture_output=True)
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")

@@ -12,67 +12,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TEXT = ("def add(a, b):\n    return a + b\n"
-        "The answer is 42. Janet has 3 eggs and buys 4 more, so she has 7 eggs.\n"
-        "Light scatters off molecules; shorter wavelengths scatter more.\n")
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CI_PARAMS = ROOT / "ci" / "params.yaml"  # the CI configuration: model.source tiny, every technique
 
 
-def tiny_tokenizer(path: Path) -> None:
-    """A 128-entry byte-level BPE trained here, so the tiny model needs no hub."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
-    tok.train_from_iterator([TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = CHAT
-    fast.save_pretrained(path)
+def tiny_params() -> dict:
+    return yaml.safe_load(CI_PARAMS.read_text())
 
 
-TINY_CONFIGS = ("baseline", "router", "lobotomy", "stacked", "map-hard-25", "gears", "token-35")
+TINY_CONFIGS = tuple(tiny_params()["benchmark"]["configs"])
 
 
-def tiny_params(model_dir: Path) -> dict:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["model"]["source"] = str(model_dir)
-    p["corpus"].update(train=3, calib=2, eval=2, max_chars=400)
-    p["cache_hidden"].update(seq_len=32, batch_size=4, layer_inputs=[0, 2])
-    p["train_vocab_router"].update(coverage=0.8, hidden=16, epochs=2)
-    p["profile_ffn"].update(texts=4, seq_len=16)
-    p["make_lobotomy"].update(max_layers=1, max_kl=10.0)
-    p["build_layer_map"].update(window=8, k=3)
-    p["layer_importance"].update(texts_per_category=1, seq_len=16, budgets=[0.25], tries=1)
-    p["calibrate_entropy"].update(prompt_tokens=8)
-    p["train_token_router"].update(first_layers=2, targets=[0.35], hidden=8, texts=4, seq_len=16, epochs=1)
-    p["benchmark"]["configs"] = {k: v for k, v in p["benchmark"]["configs"].items() if k in TINY_CONFIGS}
-    p["benchmark"]["configs"]["gears"]["backends"] = ["torch", "mlx"]  # cover the packed MLX path end to end
-    p["benchmark"].update(
-        quality={"seq_len": 32, "max_texts": 4},
-        decode={"prompts": 2, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 2},
-        batch={"sizes": [1, 2], "new_tokens": 2, "repeats": 1},
-        gsm8k={"samples": 1, "max_new_tokens": 4, "backends": ["torch"]},
-        gpqa={"samples": 1, "max_prompt_tokens": 12, "backends": ["torch"]},
-    )
-    return p
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     logs = "".join(f.read_text() for f in sorted((cwd / "logs").glob("*.log"))) if (cwd / "logs").exists() else ""
-    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{logs[-3000:]}"
-    return res.stdout + res.stderr
+    assert res.returncode == 0 or not check, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{logs[-3000:]}"
+    return res.stdout + res.stderr if check else (res.returncode, res.stdout + res.stderr)
 
 
 def ran_stages(out: str) -> set[str]:
@@ -85,23 +43,29 @@ def edit_params(work: Path, change) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(p))
 
 
-@pytest.mark.pipeline
-def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
-    model_dir = tmp_path / "tiny-model"
-    model_dir.mkdir()
-    make_tiny_model(model_dir, "llama")
-    tiny_tokenizer(model_dir)
-    work = tmp_path / "project"
+GIT = ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost"]
+
+
+def project(work: Path) -> Path:
+    """A checkout of this project with the CI params as its params.yaml, under git and DVC (default remote)."""
     work.mkdir()
-    for name in ("Snakefile", "workflow", "src"):
+    for name in ("Snakefile", "workflow", "src", ".dvc/config"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, work / name)
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(model_dir)))
+    shutil.copy(CI_PARAMS, work / "params.yaml")
     run(["adaptive-inference", "dvc-yaml"], work)
+    run(["git", "init", "-q"], work)
+    (work / ".gitignore").write_text("/logs/\n/.snakemake/\n")
+    return work
 
+
+@pytest.mark.pipeline
+def test_tiny_pipeline_snakemake_dvc_remote_and_regeneration(tmp_path):
+    work = project(tmp_path / "project")
     run(["snakemake", "--cores", "2"], work)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     for backend in ("torch", "mlx"):
@@ -119,11 +83,12 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     assert "data:image/png;base64" in (work / "reports/report.html").read_text()
     assert "Nothing to be done" in run(["snakemake", "--cores", "2"], work)
 
-    run(["git", "init", "-q"], work)
-    run(["dvc", "init", "-q"], work)
+    run(["dvc", "init", "-q", "--force"], work)
+    shutil.copy(ROOT / ".dvc/config", work / ".dvc/config")  # dvc init wrote its own
     run(["dvc", "commit", "-f", "-q"], work)  # adopt what snakemake built
     assert not ran_stages(run(["dvc", "repro"], work))  # no-op
 
+    # the rerun sets of the three kinds of change, and of a new configuration
     jobs = lambda *cfgs: {f"benchmark-{b}-{c}" for b in ("torch", "mlx") for c in cfgs}  # noqa: E731
     edit_params(work, lambda p: p["make_lobotomy"].update(max_kl=9.0))  # a technique key
     assert ran_stages(run(["dvc", "repro"], work)) == {"make_lobotomy", "report"} | jobs("lobotomy", "stacked")
@@ -131,6 +96,41 @@ def test_tiny_pipeline_snakemake_then_dvc(tmp_path):
     assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs(*TINY_CONFIGS)
     edit_params(work, lambda p: p["report"].update(title="Tiny"))  # a report key
     assert ran_stages(run(["dvc", "repro"], work)) == {"report"}
+    edit_params(work, lambda p: p["resources"]["benchmark"].update(mem_mb=999))  # a scheduler key
+    assert not ran_stages(run(["dvc", "repro"], work))
     edit_params(work, lambda p: p["benchmark"]["configs"].update(cut={"techniques": ["lobotomy"]}))  # a configuration
     run(["adaptive-inference", "dvc-yaml"], work)
     assert ran_stages(run(["dvc", "repro"], work)) == {"report"} | jobs("cut")
+
+    # the DVC remote: push, then a fresh clone pulls every artifact and neither front-end reruns anything
+    run([*GIT, "add", "-A"], work)
+    run([*GIT, "commit", "-q", "-m", "results"], work)
+    run(["dvc", "push", "-q"], work)
+    assert (tmp_path / "adaptive-inference-remote").is_dir()  # the default remote, beside the checkout
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(work), str(clone)], tmp_path)
+    run(["dvc", "pull", "-q"], clone)
+    for folder in ("model", "hidden", "lobotomy", "token_router", "benchmark/mlx/cut"):
+        assert (clone / "artifacts" / folder / "MANIFEST.json").read_bytes() == \
+            (work / "artifacts" / folder / "MANIFEST.json").read_bytes()
+    assert not ran_stages(run(["dvc", "repro"], clone))
+    run(["snakemake", "--cores", "1", "--touch"], clone)  # pulled files carry pull-time mtimes
+    assert "Nothing to be done" in run(["snakemake", "--cores", "2", "-n"], clone)
+
+    # regeneration: unchanged -> passes; a param that lowers quality -> fails and names the metric
+    out = run(["adaptive-inference", "regenerate"], work)
+    assert "every metric equals" in out or "0 past tolerance" in out
+    edit_params(work, lambda p: p["make_lobotomy"].update(max_layers=3))  # zero 3 of 4 MLPs
+    rc, out = run(["adaptive-inference", "regenerate"], work, check=False)
+    assert rc == 1 and "FAILED" in out and "lobotomy.kl_to_baseline" in out, out[-3000:]
+
+    # Snakemake's between-workflow output cache: a second checkout reuses prepare_model and cache_hidden
+    cache = {"SNAKEMAKE_OUTPUT_CACHE": str(tmp_path / "snakemake-cache")}
+    (tmp_path / "snakemake-cache").mkdir()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for c in (first, second):
+        run(["git", "clone", "-q", str(work), str(c)], tmp_path)
+    run(["snakemake", "--cores", "2", "--cache", "artifacts/hidden"], first, env=cache)
+    out = run(["snakemake", "--cores", "2", "--cache", "artifacts/hidden"], second, env=cache)
+    assert not (second / "logs" / "cache_hidden.log").exists(), out  # fetched, not recomputed
+    assert (second / "artifacts/hidden/MANIFEST.json").read_bytes() == (first / "artifacts/hidden/MANIFEST.json").read_bytes()

@@ -61,6 +61,12 @@ def _dvc_yaml(a, params):
     return dvcgen.write(params, a.out)
 
 
+def _regenerate(a, params):
+    from . import regenerate
+
+    return regenerate.run(params["regenerate"], a.params.parent)
+
+
 def _chat(a, params):
     from . import chat
 
@@ -117,6 +123,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=Path("dvc.yaml"))
     p.set_defaults(fn=_dvc_yaml)
+    p = sub.add_parser("regenerate", help="dvc repro, then dvc metrics diff against git; fails on a quality move.",
+                       description="Run in the pipeline's folder (CI: ci/). Exit 1 when a quality metric moved "
+                                   "past regenerate.tolerance.")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.set_defaults(fn=_regenerate)
     p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
     p.add_argument("--results", type=Path, nargs="+", required=True,
                    help="benchmark job folders (configurations and references)")
@@ -144,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import params as params_mod
 
         params = params_mod.load(args.params)
-        args.fn(args, params)
+        rc = args.fn(args, params)
+        if isinstance(rc, int):  # a check's verdict (regenerate); stages return their manifest
+            return rc
     except UserError as e:
         print(f"adaptive-inference {args.stage}: error: {e}", file=sys.stderr)
         return 2

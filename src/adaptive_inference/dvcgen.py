@@ -7,6 +7,7 @@ so the jobs are written out here, one stage per (backend, configuration)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -30,7 +31,8 @@ def _stage(cli: str, inputs: dict[str, str], out: str, code: list[str], params: 
             "deps": code + [f"artifacts/{f}" for f in inputs.values()], "params": params, "outs": [out]}
 
 
-def render(params: dict) -> dict:
+def render(params: dict, root: str = ".") -> dict:
+    """root: the repository root seen from dvc.yaml's folder (".." for ci/dvc.yaml); code deps live there."""
     bench = params["benchmark"]
     stages = {}
     for name, cli, section, module, inputs, out in CORE:
@@ -64,12 +66,17 @@ def render(params: dict) -> dict:
         "plots": ["reports/speed_quality.png", "reports/batch_throughput.png"],
         "metrics": [{"reports/metrics.json": {"cache": False}}],
     }
+    if root != ".":
+        for st in stages.values():
+            st["deps"] = [f"{root}/{d}" if d.startswith("src/") else d for d in st["deps"]]
     return {"stages": stages}
 
 
-def text(params: dict) -> str:
-    return HEADER + yaml.safe_dump(render(params), sort_keys=False, width=1000)
+def text(params: dict, root: str = ".") -> str:
+    return HEADER + yaml.safe_dump(render(params, root), sort_keys=False, width=1000)
 
 
 def write(params: dict, path: Path = Path("dvc.yaml")) -> None:
-    atomic.write_text(path, text(params))
+    """Stage commands run in path's folder; code deps point back at src/ of the checkout we run in."""
+    root = Path(os.path.relpath(Path.cwd(), Path(path).resolve().parent)).as_posix()
+    atomic.write_text(path, text(params, root))

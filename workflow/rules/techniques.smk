@@ -17,7 +17,11 @@ for st in techniques.stages():
             + f"--out artifacts/{st.out}",
         log:
             f"logs/{st.section}.log",
-        threads: workflow.cores  # timing-free, but a stage uses every core it gets
+        threads: res("technique", "cpus")
+        resources:
+            mem_mb=res("technique", "mem_mb"),
+            runtime=res("technique", "runtime"),
+        cache: "omit-software"  # shareable between checkouts: --cache with SNAKEMAKE_OUTPUT_CACHE
         conda:
             "../envs/adaptive-inference.yaml"
         shell:
