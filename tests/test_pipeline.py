@@ -130,7 +130,7 @@ def test_tiny_pipeline_snakemake_dvc_remote_and_regeneration(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     for c in (first, second):
         run(["git", "clone", "-q", str(work), str(c)], tmp_path)
-    run(["snakemake", "--cores", "2", "--cache", "artifacts/hidden"], first, env=cache)
-    out = run(["snakemake", "--cores", "2", "--cache", "artifacts/hidden"], second, env=cache)
+    run(["snakemake", "--cores", "2", "artifacts/hidden", "--cache"], first, env=cache)  # --cache takes rule names
+    out = run(["snakemake", "--cores", "2", "artifacts/hidden", "--cache"], second, env=cache)
     assert not (second / "logs" / "cache_hidden.log").exists(), out  # fetched, not recomputed
     assert (second / "artifacts/hidden/MANIFEST.json").read_bytes() == (first / "artifacts/hidden/MANIFEST.json").read_bytes()
