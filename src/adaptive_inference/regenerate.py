@@ -45,9 +45,8 @@ def metrics_diff(rev: str, cwd: Path) -> dict[str, dict]:
 
 
 def within(old: float, new: float, tol: dict) -> bool:
-    d = abs(new - old)
-    return any([d <= tol["abs"] + 1e-12 if "abs" in tol else False,
-                d <= tol["rel"] * abs(old) + 1e-12 if "rel" in tol else False])
+    d = abs(new - old) - 1e-12
+    return d <= tol.get("abs", -1) or d <= tol.get("rel", -1) * abs(old)
 
 
 def verdicts(diff: dict[str, dict], tolerance: dict[str, dict]) -> list[tuple[str, dict, str]]:
