@@ -55,3 +55,43 @@ def test_decode_step_has_static_shapes(tiny):
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
     assert len(set(shapes)) == 1 and shapes[0][0][2] == 10
+
+
+def _decode_logits(lm, plans, batch=1):
+    """Prefill IDS[:4] on `batch` equal rows, then decode IDS[4:] one token per step under plans[step % n]."""
+    cache = lm.new_cache(batch, len(IDS))
+    lm.forward(torch.tensor([IDS[:4]] * batch), cache)
+    return np.stack([lm.decode_one_token(torch.tensor([t] * batch), cache, plans[s % len(plans)]).out.logits.numpy()
+                     for s, t in enumerate(IDS[4:])])
+
+
+def test_compiled_decode_equals_eager_and_switches_plans(tiny_llama):
+    """One compiled graph per distinct plan: plans that alternate step by step give the eager step's logits
+    (within 1e-5) and report the same executed layers; a gated plan runs eagerly beside them."""
+    from adaptive_inference.plan import StepPlan
+
+    eager = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    compiled = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=True)
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0, 2}), blend=((3, 0.5),))]
+    want, got = _decode_logits(eager, plans), _decode_logits(compiled, plans)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(compiled.compiled_steps) == 3  # one per plan, reused as plans come back
+    cache = compiled.new_cache(1, 6)
+    assert cache.max_len % 128 == 0  # bucketed: other prompt lengths reuse the graph
+    compiled.forward(torch.tensor([IDS[:4]]), cache)
+    step = compiled.decode_one_token(torch.tensor([IDS[4]]), cache, plans[2]).executed
+    cache = eager.new_cache(1, 6)
+    eager.forward(torch.tensor([IDS[:4]]), cache)
+    assert step == eager.decode_one_token(torch.tensor([IDS[4]]), cache, plans[2]).executed
+
+
+def test_dense_kernel_matches_library_matmul(tiny_llama):
+    """The decode gemv (torch_kernels.dense_linear) gives F.linear's logits to fp32 rounding, for one row and
+    a batch, and its prefill (many rows) is F.linear itself."""
+    kernel = TorchLM.load(tiny_llama[1])
+    library = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    assert kernel.dense_kernel and not library.dense_kernel
+    for batch in (1, 3):
+        np.testing.assert_allclose(_decode_logits(kernel, [StepPlan()], batch),
+                                   _decode_logits(library, [StepPlan()], batch), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(kernel.logits(IDS), library.logits(IDS))

@@ -7,11 +7,13 @@ from pathlib import Path
 NAMES = ("torch", "mlx")
 
 
-def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str | None = None):
+def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str | None = None,
+                 runtime: dict | None = None):
+    """runtime: params benchmark.runtime (cpu_matmul, compile); torch reads it, MLX has no such choices yet."""
     if name == "torch":
         from .torch_backend import TorchLM, default_device
 
-        return TorchLM.load(model_dir, device=device or default_device(), dtype=dtype)
+        return TorchLM.load(model_dir, device=device or default_device(), dtype=dtype, **(runtime or {}))
     if name == "mlx":
         from .mlx_backend import MLXLM
 

@@ -30,7 +30,7 @@ def run(params: dict, config: str, *, model_dir: Path, artifacts_dir: Path, back
     specs = configs[config]["techniques"]
     techniques.check({config: {"techniques": specs}})
     manifest.verify(model_dir, stage="prepare_model")
-    lm = load_backend(backend, model_dir, params["benchmark"]["dtype"])
+    lm = load_backend(backend, model_dir, params["benchmark"]["dtype"], runtime=params["benchmark"].get("runtime"))
     folders = [Path(artifacts_dir) / f for f in techniques.artifact_folders(specs)]
     policy_for = lambda: techniques.make_policy(specs, folders, lm.cfg)  # noqa: E731
     policy_for()  # fail now, not after the first question, if an artifact is missing

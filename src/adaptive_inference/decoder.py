@@ -207,6 +207,29 @@ class Decoder(abc.ABC):
                         info=info)
         return self.final_norm(x), captured, executed
 
+    def static_blocks(self, ids, positions, cache, layers: list[Layer], run: tuple) -> object:
+        """The blocks of a gate-free plan as a pure function of arrays (what a backend may compile): run is
+        ((layer, mlp runs, blend alpha), ...) for the layers that run. Same ops as _blocks; the caller
+        advances cache.length. Returns the final-normed hidden [B, T, hidden]."""
+        rope = self.rope(positions)
+        x = self.embed_ids(ids)
+        for i, mlp, alpha in run:
+            y = x + self.attention(x, layers[i], i, cache, rope, positions, None)
+            if mlp:
+                y = y + self.mlp(y, layers[i], i)
+            x = y if alpha == 1.0 else x + alpha * (y - x)
+        return self.final_norm(x)
+
+    def static_run(self, plan: StepPlan) -> tuple[tuple, dict]:
+        """(run, executed) of a gate-free plan for static_blocks: what runs, and the ExecutedStep fields
+        _blocks would report for one token per row (tokens set by the caller)."""
+        blend, L = dict(plan.blend), self.cfg.num_hidden_layers
+        run = tuple((i, i not in plan.zero_mlp, blend.get(i, 1.0)) for i in range(L) if i not in plan.skip_layers)
+        executed = dict(layers_run=frozenset(i for i, _, _ in run), mlps_run=frozenset(i for i, m, _ in run if m),
+                        weights=weights_name(plan.weights), row_layer_share=float(len(run) / L),
+                        kv_only_layers=frozenset(), info={})
+        return run, executed
+
     def head_weights(self, weights: str | WeightSet = FULL_WEIGHTS):
         return self.packed_heads.get(weights_name(weights), self.lm_head)
 
@@ -271,8 +294,10 @@ class Decoder(abc.ABC):
                 observe_mlp=None) -> Forward:
         """Blocks, then the plan's head (the full LM head when none), on ids [B, T]."""
         h, captured, executed = self._blocks(ids, cache, plan, capture, observe_mlp)
-        if last_only:
-            h = h[:, -1]
+        return self._head(h[:, -1] if last_only else h, plan, executed, captured)
+
+    def _head(self, h, plan: StepPlan, executed: dict, captured: dict) -> Forward:
+        """The plan's head (the full LM head when none) on the final-normed hidden h."""
         if plan.head is None:
             w = self.head_weights(plan.weights)
             out = HeadOutput(self.logits32(h, w), "full", self.cfg.vocab_size * self.cfg.hidden_size)

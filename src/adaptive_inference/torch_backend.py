@@ -1,12 +1,20 @@
 """PyTorch backend: weights, a static KV cache and the op set decoder.Decoder interprets plans over.
 
-Decode has static shapes so a driver can compile it: positions are a tensor, the KV cache is written with
+Decode has static shapes so it can be compiled: positions are a tensor, the KV cache is written with
 index_copy_, and the attention mask always exists (a slot is attended only once written, so the mask is
 causal by construction and a skipped layer's slot stays a hole). Device and dtype are the caller's choice.
+
+Runtime choices (params benchmark.runtime), the same for a job's baseline and its configuration:
+- cpu_matmul "kernel": decode-sized matmuls (<= 8 rows) on CPU go to torch_kernels.dense_linear (an AVX2
+  gemv reading weights near memory speed; MKL's sgemv reads at about half of it here); "library": F.linear.
+- compile: decode steps of gate-free plans on full weights run as one torch.compile'd graph per distinct
+  plan (inductor fuses norms, RoPE, residuals; no per-op dispatch). Gated plans and packed weight sets run
+  eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +22,15 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from .decoder import Decoder, Layer
+from . import torch_kernels
+from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
 from .model_config import ModelConfig
+from .plan import FULL, StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_MATMULS = ("kernel", "library")
+CACHE_BUCKET = 128  # compiled decode: cache lengths rounded up to this (one graph per bucket and batch size)
 
 
 def default_device() -> str:
@@ -50,8 +62,16 @@ class KVCache:
 class TorchLM(Decoder):
     name = "torch"
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype, *,
+                 cpu_matmul: str = "kernel", compile: bool = False):
+        if cpu_matmul not in CPU_MATMULS:
+            raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.dense_kernel = cpu_matmul == "kernel" and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        if self.dense_kernel:
+            torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
+        self.compile = compile
+        self.compiled_steps: dict = {}  # (blocks of a plan) -> (compiled fn, run, executed)
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
@@ -69,7 +89,8 @@ class TorchLM(Decoder):
         return self.weight_sets["full"]
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32") -> TorchLM:
+    def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", cpu_matmul: str = "kernel",
+             compile: bool = False) -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -81,16 +102,53 @@ class TorchLM(Decoder):
                 for k in sf.keys():
                     weights[k] = sf.get_tensor(k).to(device=device, dtype=DTYPES[dtype])
         try:
-            return cls(cfg, weights, device, DTYPES[dtype])
+            return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 
+    @property
+    def matmul_name(self) -> str:
+        """What runs decode-sized dense matmuls (recorded with every benchmark)."""
+        return "adaptive_inference dense_linear (AVX2 gemv)" if self.dense_kernel else "torch F.linear"
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.compile:
+            max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, *args, **kwargs):
         return super().forward(*args, **kwargs)
+
+    @torch.inference_mode()
+    def decode_one_token(self, tokens, cache: KVCache, plan: StepPlan = FULL) -> Forward:
+        step = self._compiled_step(plan) if self.compile else None
+        if step is None:
+            return super().decode_one_token(tokens, cache, plan)
+        fn, executed = step
+        if cache.length + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {cache.length}+1 > {cache.max_len}")
+        h = fn(tokens[:, None], self.positions(cache.length, 1), cache)
+        cache.length += 1
+        return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
+
+    def _compiled_step(self, plan: StepPlan):
+        """(compiled blocks, executed) for a gate-free plan on full weights; None where the step runs eagerly."""
+        if plan.gate is not None:
+            return None
+        key = (plan.skip_layers, plan.zero_mlp, plan.blend, plan.weights)
+        if key not in self.compiled_steps:
+            layers = self.resolve_weights(plan.weights)
+            if not all(isinstance(getattr(lw, n), torch.Tensor) for lw in layers for n in LINEARS):
+                self.compiled_steps[key] = None  # packed kernels are opaque to the compiler
+            else:
+                # graphs are cached per code object: one per (plan, batch size, cache bucket) must fit
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                run, executed = self.static_run(plan)
+                fn = torch.compile(functools.partial(self.static_blocks, layers=layers, run=run),
+                                   dynamic=False, fullgraph=True)
+                self.compiled_steps[key] = (fn, executed)
+        return self.compiled_steps[key]
 
     # ---- the op set ----------------------------------------------------------------------------
 
@@ -137,7 +195,7 @@ class TorchLM(Decoder):
         q_dim, (kv_heads, d) = self._split[0], (self.cfg.num_key_value_heads, self.cfg.head_dim)
         h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
         if isinstance(lw.wqkv, torch.Tensor):  # read only the k/v rows of the fused weight
-            kv = F.linear(h, lw.wqkv[q_dim:], None if lw.bqkv is None else lw.bqkv[q_dim:])
+            kv = self.linear(h, lw.wqkv[q_dim:], None if lw.bqkv is None else lw.bqkv[q_dim:])
         else:  # a packed weight is read whole
             kv = self.linear(h, lw.wqkv, lw.bqkv)[..., q_dim:]
         k, v = (t.view(B, T, kv_heads, d).transpose(1, 2) for t in kv.chunk(2, dim=-1))
@@ -165,6 +223,8 @@ class TorchLM(Decoder):
 
     def linear(self, x, w, b=None):
         if isinstance(w, torch.Tensor):
+            if self.dense_kernel and torch_kernels.dense_ok(x, w):
+                return torch_kernels.dense_linear(x, w, b)
             return F.linear(x, w, b)
         from . import quant_torch
 

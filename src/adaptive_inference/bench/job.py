@@ -36,6 +36,8 @@ def _phase(what: str, fn, *args):
 def _environment(lm) -> dict:
     env = {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
            "threads": _threads(lm), "device": str(lm.device)}
+    if lm.name == "torch":
+        env["decode_matmul"], env["compiled_decode"] = lm.matmul_name, lm.compile
     if lm.name == "mlx":
         from ..blas import blas_info
 
@@ -54,7 +56,7 @@ def _threads(lm) -> int:
 def _memory_probe(job: dict) -> dict:
     """Peak memory of a fresh process that loads the model and runs one decode and the largest batch."""
     p = job["params"]
-    lm = load_backend(job["backend"], Path(job["model"]), p["dtype"])
+    lm = load_backend(job["backend"], Path(job["model"]), p["dtype"], runtime=p["runtime"])
     specs = p["config"]["techniques"]
     new = lambda: techniques.make_policy(specs, [Path(a) for a in job["artifacts"]], lm.cfg)  # noqa: E731
     from ..generation import generate, generate_batch
@@ -103,7 +105,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     specs = params["configs"][config]["techniques"]
     techniques.check({config: {"techniques": specs}})
     p = job_params(params, config)
-    lm = load_backend(backend, model_dir, p["dtype"])
+    lm = load_backend(backend, model_dir, p["dtype"], runtime=p["runtime"])
     new_config = lambda: techniques.make_policy(specs, artifacts, lm.cfg)  # noqa: E731
     new_config()  # a missing or corrupt artifact fails before minutes of timing
     data = prepare(p, model_dir, corpus_dir, gsm8k=backend in params["gsm8k"]["backends"],
@@ -151,7 +153,7 @@ def build_reference(params: dict, backend: str, model_dir: Path, corpus_dir: Pat
     """Our baseline decode against the library's own generate, paired per prompt."""
     model_m = _check(params, backend, model_dir, corpus_dir, [])
     p = job_params(params, None)
-    lm = load_backend(backend, model_dir, p["dtype"])
+    lm = load_backend(backend, model_dir, p["dtype"], runtime=p["runtime"])
     data = prepare(p, model_dir, corpus_dir, gsm8k=False, gpqa=False)
     ref = _phase(f"{backend}/reference: decode", reference.measure, lm, data, model_dir, p)
     results = {"reference": ref, "model": _model(model_m, model_dir, p["dtype"]), "environment": _environment(lm)}

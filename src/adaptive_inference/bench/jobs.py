@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from .. import codedeps, techniques
 
-SHARED_KEYS = ("dtype", "quality", "decode", "batch", "gsm8k", "gpqa")  # what every job reads besides its config
-REFERENCE_KEYS = ("dtype", "quality", "decode")  # the library-reference job times decode only
+SHARED_KEYS = ("dtype", "runtime", "quality", "decode", "batch", "gsm8k", "gpqa")  # what every job reads besides its config
+REFERENCE_KEYS = ("dtype", "runtime", "quality", "decode")  # the library-reference job times decode only
 JOB_MODULE = "adaptive_inference.bench.job"
 
 
