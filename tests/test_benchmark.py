@@ -51,3 +51,16 @@ def test_gpqa_choice_scores_options_under_the_policy(tiny_llama):
     skip_picks = [int(np.argmax([mean_lp(it, o, skip) for o in it["options"]])) for it in items]
     assert other["gpqa_same_pick"] == np.mean([a == b for a, b in zip(picks, skip_picks, strict=True)])
     assert gpqa_choice(lm, {"gpqa": []}, StaticPolicy) == {}
+
+
+def test_quality_vs_float32_reference(tiny_llama):
+    """A bf16 baseline against the same model in fp32: a small positive KL; fp32 against itself: zero."""
+    from adaptive_inference.bench.measure import quality_vs
+    from adaptive_inference.torch_backend import TorchLM
+
+    fp32, bf16 = TorchLM.load(tiny_llama[1]), TorchLM.load(tiny_llama[1], dtype="bfloat16")
+    data = {"eval": [[5, 17, 99, 3, 64, 12, 7, 120, 33, 2], [8, 41, 2, 33, 120, 7]]}
+    same = quality_vs(fp32, fp32, data)
+    assert same["kl_to_baseline"] == 0.0 and same["top1_agreement"] == 1.0 and same["eval_tokens"] == 14
+    cheap = quality_vs(bf16, fp32, data)
+    assert 0 < cheap["kl_to_baseline"] < 0.05

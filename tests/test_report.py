@@ -94,6 +94,17 @@ def test_single_backend_has_no_agreement(tmp_path):
     assert "Only one backend ran" in md and "No measurable speedup (interval reaches 1.0) for: router" in md
 
 
+def test_reduced_precision_baseline_states_its_cost_against_float32(tmp_path):
+    base = _run("torch", "baseline", 30.0, 1.0, 0.0, 1.0)
+    base["quality"]["vs_float32"] = {"kl_to_baseline": 0.0021, "top1_agreement": 0.975, "perplexity": 13.2}
+    out = tmp_path / "reports"
+    report.build(PARAMS, [_job(tmp_path, base), _job(tmp_path, _run("torch", "lobotomy", 31.0, 1.2, 0.05, 0.7))], out)
+    metrics = json.loads((out / "metrics.json").read_text())["torch"]
+    assert metrics["baseline"]["kl_to_float32"] == 0.0021 and "kl_to_float32" not in metrics["lobotomy"]
+    assert "KL 0.0021 nats/token and top-1 agreement 97.5% against the same model in float32" in \
+        (out / "report.md").read_text()
+
+
 def _bad_missing(folder: Path) -> None:
     (folder / "results.json").unlink()
 

@@ -32,6 +32,8 @@ _FIELDS = {  # metrics.json key -> path inside one run
     "perplexity": ("quality", "perplexity"),
     "kl_to_baseline": ("quality", "kl_to_baseline"),
     "top1_agreement": ("quality", "top1_agreement"),
+    "kl_to_float32": ("quality", "vs_float32", "kl_to_baseline"),  # baseline jobs of a bf16 / fp16 run
+    "top1_to_float32": ("quality", "vs_float32", "top1_agreement"),
     "gsm8k_accuracy": ("quality", "gsm8k_accuracy"),
     "gsm8k_n": ("quality", "gsm8k_n"),
     "gpqa_accuracy": ("quality", "gpqa_accuracy"),
@@ -243,9 +245,12 @@ def _glance(rows: list[dict], backend: str) -> tuple:
 def _reading(rows: list[dict], backend: str) -> str:
     """A plain sentence or three: the best trade, what does not pay, where quality goes."""
     mine = [r for r in rows if r["backend"] == backend and r["config"] != "baseline"]
-    if not mine:
-        return f"{backend}: only the baseline ran."
     g = lambda r, k: r["metrics"].get(k)  # noqa: E731
+    base = [r for r in rows if r["backend"] == backend and r["config"] == "baseline" and g(r, "kl_to_float32") is not None]
+    precision = (f"Its baseline runs in reduced precision: KL {g(base[0], 'kl_to_float32'):.4f} nats/token and top-1 "
+                 f"agreement {g(base[0], 'top1_to_float32'):.1%} against the same model in float32. ") if base else ""
+    if not mine:
+        return f"{precision}{backend}: only the baseline ran."
     fast = max(mine, key=lambda r: g(r, "speedup_vs_baseline") or 0)
     out = [f"On {backend}, {fast['config']} is the fastest at {g(fast, 'speedup_vs_baseline'):.3f}× "
            f"(bound {_f(g(fast, 'structural_bound'), '{:.3f}')}×) for a KL of {_f(g(fast, 'kl_to_baseline'), '{:.3f}')} "
@@ -257,7 +262,7 @@ def _reading(rows: list[dict], backend: str) -> str:
     if lossy:
         best = min(lossy, key=lambda r: g(r, "kl_to_baseline") / max((g(r, "speedup_vs_baseline") or 1) - 1, 1e-3))
         out.append(f"Least quality lost per unit of speedup: {best['config']}.")
-    return " ".join(out)
+    return precision + " ".join(out)
 
 
 def _speed_table(rows: list[dict]) -> tuple:

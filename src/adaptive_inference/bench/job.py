@@ -117,6 +117,10 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     batch = _phase(f"{backend}/{config}: batch", measure.batch_speed, lm, data, new_config, p["batch"])
     qual, top1 = _phase(f"{backend}/{config}: quality", measure.quality, lm, data, None if is_base else new_config,
                         p["decode"]["prompt_tokens"])
+    if is_base and p["dtype"] != "float32":  # what the cheaper precision costs against the fp32 reference
+        fp32 = load_backend(backend, model_dir, "float32", runtime=p["runtime"])
+        qual["vs_float32"] = _phase(f"{backend}/{config}: quality vs float32", measure.quality_vs, lm, fp32, data)
+        del fp32
     qual.update(_phase(f"{backend}/{config}: gsm8k", measure.gsm8k_accuracy, lm, data, new_config,
                        p["gsm8k"]["max_new_tokens"]))
     qual.update(_phase(f"{backend}/{config}: gpqa", measure.gpqa_choice, lm, data, new_config))

@@ -48,6 +48,13 @@ def quality(lm, data: dict, new_policy, prompt_tokens: int) -> tuple[dict, list[
     return out, top1
 
 
+def quality_vs(lm, reference, data: dict) -> dict:
+    """The baseline of `lm` against the same model loaded as `reference` (e.g. bf16 weights against fp32):
+    perplexity, KL(reference || lm) and top-1 agreement on the eval texts."""
+    parts = [metrics.compare(lm.logits(ids), metrics.log_softmax(reference.logits(ids)), ids) for ids in data["eval"]]
+    return metrics.summarize(parts)
+
+
 def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
     """policies: {"baseline": factory, "config": factory} (or the baseline alone). Greedy decode of each
     prompt, the policies stepping in turn; per (repeat, prompt) one paired sample."""
