@@ -12,7 +12,7 @@ residual on the host, one sync per step, as the real router). Timing is paired p
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
 (cost.structural).
 
-    python scripts/cuda_techniques.py [--shapes smollm2-135m llama-1b] [--dtype bfloat16] [--common-rate 0.47]
+    python scripts/cuda_techniques.py [--shapes smollm2-135m llama-1b] [--dtype bfloat16] [--common-rate 0.47] [--compile]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class GatePolicy(StaticPolicy):
         super().__init__(StepPlan(gate=gate))
 
 
-def build(shape: str, dtype: str, device: str) -> TorchLM:
+def build(shape: str, dtype: str, device: str, compile: bool = False) -> TorchLM:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def build(shape: str, dtype: str, device: str) -> TorchLM:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         (Path(d) / "config.json").write_text(json.dumps(clean_config(hf.config.to_dict(), "float32")))
-        return TorchLM.load(d, device=device, dtype=dtype)
+        return TorchLM.load(d, device=device, dtype=dtype, compile=compile)
 
 
 def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
@@ -109,7 +109,7 @@ def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
 
 
 def measure(shape: str, a) -> dict:
-    lm = build(shape, a.dtype, a.device)
+    lm = build(shape, a.dtype, a.device, a.compile)
     L = lm.cfg.num_hidden_layers
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
@@ -135,7 +135,7 @@ def measure(shape: str, a) -> dict:
             if rep == 0:
                 executed[name] = res.executed[1:]
     context = a.prompt_tokens + a.new_tokens // 2
-    out = {"shape": shape, "skip_set": sorted(skip), "gate_rate": a.gate_rate, "dtype": a.dtype, "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "lobotomy_cut": sorted(cut),
+    out = {"shape": shape, "skip_set": sorted(skip), "gate_rate": a.gate_rate, "dtype": a.dtype, "compiled_decode": a.compile, "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "lobotomy_cut": sorted(cut),
            "common_ids": len(common.common_ids), "configs": {}}
     for name in configs:
         decisions = [e.head == "common" for e in executed[name]]
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu for a smoke run")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step of gate-free plans")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("cuda_techniques: no CUDA device")
