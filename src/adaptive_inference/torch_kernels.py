@@ -391,8 +391,8 @@ def kernels():
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ADAPTIVE_INFERENCE_VERBOSE_BUILD")))
         except (RuntimeError, OSError) as e:  # compiler, ninja or headers missing
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"torch_kernels: cannot build the CPU kernel extension (needs g++, ninja, "
-                            f"Python headers): {first}") from None
+            raise UserError(f"torch_kernels: cannot build the CPU kernel extension (needs g++, ninja, Python "
+                            f"headers; or set benchmark.runtime.cpu_matmul: library): {first}") from None
     return _ext
 
 
