@@ -192,12 +192,10 @@ class Decoder(abc.ABC):
                 rows = None if rows.all() else rows
             run.add(i)
             ran += 1 if rows is None else rows
-            y = x + self.attention(x, lw, i, cache, rope, pos, None if writes_kv else rows)
             if i not in plan.zero_mlp:
-                y = y + self.mlp(y, lw, i, observe_mlp)
                 mlps.add(i)
-            if blend.get(i, 1.0) != 1.0:
-                y = x + blend[i] * (y - x)
+            y = self._block(x, lw, i, cache, rope, pos, None if writes_kv else rows, i not in plan.zero_mlp,
+                            blend.get(i, 1.0), observe_mlp)
             x = y if rows is None else self.where_rows(rows, y, x)
         if capture and len(layers) in capture:
             captured[len(layers)] = x
@@ -214,11 +212,15 @@ class Decoder(abc.ABC):
         rope = self.rope(positions)
         x = self.embed_ids(ids)
         for i, mlp, alpha in run:
-            y = x + self.attention(x, layers[i], i, cache, rope, positions, None)
-            if mlp:
-                y = y + self.mlp(y, layers[i], i)
-            x = y if alpha == 1.0 else x + alpha * (y - x)
+            x = self._block(x, layers[i], i, cache, rope, positions, None, mlp, alpha)
         return self.final_norm(x)
+
+    def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
+        """One block on x: attention, the MLP when it runs, blended toward x when alpha != 1."""
+        y = x + self.attention(x, lw, i, cache, rope, positions, rows)
+        if mlp:
+            y = y + self.mlp(y, lw, i, observe)
+        return y if alpha == 1.0 else x + alpha * (y - x)
 
     def static_run(self, plan: StepPlan) -> tuple[tuple, dict]:
         """(run, executed) of a gate-free plan for static_blocks: what runs, and the ExecutedStep fields

@@ -14,6 +14,7 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class TorchLM(Decoder):
         if self.dense_kernel:
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
-        self.compiled_steps: dict = {}  # (blocks of a plan) -> (compiled fn, run, executed)
+        self.compiled_steps: dict = {}  # plan without its head -> (compiled blocks, executed) or None (eager)
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
@@ -136,7 +137,7 @@ class TorchLM(Decoder):
         """(compiled blocks, executed) for a gate-free plan on full weights; None where the step runs eagerly."""
         if plan.gate is not None:
             return None
-        key = (plan.skip_layers, plan.zero_mlp, plan.blend, plan.weights)
+        key = dataclasses.replace(plan, head=None)  # the head runs eagerly after the graph
         if key not in self.compiled_steps:
             layers = self.resolve_weights(plan.weights)
             if not all(isinstance(getattr(lw, n), torch.Tensor) for lw in layers for n in LINEARS):
