@@ -247,7 +247,7 @@ def _reading(rows: list[dict], backend: str) -> str:
     mine = [r for r in rows if r["backend"] == backend and r["config"] != "baseline"]
     g = lambda r, k: r["metrics"].get(k)  # noqa: E731
     base = [r for r in rows if r["backend"] == backend and r["config"] == "baseline" and g(r, "kl_to_float32") is not None]
-    precision = (f"Its baseline runs in reduced precision: KL {g(base[0], 'kl_to_float32'):.4f} nats/token and top-1 "
+    precision = (f"The {backend} baseline runs in reduced precision: KL {g(base[0], 'kl_to_float32'):.4f} nats/token and top-1 "
                  f"agreement {g(base[0], 'top1_to_float32'):.1%} against the same model in float32. ") if base else ""
     if not mine:
         return f"{precision}{backend}: only the baseline ran."
