@@ -95,3 +95,26 @@ def test_dense_kernel_matches_library_matmul(tiny_llama):
         np.testing.assert_allclose(_decode_logits(kernel, [StepPlan()], batch),
                                    _decode_logits(library, [StepPlan()], batch), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(kernel.logits(IDS), library.logits(IDS))
+
+
+def test_pooled_caches_reset_and_stay_apart(tiny_llama):
+    """The cache pool that CUDA graphs need (a graph holds its cache's addresses): a cache dropped and handed
+    out again is the same storage reset to fresh values, caches alive together never share storage, and
+    decoding through pooled caches gives the unpooled logits exactly."""
+    fresh = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    pooled = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    pooled.reuse_caches = True  # what cuda_graphs turns on; the pool itself is device-independent
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1}))]
+    want = _decode_logits(fresh, plans)
+    a = pooled.new_cache(1, len(IDS))
+    a.k.fill_(7.0)  # dirty it, then drop it
+    storage = a.k.data_ptr()
+    del a
+    b = pooled.new_cache(1, len(IDS))
+    assert b.k.data_ptr() == storage and not b.k.any() and not b.written.any() and b.length == 0
+    c = pooled.new_cache(1, len(IDS))  # b is alive: c gets its own storage
+    assert c.k.data_ptr() != b.k.data_ptr()
+    del b, c
+    np.testing.assert_array_equal(_decode_logits(pooled, plans), want)
+    np.testing.assert_array_equal(_decode_logits(pooled, plans), want)  # again, on reused storage
+    assert not fresh.cuda_graphs and not pooled.cuda_graphs  # CPU: graphs never turn on

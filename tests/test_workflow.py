@@ -106,3 +106,22 @@ def test_a_configuration_may_name_its_backends():
                                        "artifacts/benchmark/mlx/baseline"]
     assert jobs.config_backends(bench, "q") == ["torch"] and jobs.config_backends(bench, "baseline") == ["torch", "mlx"]
     assert jobs.job_params({**bench, **{k: 0 for k in jobs.SHARED_KEYS}}, "q")["config"] == {"name": "q", "techniques": ["x"]}
+
+
+def test_only_techniques_some_configuration_reaches_are_built():
+    """The report summarizes the technique stages the configured jobs reach (with their upstream technique
+    stages), so a technique no configuration uses is neither built nor reported."""
+    from adaptive_inference.bench import jobs
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    bench = params["benchmark"]
+    assert {"artifacts/quantized", "artifacts/token_router", "artifacts/layer_map"} <= set(jobs.technique_folders(bench))
+    bench["configs"] = {k: bench["configs"][k] for k in ("baseline", "lobotomy")}
+    assert jobs.technique_folders(bench) == ["artifacts/profile_ffn", "artifacts/lobotomy"]  # profile_ffn: upstream
+    stages = dvcgen.render(params)["stages"]
+    assert "quantize" not in stages and "train_token_router" not in stages and "make_lobotomy" in stages
+    assert "cache_hidden" not in stages  # profile_ffn reads model + corpus only
+    assert [d for d in stages["report"]["deps"] if d.startswith("artifacts/") and "benchmark" not in d] == \
+        ["artifacts/profile_ffn", "artifacts/lobotomy"]
+    bench["configs"] = {"baseline": {"techniques": []}}
+    assert jobs.technique_folders(bench) == []

@@ -9,7 +9,7 @@ NAMES = ("torch", "mlx")
 
 def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str | None = None,
                  runtime: dict | None = None):
-    """runtime: params benchmark.runtime (cpu_matmul, compile); torch reads it, MLX has no such choices yet."""
+    """runtime: params benchmark.runtime (cpu_matmul, compile, cuda_graphs); torch reads it, MLX has no such choices yet."""
     if name == "torch":
         from .torch_backend import TorchLM, default_device
 

@@ -34,10 +34,11 @@ def _stage(cli: str, inputs: dict[str, str], out: str, code: list[str], params: 
 def render(params: dict, root: str = ".") -> dict:
     """root: the repository root seen from dvc.yaml's folder (".." for ci/dvc.yaml); code deps live there."""
     bench = params["benchmark"]
-    stages = {}
+    stages, reached = {}, jobs.reached_folders(bench)  # a stage no configured job needs is left out
     for name, cli, section, module, inputs, out in CORE:
-        stages[name] = _stage(cli, inputs, f"artifacts/{out}", codedeps.files(module), [section])
-    for st in techniques.stages():
+        if out in reached:
+            stages[name] = _stage(cli, inputs, f"artifacts/{out}", codedeps.files(module), [section])
+    for st in (st for st in techniques.stages() if st.out in reached):
         stages[st.section] = _stage(st.name, st.inputs, f"artifacts/{st.out}",
                                     codedeps.files(codedeps.stage_module(st.call)), [st.section])
     shared = [f"benchmark.{k}" for k in jobs.SHARED_KEYS]
@@ -56,7 +57,7 @@ def render(params: dict, root: str = ".") -> dict:
         s["cmd"] = s["cmd"].replace(" --out", f" --artifacts {' '.join(arts)} --out".replace("  ", " "))
         s["deps"] += arts
         stages[f"benchmark-{backend}-{cfg}"] = s
-    results, tech = jobs.job_folders(bench), jobs.technique_folders()
+    results, tech = jobs.job_folders(bench), jobs.technique_folders(bench)
     stages["report"] = {
         "cmd": f"adaptive-inference report --params params.yaml --results {' '.join(results)} "
                f"--artifacts {' '.join(tech)} --out reports",

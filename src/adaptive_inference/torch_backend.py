@@ -10,12 +10,17 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
 - compile: decode steps of gate-free plans on full weights run as one torch.compile'd graph per distinct
   plan (inductor fuses norms, RoPE, residuals; no per-op dispatch). Gated plans and packed weight sets run
   eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
+- cuda_graphs (CUDA only): the same gate-free steps (compiled or eager) are captured once per (plan, cache
+  storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
+  addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
+  storage, reset (decode_pairs keeps two alive: two storages, each with its graphs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +52,16 @@ class KVCache:
     0 where a slot holds a key, -inf elsewhere (SDPA on CPU runs 2-3x faster with an additive mask than with
     a boolean one or none, measured on a 112-slot decode step here)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.bias = torch.full((cfg.num_hidden_layers, batch, max_len), float("-inf"), dtype=dtype, device=device)
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device, storage: tuple | None = None):
+        """storage: (k, v, bias) of a cache dropped earlier, reset here to a fresh cache's values."""
+        if storage is None:
+            shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+            storage = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+                       torch.empty((cfg.num_hidden_layers, batch, max_len), dtype=dtype, device=device))
+        self.k, self.v, self.bias = storage
+        self.k.zero_()
+        self.v.zero_()
+        self.bias.fill_(float("-inf"))
         self.length = 0
         self.max_len = max_len
 
@@ -64,7 +74,7 @@ class TorchLM(Decoder):
     name = "torch"
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype, *,
-                 cpu_matmul: str = "kernel", compile: bool = False):
+                 cpu_matmul: str = "kernel", compile: bool = False, cuda_graphs: bool = True):
         if cpu_matmul not in CPU_MATMULS:
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
@@ -72,7 +82,11 @@ class TorchLM(Decoder):
         if self.dense_kernel:
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
-        self.compiled_steps: dict = {}  # plan without its head -> (compiled blocks, executed) or None (eager)
+        self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
+        self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
+        self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
+        self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
+        self._free_caches: dict = {}  # (batch, max_len) -> storages of dropped caches
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
@@ -91,7 +105,7 @@ class TorchLM(Decoder):
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", cpu_matmul: str = "kernel",
-             compile: bool = False) -> TorchLM:
+             compile: bool = False, cuda_graphs: bool = True) -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -103,7 +117,8 @@ class TorchLM(Decoder):
                 for k in sf.keys():
                     weights[k] = sf.get_tensor(k).to(device=device, dtype=DTYPES[dtype])
         try:
-            return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile)
+            return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile,
+                       cuda_graphs=cuda_graphs)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 
@@ -113,9 +128,14 @@ class TorchLM(Decoder):
         return "adaptive_inference dense_linear (AVX2 gemv)" if self.dense_kernel else "torch F.linear"
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if self.compile:
+        if self.compile or self.cuda_graphs:
             max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+        if not self.reuse_caches:
+            return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+        free = self._free_caches.setdefault((batch, max_len), [])
+        cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, free.pop() if free else None)
+        weakref.finalize(cache, free.append, (cache.k, cache.v, cache.bias))  # back to the pool when dropped
+        return cache
 
     @torch.inference_mode()
     def forward(self, *args, **kwargs):
@@ -123,33 +143,62 @@ class TorchLM(Decoder):
 
     @torch.inference_mode()
     def decode_one_token(self, tokens, cache: KVCache, plan: StepPlan = FULL) -> Forward:
-        step = self._compiled_step(plan) if self.compile else None
+        step = self._static_step(plan) if self.compile or self.cuda_graphs else None
         if step is None:
             return super().decode_one_token(tokens, cache, plan)
-        fn, executed = step
+        key, fn, executed = step
         if cache.length + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length}+1 > {cache.max_len}")
-        h = fn(tokens[:, None], self.positions(cache.length, 1), cache)
+        if self.cuda_graphs:
+            h = self._replay(key, fn, tokens, cache)
+        else:
+            h = fn(tokens[:, None], self.positions(cache.length, 1), cache)
         cache.length += 1
         return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
 
-    def _compiled_step(self, plan: StepPlan):
-        """(compiled blocks, executed) for a gate-free plan on full weights; None where the step runs eagerly."""
+    def _static_step(self, plan: StepPlan):
+        """(key, blocks, executed) for a gate-free plan on full weights (blocks compiled when compile is on);
+        None where the step runs eagerly."""
         if plan.gate is not None:
             return None
-        key = dataclasses.replace(plan, head=None)  # the head runs eagerly after the graph
+        key = dataclasses.replace(plan, head=None)  # the head runs eagerly after the blocks
         if key not in self.compiled_steps:
             layers = self.resolve_weights(plan.weights)
             if not all(isinstance(getattr(lw, n), torch.Tensor) for lw in layers for n in LINEARS):
-                self.compiled_steps[key] = None  # packed kernels are opaque to the compiler
+                self.compiled_steps[key] = None  # packed kernels are opaque to the compiler and to capture
             else:
-                # graphs are cached per code object: one per (plan, batch size, cache bucket) must fit
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 run, executed = self.static_run(plan)
-                fn = torch.compile(functools.partial(self.static_blocks, layers=layers, run=run),
-                                   dynamic=False, fullgraph=True)
-                self.compiled_steps[key] = (fn, executed)
+                fn = functools.partial(self.static_blocks, layers=layers, run=run)
+                if self.compile:
+                    # graphs are cached per code object: one per (plan, batch size, cache bucket) must fit
+                    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                    fn = torch.compile(fn, dynamic=False, fullgraph=True)
+                self.compiled_steps[key] = (key, fn, executed)
         return self.compiled_steps[key]
+
+    def _replay(self, key, fn, tokens, cache: KVCache):
+        """The blocks of one decode step as a CUDA graph captured for (plan, cache storage). The first step of
+        a pair runs for real on a side stream (warming cuBLAS and the compiled code), then is captured; capture
+        executes nothing, so the cache is written once."""
+        graph = self.graphs.get((key, id(cache.k)))
+        if graph is not None:
+            g, ids, pos, out = graph[:4]
+            ids.copy_(tokens[:, None])
+            pos.fill_(cache.length)
+            g.replay()
+            return out.clone()
+        ids, pos = tokens[:, None].clone(), torch.full((1,), cache.length, device=self.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            h = fn(ids, pos, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = self.__dict__.setdefault("_graph_pool", torch.cuda.graph_pool_handle())
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            out = fn(ids, pos, cache)
+        self.graphs[(key, id(cache.k))] = (g, ids, pos, out, cache.k)  # the storage stays alive with its graph
+        return h
 
     # ---- the op set ----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@ rule report:
     input:
         code=codedeps.files("adaptive_inference.report"),
         results=jobs.job_folders(BENCH),
-        techniques=jobs.technique_folders(),
+        techniques=jobs.technique_folders(BENCH),
     output:
         md="reports/report.md",
         html="reports/report.html",

@@ -37,7 +37,7 @@ def _environment(lm) -> dict:
     env = {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
            "threads": _threads(lm), "device": str(lm.device)}
     if lm.name == "torch":
-        env["decode_matmul"], env["compiled_decode"] = lm.matmul_name, lm.compile
+        env["decode_matmul"], env["compiled_decode"], env["cuda_graphs"] = lm.matmul_name, lm.compile, lm.cuda_graphs
     if lm.name == "mlx":
         from ..blas import blas_info
 

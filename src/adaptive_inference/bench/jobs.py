@@ -48,6 +48,22 @@ def job_code(bench: dict, config: str | None) -> list[str]:
     return codedeps.files(*mods)
 
 
-def technique_folders() -> list[str]:
-    """Every technique stage's output folder (their summaries go in the report)."""
-    return [f"artifacts/{s.out}" for s in techniques.stages()]
+def reached_folders(bench: dict) -> set[str]:
+    """Folders under artifacts/ the configured jobs need: model and corpus, the technique folders their
+    configurations apply, and every folder upstream of those (through the technique stages' inputs)."""
+    stages = {s.out: s for s in techniques.stages()}
+    todo = [f for c in bench["configs"] for f in techniques.artifact_folders(bench["configs"][c]["techniques"])]
+    reached = {"model", "corpus"}
+    while todo:
+        f = todo.pop()
+        if f not in reached:
+            reached.add(f)
+            todo += stages[f].inputs.values() if f in stages else []
+    return reached
+
+
+def technique_folders(bench: dict) -> list[str]:
+    """The technique stages' folders the configured jobs reach, in stage order: the report summarizes them,
+    and a technique no configuration uses is not built."""
+    reached = reached_folders(bench)
+    return [f"artifacts/{s.out}" for s in techniques.stages() if s.out in reached]
