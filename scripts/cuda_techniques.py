@@ -12,7 +12,13 @@ residual on the host, one sync per step, as the real router). Timing is paired p
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
 (cost.structural).
 
-    python scripts/cuda_techniques.py [--shapes smollm2-135m llama-1b] [--dtype bfloat16] [--common-rate 0.47] [--compile]
+Each shape runs under the decode modes asked for (--modes): eager; graphs (the decode step of a gate-free
+plan replayed as a CUDA graph per plan); compiled (torch.compile'd step, replayed as a CUDA graph). The
+baseline runs at batch 1 and 8 in every mode; the techniques run beside it in the last mode. The device's
+read bandwidth is measured in the same run (a timed sum over a buffer far larger than L2), and each decode
+is reported as a share of its limit: bytes read per token (weights + the KV cache) / bandwidth.
+
+    python scripts/cuda_techniques.py [--shapes smollm2-135m llama3-8b] [--modes eager graphs compiled] [--out F]
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +36,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from adaptive_inference.bench.stats import paired_speedup  # noqa: E402
 from adaptive_inference.cost import structural  # noqa: E402
-from adaptive_inference.generation import generate  # noqa: E402
+from adaptive_inference.generation import generate, stream  # noqa: E402
+from adaptive_inference.model_config import ModelConfig  # noqa: E402
 from adaptive_inference.plan import GateDecision, StaticPolicy, StepPlan  # noqa: E402
-from adaptive_inference.prepare_model import clean_config  # noqa: E402
-from adaptive_inference.torch_backend import TorchLM  # noqa: E402
 from adaptive_inference.techniques.vocab_router.head import GatedHead  # noqa: E402
+from adaptive_inference.torch_backend import DTYPES, TorchLM  # noqa: E402
 
-SHAPES = {  # Llama-architecture shapes: the embedded default and a 1B model with a 128k vocabulary
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+SHAPES = {  # the embedded default, a 1B Llama, and the Llama-3-8B and Qwen2.5-14B shapes (random weights)
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0),
 }
+MODES = {"eager": dict(cuda_graphs=False), "graphs": dict(cuda_graphs=True),
+         "compiled": dict(cuda_graphs=True, compile=True)}
 
 
 class RatePolicy:
@@ -87,15 +101,52 @@ class GatePolicy(StaticPolicy):
         super().__init__(StepPlan(gate=gate))
 
 
-def build(shape: str, dtype: str, device: str, compile: bool = False) -> TorchLM:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def build(shape: str, dtype: str, device: str, mode: str) -> TorchLM:
+    """Random weights of the shape, made on the device (an 8B model never passes through the host)."""
+    cfg = ModelConfig.from_dict(SHAPES[shape])
+    g = torch.Generator(device=device).manual_seed(0)
+    H, inter, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    rows = {"q": cfg.num_attention_heads * d, "k": cfg.num_key_value_heads * d, "v": cfg.num_key_value_heads * d}
 
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape], rope_theta=100000.0)).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        (Path(d) / "config.json").write_text(json.dumps(clean_config(hf.config.to_dict(), "float32")))
-        return TorchLM.load(d, device=device, dtype=dtype, compile=compile)
+    def rand(*shape):
+        return (torch.randn(shape, generator=g, device=device, dtype=DTYPES[dtype]) * 0.02)
+
+    w = {"model.embed_tokens.weight": rand(V, H), "model.norm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype])}
+    if not cfg.tie_word_embeddings:
+        w["lm_head.weight"] = rand(V, H)
+    for i in range(cfg.num_hidden_layers):
+        q, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        w |= {a + f"{n}_proj.weight": rand(r, H) for n, r in rows.items()}
+        w |= {a + f"{n}_proj.bias": rand(r) for n, r in rows.items()} if cfg.qkv_bias else {}
+        w |= {a + "o_proj.weight": rand(H, rows["q"]), q + "mlp.gate_proj.weight": rand(inter, H),
+              q + "mlp.up_proj.weight": rand(inter, H), q + "mlp.down_proj.weight": rand(H, inter),
+              q + "input_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype]),
+              q + "post_attention_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype])}
+    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode])
+    del w
+    return lm
+
+
+def read_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
+    """Bytes/s of the fastest of `repeats` timed sums over a buffer of `gib` GiB (far beyond L2)."""
+    x = torch.ones(int(gib * 2**30) // 4, device=device, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return x.numel() * x.element_size() / best
+
+
+def bytes_per_token(lm: TorchLM, context: int, batch: int = 1) -> float:
+    """Weights (all of them at batch 1, once per step at any batch) + the K/V read over `context`."""
+    cfg, item = lm.cfg, lm.embed.element_size()
+    wb = cfg.weight_bytes(item)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * item
+    return (wb["layers"] + wb["lm_head"] + batch * kv) / batch
 
 
 def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
@@ -108,72 +159,165 @@ def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
     return GatedHead(ids, **w, threshold=2.0, _arrays=shared), GatedHead(ids, **w, threshold=-1.0, _arrays=shared)
 
 
-def measure(shape: str, a) -> dict:
-    lm = build(shape, a.dtype, a.device, a.compile)
+def technique_configs(lm: TorchLM, a) -> dict:
     L = lm.cfg.num_hidden_layers
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
-    configs = {"baseline": lambda: StaticPolicy(), "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
-               "router": lambda: RatePolicy(common, full, a.common_rate),
-               "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
-               "router_all_common": lambda: RatePolicy(common, full, 1.0),
-               "skip-25": lambda: StaticPolicy(StepPlan(skip_layers=skip)),
-               "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate))}
+    return {"lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
+            "router": lambda: RatePolicy(common, full, a.common_rate),
+            "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
+            "router_all_common": lambda: RatePolicy(common, full, 1.0),
+            "skip-25": lambda: StaticPolicy(StepPlan(skip_layers=skip)),
+            "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate))}
+
+
+def batch_step_s(lm: TorchLM, batch: int, a) -> float:
+    """Median seconds of a baseline decode step for `batch` rows (after a warm-up generation)."""
+    prompts = np.tile(np.arange(1, 1 + a.prompt_tokens), (batch, 1))
+    steps = []
+    for rep in range(1 + a.batch_repeats):
+        got = [st.seconds for st in stream(lm, prompts, max_new_tokens=a.new_tokens)][1:]
+        steps += got if rep else []
+    return float(np.median(steps))
+
+
+def _event_ms(fn, n: int) -> float:
+    """Milliseconds per call of fn, n calls back to back between CUDA events (no host sync between them)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
+    """Where a batch-1 baseline step goes: the captured blocks replayed back to back, the LM head alone,
+    and the rest of the measured step (host work and the per-token sync the generation loop makes)."""
+    cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
+    lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
+    tok = lm.ids_array(np.array([1]))
+    lm.decode_one_token(tok, cache)  # captures the graph for this storage, or replays it
+    cache.length -= 1  # the replays below rewrite that slot
+    g = lm.graphs[(StepPlan(), id(cache.k))][0]
+    h = torch.zeros(1, lm.cfg.hidden_size, device=lm.device, dtype=lm.dtype)
+    blocks = _event_ms(g.replay, 50)
+    head = _event_ms(lambda: lm.logits32(h, lm.lm_head).argmax(-1), 50)
+    step = 1e3 / step_tps
+    return {"blocks_ms": blocks, "head_ms": head, "step_ms": step, "rest_ms": step - blocks - head}
+
+
+def profile(shape: str, a) -> None:
+    """Prints the CUDA kernels of one compiled batch-1 baseline step (run without graph capture, so the
+    profiler sees each kernel), by total time: what the captured step spends its time on."""
+    lm = build(shape, a.dtype, a.device, "compiled")
+    lm.cuda_graphs = False
+    cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
+    lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
+    tok = lm.ids_array(np.array([1]))
+    for _ in range(3):
+        lm.decode_one_token(tok, cache)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            lm.decode_one_token(tok, cache)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+
+
+def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
+    t0 = time.perf_counter()
+    lm = build(shape, a.dtype, a.device, mode)
+    configs = {"baseline": lambda: StaticPolicy(), **(technique_configs(lm, a) if techniques else {})}
     prompt = list(range(1, 1 + a.prompt_tokens))
-    for name in configs:  # warm-up (and CUDA context, cuBLAS handles)
+    for name in configs:  # warm-up: CUDA context, cuBLAS handles, compiled code, captured graphs
         generate(lm, prompt, max_new_tokens=a.new_tokens, policy=configs[name]())
+    warm_s = time.perf_counter() - t0
     per_token = {n: [] for n in configs}
     executed: dict = {n: [] for n in configs}
     for rep in range(a.repeats):
         names = list(configs)[rep % len(configs):] + list(configs)[:rep % len(configs)]
         for name in names:
-            pol = configs[name]()
-            res = generate(lm, prompt, max_new_tokens=a.new_tokens, policy=pol)
+            res = generate(lm, prompt, max_new_tokens=a.new_tokens, policy=configs[name]())
             steps = res.token_latencies_s[1:]
             per_token[name].append(sum(steps) / len(steps))
             if rep == 0:
                 executed[name] = res.executed[1:]
     context = a.prompt_tokens + a.new_tokens // 2
-    out = {"shape": shape, "skip_set": sorted(skip), "gate_rate": a.gate_rate, "dtype": a.dtype, "compiled_decode": a.compile, "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "lobotomy_cut": sorted(cut),
-           "common_ids": len(common.common_ids), "configs": {}}
+    weights = sum(v for k, v in lm.cfg.weight_bytes(lm.embed.element_size()).items() if k in ("layers", "lm_head"))
+    kv = bytes_per_token(lm, context) - weights
+    out = {"warmup_s": warm_s, "configs": {}, "batch": {}}
     for name in configs:
-        decisions = [e.head == "common" for e in executed[name]]
         frac = structural(lm.cfg, executed[name], context)["weight_bytes_fraction"]
         s = paired_speedup(per_token["baseline"], per_token[name])
-        bound = 1 / frac
+        tps, bound = 1 / float(np.median(per_token[name])), 1 / frac
+        decisions = [e.head == "common" for e in executed[name]]
         out["configs"][name] = {
-            "decode_tps": 1 / float(np.median(per_token[name])), "speedup": s["median"], "speedup_ci95": s["ci95"],
-            "bound": bound, "speedup_over_bound": s["median"] / bound,
+            "decode_tps": tps, "speedup": s["median"], "speedup_ci95": s["ci95"], "bound": bound,
+            "speedup_over_bound": s["median"] / bound,
             "realized_share": (s["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
-            "common_rate": float(np.mean(decisions)) if decisions else None}
+            "bandwidth_share": tps * (frac * weights + kv) / bw,
+            "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None}
+    for batch in a.batches:
+        step = batch_step_s(lm, batch, a)
+        out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
+                                    "bandwidth_share": bytes_per_token(lm, context, batch) * batch / step / bw}
+    out["graphs_captured"] = len(lm.graphs)
+    if lm.cuda_graphs:
+        out["anatomy"] = anatomy(lm, a, out["configs"]["baseline"]["decode_tps"])
     del lm
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
+    return out
+
+
+def measure(shape: str, a) -> dict:
+    bw = read_bandwidth(a.device)
+    cfg = ModelConfig.from_dict(SHAPES[shape])
+    item = DTYPES[a.dtype].itemsize
+    wb = cfg.weight_bytes(item)
+    out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "read_bandwidth_gbs": bw / 1e9, "weight_bytes": wb["layers"] + wb["lm_head"],
+           "limit_tps_batch1": bw / (wb["layers"] + wb["lm_head"]), "prompt_tokens": a.prompt_tokens,
+           "new_tokens": a.new_tokens, "repeats": a.repeats, "modes": {}}
+    for mode in a.modes:
+        out["modes"][mode] = measure_mode(shape, mode, mode == a.modes[-1] and not a.baseline_only, bw, a)
+        print(json.dumps({shape: {mode: out["modes"][mode]}}), flush=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3-8b"], choices=list(SHAPES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                    help="decode modes; the techniques run in the last one")
+    ap.add_argument("--baseline-only", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")
     ap.add_argument("--common-share", type=float, default=0.052, help="common ids as a share of the vocab")
     ap.add_argument("--gate-rate", type=float, default=0.5, help="share of steps the token gate skips its set")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batch-repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--device", default="cuda", help="cpu for a smoke run")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step of gate-free plans")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="print the kernels of a compiled step per shape")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         sys.exit("cuda_techniques: no CUDA device")
-    results = [measure(s, a) for s in a.shapes]
-    text = json.dumps(results, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    if a.profile:
+        for shape in a.shapes:
+            profile(shape, a)
+        return
+    results = []
+    for shape in a.shapes:
+        results.append(measure(shape, a))
+        if a.out:  # written after each shape: a run cut short keeps what it measured
+            a.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

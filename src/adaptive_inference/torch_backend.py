@@ -257,9 +257,9 @@ class TorchLM(Decoder):
         cache.v[layer].index_copy_(2, positions, v)
         bias = cache.bias[layer]  # [B, S]
         if rows is None:
-            bias[:, positions] = 0.0
+            bias.index_fill_(1, positions, 0.0)  # no host tensor: capturable in a CUDA graph
         else:
-            bias[:, positions] = torch.where(torch.as_tensor(rows, device=self.device), 0.0, float("-inf")).to(bias)
+            bias.index_copy_(1, positions, torch.where(torch.as_tensor(rows, device=self.device), 0.0, float("-inf")).to(bias))
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         gate, up = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps), lw.w_gate_up).chunk(2, -1)
