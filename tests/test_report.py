@@ -157,3 +157,24 @@ def test_technique_artifacts_are_summarized_with_citations(tmp_path):
     with pytest.raises(UserError, match="corrupt artifact"):
         report.build({"title": "T"}, jobs, tmp_path / "out2", artifacts=[prof, lobo])
     assert not (tmp_path / "out2").exists()
+
+
+def test_gpu_results_section_and_bad_gpu_file(tmp_path):
+    """report.gpu_results: committed scripts/cuda_techniques.py files render as a GPU section (device, measured
+    bandwidth, each configuration's speedup, bound and bandwidth share); a missing or malformed one is refused in
+    one line before anything is written."""
+    ROOT = Path(__file__).resolve().parents[1]
+    committed = ROOT / "docs/measurements/cuda_techniques_h200_llama3-8b_compiled_2026-12-01.json"
+    out = tmp_path / "out"
+    report.build({**PARAMS, "gpu_results": [str(committed)]}, _all(tmp_path), out)
+    md = (out / "report.md").read_text()
+    assert "On a CUDA GPU" in md and "NVIDIA H200" in md
+    assert re.search(r"\| llama3-8b \| compiled \| skip-25 \| 252\.9 \| 1\.303 \[1\.300–1\.307\] \| 1\.303 \| 1\.00 \| 68% \| — \|", md)
+    assert re.search(r"\| llama3-8b \| compiled \| baseline \| 194\.3 \| .* \| 1326\.5 \|", md)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"shape": "x", "configs": {}}]))  # the older per-shape format has no 'modes'
+    for path, expected in ((bad, "is not a list of scripts/cuda_techniques.py results"),
+                           (tmp_path / "missing.json", "no file")):
+        with pytest.raises(UserError, match=expected):
+            report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / path.stem), tmp_path / "out2")
+        assert not (tmp_path / "out2").exists()

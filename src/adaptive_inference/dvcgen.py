@@ -61,7 +61,7 @@ def render(params: dict, root: str = ".") -> dict:
     stages["report"] = {
         "cmd": f"adaptive-inference report --params params.yaml --results {' '.join(results)} "
                f"--artifacts {' '.join(tech)} --out reports",
-        "deps": codedeps.files("adaptive_inference.report") + results + tech,
+        "deps": codedeps.files("adaptive_inference.report") + results + tech + params["report"]["gpu_results"],
         "params": ["report"],
         "outs": ["reports/report.md", "reports/report.html"],
         "plots": ["reports/speed_quality.png", "reports/batch_throughput.png"],

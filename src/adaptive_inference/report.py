@@ -80,10 +80,11 @@ def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list
     refs = [s for s in sources if s["kind"] == "reference"]
     agreement = _agreement(rows)
     tech = [b for a in artifacts for b in techniques.summaries(Path(a))]
+    gpu = _gpu_blocks([Path(f) for f in params.get("gpu_results", [])])
     files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows)}
     files.update({b[1]: b[3] for b in tech if b[0] == "img"})
     tech = [b[:3] if b[0] == "img" else b for b in tech]
-    blocks = _blocks(params["title"], rows, refs, agreement, tech, sources)
+    blocks = _blocks(params["title"], rows, refs, agreement, tech, sources, gpu)
     files["report.md"] = _markdown(blocks).encode()
     files["report.html"] = _html(blocks, files).encode()
     files["metrics.json"] = (json.dumps(_metrics(rows, refs, agreement), indent=2) + "\n").encode()
@@ -358,7 +359,7 @@ def _provenance(sources: list[dict]) -> tuple:
     return ("table", ["source (manifest digest)", "job", "inputs (sha256)", "code", "packages"], body)
 
 
-def _blocks(title, rows, refs, agreement, tech, sources) -> list[tuple]:
+def _blocks(title, rows, refs, agreement, tech, sources, gpu=()) -> list[tuple]:
     out = [("h1", title), ("p", _setup(sources))]
     for b in _backends(rows):
         out += [("h2", f"At a glance: {b}"), ("lead", _reading(rows, b)), _glance(rows, b)]
@@ -370,9 +371,47 @@ def _blocks(title, rows, refs, agreement, tech, sources) -> list[tuple]:
         out += [("h3", "KL to the baseline per eval category"), cat]
     out += [("h2", "Against the libraries' own generate()"), _references(refs),
             ("h2", "torch vs MLX agreement"), _agreement_block(agreement)]
+    if gpu:
+        out += [("h2", "On a CUDA GPU (measured elsewhere: report.gpu_results)"), *gpu]
     if tech:
         out += [("h2", "Technique artifacts"), *tech]
     return out + [("h2", "Provenance"), _provenance(sources)]
+
+
+def _gpu_blocks(paths: list[Path]) -> list[tuple]:
+    """A paragraph and a table per file of scripts/cuda_techniques.py results (committed measurements)."""
+    out = []
+    for path in paths:
+        try:
+            shapes = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"report.gpu_results: no file {path}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"report.gpu_results: corrupt {path}: {e.msg}") from None
+        if not isinstance(shapes, list) or not all(isinstance(_get(s, "modes"), dict) for s in shapes):
+            raise UserError(f"report.gpu_results: {path} is not a list of scripts/cuda_techniques.py results "
+                            "(each with 'modes')")
+        body = []
+        for sh in shapes:
+            where = f"{path}: {sh.get('shape')}"
+            bw = _num(_get(sh, "read_bandwidth_gbs"), f"{where}: read_bandwidth_gbs")
+            out.append(("p", f"{path.name}: {sh.get('shape')} shape, {sh.get('dtype')}, on {sh.get('device')} "
+                             f"(torch {sh.get('torch')}); read bandwidth measured in the run {_f(bw, '{:.0f}')} GB/s, "
+                             f"so {_f(_get(sh, 'limit_tps_batch1'), '{:.0f}')} tok/s at batch 1 reads every weight "
+                             "once per token. Random weights: speed only."))
+            for mode, m in sh["modes"].items():
+                batch = _get(m, "batch") or {}
+                for name, c in (_get(m, "configs") or {}).items():
+                    ci = _get(c, "speedup_ci95") or [None, None]
+                    real = _get(c, "realized_share")
+                    body.append([sh.get("shape"), mode, name, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
+                                 f"{_f(_get(c, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
+                                 _f(_get(c, "bound"), "{:.3f}"), DASH if real is None else f"{real:.2f}",
+                                 _f(_get(c, "bandwidth_share"), "{:.0%}"),
+                                 _f(_get(batch, "8", "tokens_per_s")) if name == "baseline" else DASH])
+        out.append(("table", ["shape", "decode mode", "config", "tok/s (bs 1)", "speedup [95% CI]", "bound",
+                              "realized share", "share of bandwidth limit", "bs 8 tok/s"], body))
+    return out
 
 
 # ---- rendering

@@ -3,6 +3,7 @@ rule report:
         code=codedeps.files("adaptive_inference.report"),
         results=jobs.job_folders(BENCH),
         techniques=jobs.technique_folders(BENCH),
+        gpu=config["report"]["gpu_results"],
     output:
         md="reports/report.md",
         html="reports/report.html",
