@@ -37,8 +37,9 @@ def test_skipped_layer_leaves_masked_kv_hole(tiny):
 
 def test_decode_step_has_static_shapes(tiny):
     """What a compiled decode step needs: positions as a tensor and attention over the whole static cache
-    (the same shapes at every step), so one graph serves every position."""
-    lm = TorchLM.load(tiny[1])
+    (the same shapes at every step), so one graph serves every position. (The torch ops a compiled step
+    traces; the eager CPU step with the kernel runs fused calls instead, tested against them below.)"""
+    lm = TorchLM.load(tiny[1], cpu_matmul="library")
     shapes = []
     orig = torch.nn.functional.scaled_dot_product_attention
 
@@ -86,14 +87,16 @@ def test_compiled_decode_equals_eager_and_switches_plans(tiny_llama):
 
 
 def test_dense_kernel_matches_library_matmul(tiny_llama):
-    """The decode gemv (torch_kernels.dense_linear) gives F.linear's logits to fp32 rounding, for one row and
-    a batch, and its prefill (many rows) is F.linear itself."""
+    """The fp32 eager decode step on the kernels (torch_kernels: dense_linear, and decode_attention, silu_mul,
+    rms_norm_rows in place of ~30 torch ops a layer) gives the torch ops' logits to fp32 rounding, for one row
+    and a batch, with a skipped layer's KV hole in between; its prefill (many rows) is the torch ops themselves."""
     kernel = TorchLM.load(tiny_llama[1])
     library = TorchLM.load(tiny_llama[1], cpu_matmul="library")
-    assert kernel.dense_kernel and not library.dense_kernel
+    assert kernel.dense_kernel and kernel.fused_decode and not library.dense_kernel and not library.fused_decode
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0}))]
     for batch in (1, 3):
-        np.testing.assert_allclose(_decode_logits(kernel, [StepPlan()], batch),
-                                   _decode_logits(library, [StepPlan()], batch), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_decode_logits(kernel, plans, batch),
+                                   _decode_logits(library, plans, batch), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(kernel.logits(IDS), library.logits(IDS))
 
 

@@ -79,6 +79,8 @@ class TorchLM(Decoder):
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.dense_kernel = cpu_matmul == "kernel" and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        # the same extension runs the rest of an fp32 eager decode step in few calls (norms, attention, SiLU)
+        self.fused_decode = self.dense_kernel and dtype == torch.float32
         if self.dense_kernel:
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
@@ -219,10 +221,25 @@ class TorchLM(Decoder):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def _fused(self, x) -> bool:
+        """Whether this step's ops go to the fused CPU kernels: fp32 decode-sized rows, eager."""
+        return self.fused_decode and x.shape[-2] == 1 and x.shape[0] <= torch_kernels.DENSE_ROWS \
+            and not torch.compiler.is_compiling()
+
+    def _rms(self, x, w):
+        if self._fused(x):
+            return torch_kernels.kernels().rms_norm_rows(x.reshape(-1, x.shape[-1]), w, self.cfg.rms_norm_eps).view_as(x)
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+
     def attention(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions, rows):
         B, T, _ = x.shape
         cfg = self.cfg
-        qkv = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln1, cfg.rms_norm_eps), lw.wqkv, lw.bqkv)
+        qkv = self.linear(self._rms(x, lw.ln1), lw.wqkv, lw.bqkv)
+        if rows is None and self._fused(x):  # RoPE, the cache write and attention in one call
+            out = torch_kernels.kernels().decode_attention(
+                qkv.reshape(B, -1).contiguous(), cache.k[layer], cache.v[layer], cache.bias[layer], rope[0][0],
+                rope[1][0], cache.length, cfg.num_attention_heads, cfg.num_key_value_heads)
+            return self.linear(out.view(B, 1, -1), lw.wo)
         q, k, v = qkv.split(self._split, dim=-1)
         q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -243,7 +260,7 @@ class TorchLM(Decoder):
     def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         B, T, _ = x.shape
         q_dim, (kv_heads, d) = self._split[0], (self.cfg.num_key_value_heads, self.cfg.head_dim)
-        h = F.rms_norm(x, (x.shape[-1],), lw.ln1, self.cfg.rms_norm_eps)
+        h = self._rms(x, lw.ln1)
         if isinstance(lw.wqkv, torch.Tensor):  # read only the k/v rows of the fused weight
             kv = self.linear(h, lw.wqkv[q_dim:], None if lw.bqkv is None else lw.bqkv[q_dim:])
         else:  # a packed weight is read whole
@@ -262,14 +279,18 @@ class TorchLM(Decoder):
             bias.index_copy_(1, positions, torch.where(torch.as_tensor(rows, device=self.device), 0.0, float("-inf")).to(bias))
 
     def mlp(self, x, lw: Layer, layer: int, observe=None):
-        gate, up = self.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.cfg.rms_norm_eps), lw.w_gate_up).chunk(2, -1)
-        act = F.silu(gate) * up  # [B, T, inter]
+        gate_up = self.linear(self._rms(x, lw.ln2), lw.w_gate_up)
+        if self._fused(x):
+            act = torch_kernels.kernels().silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*x.shape[:-1], -1)
+        else:
+            gate, up = gate_up.chunk(2, -1)
+            act = F.silu(gate) * up  # [B, T, inter]
         if observe is not None:
             observe(layer, act)
         return self.linear(act, lw.w_down)
 
     def final_norm(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+        return self._rms(x, self.norm)
 
     def linear(self, x, w, b=None):
         if isinstance(w, torch.Tensor):

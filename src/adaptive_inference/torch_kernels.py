@@ -4,6 +4,9 @@ the Python headers, e.g. Debian build-essential, ninja-build, python3-dev) into 
 - w8_linear / w4_linear: the packed gears' matmuls (quant_torch wraps them).
 - dense_linear: full-precision (fp32 / bf16) weights times 1-8 fp32 rows, the decode matmul. TorchLM uses it
   on CPU for decode-sized inputs; it is registered as a torch custom op so a compiled decode step keeps it.
+- decode_attention, silu_mul, rms_norm_rows: the rest of an fp32 decode step in few calls (RoPE + cache write
+  + attention over the static cache is one call instead of ~25 torch ops): the eager step's per-op dispatch,
+  not its arithmetic, is what they save.
 Without AVX2+FMA+F16C the same source builds plain C++ loops with the same arithmetic.
 """
 
@@ -18,6 +21,7 @@ from .errors import UserError
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -368,6 +372,95 @@ torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
   }
   return y;
 }
+
+// One decode step of attention for one layer, fp32, fused: RoPE on q and k, k and v written into the static
+// cache at `pos` (the slot marked written in bias), then softmax(q k^T / sqrt(D) + bias) v over all S slots
+// (unwritten slots hold -inf in bias and are skipped). qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D];
+// bias [B, S]; cos, sin [D] at pos. Returns [B, H D]. The same arithmetic as the unfused ops in fp32.
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, torch::Tensor bias,
+                               torch::Tensor cos, torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv) {
+  const int64_t B = qkv.size(0), D = cos.size(0), S = kc.size(2), half = D / 2, G = H / Hkv;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
+              "decode_attention: shapes");
+  auto out = torch::empty({B, H * D}, qkv.options());
+  const float *x = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>(), *bp = bias.data_ptr<float>(), *o = out.data_ptr<float>();
+  const int64_t row = (H + 2 * Hkv) * D;
+  auto rope = [&](const float* in, float* dst) {
+    for (int64_t i = 0; i < half; ++i) {
+      dst[i] = in[i] * c[i] - in[i + half] * sn[i];
+      dst[i + half] = in[i + half] * c[i + half] + in[i] * sn[i + half];
+    }
+  };
+  for (int64_t b = 0; b < B; ++b) {  // the write: k (rotated) and v into slot pos of every kv head
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const float* kin = x + b * row + H * D + g * D;
+      rope(kin, kp + ((b * Hkv + g) * S + pos) * D);
+      std::memcpy(vp + ((b * Hkv + g) * S + pos) * D, kin + Hkv * D, D * sizeof(float));
+    }
+    bp[b * S + pos] = 0.f;
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));  // tiny steps stay on one thread
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(D), p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / G;
+      rope(x + b * row + h * D, q.data());
+      const float* kb = kp + (b * Hkv + g) * S * D;
+      const float* vb = vp + (b * Hkv + g) * S * D;
+      const float* bb = bp + b * S;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (std::isinf(bb[s]) && bb[s] < 0) { p[s] = -INFINITY; continue; }
+        float t = 0.f;
+        for (int64_t d = 0; d < D; ++d) t += q[d] * kb[s * D + d];
+        p[s] = t * scale + bb[s];
+        mx = std::max(mx, p[s]);
+      }
+      float* oh = o + b * H * D + h * D;
+      std::fill(oh, oh + D, 0.f);
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == -INFINITY) continue;
+        const float e = std::exp(p[s] - mx);
+        sum += e;
+        for (int64_t d = 0; d < D; ++d) oh[d] += e * vb[s * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) oh[d] /= sum;
+    }
+  });
+  return out;
+}
+
+// silu(a) * b for x = [a | b] along the last dim: [M, 2I] -> [M, I], fp32.
+torch::Tensor silu_mul(torch::Tensor x) {
+  const int64_t M = x.size(0), I = x.size(1) / 2;
+  auto y = torch::empty({M, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = xp[m * 2 * I + i];
+      yp[m * I + i] = a / (1.f + std::exp(-a)) * xp[m * 2 * I + I + i];
+    }
+  return y;
+}
+
+// RMSNorm of each row of x [M, K] times w [K], fp32 (torch's rms_norm arithmetic: mean of squares in fp32).
+torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += xp[m * K + k] * xp[m * K + k];
+    const float r = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xp[m * K + k] * r * wp[k];
+  }
+  return y;
+}
 """
 
 _ext = None
@@ -387,7 +480,8 @@ def kernels():
         try:
             _ext = cpp_extension.load_inline(
                 name="adaptive_inference_cpu_" + ("avx2" if has_avx2() else "generic"),
-                cpp_sources=_SRC, functions=["w8_linear", "w4_linear", "dense_linear"], extra_cflags=flags,
+                cpp_sources=_SRC, functions=["w8_linear", "w4_linear", "dense_linear", "decode_attention", "silu_mul",
+                                                "rms_norm_rows"], extra_cflags=flags,
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ADAPTIVE_INFERENCE_VERBOSE_BUILD")))
         except (RuntimeError, OSError) as e:  # compiler, ninja or headers missing
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
