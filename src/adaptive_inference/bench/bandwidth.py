@@ -2,7 +2,9 @@
 is bound by it, so bytes read per token / bandwidth is the limit a decode step can reach.
 
 A timed sum of a float32 buffer well past the last-level cache, with torch's thread pool (MLX's CPU
-reductions run on one thread and would understate the machine); median of a few repeats."""
+reductions run on one thread and would understate the machine); median of a few repeats. On a shared VM the
+bandwidth a process gets moves between states (34 and 54 GB/s on one 2-core VM, switching within seconds), so
+a job samples it more than once and takes the best as its limit."""
 
 from __future__ import annotations
 
