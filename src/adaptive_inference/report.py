@@ -435,7 +435,7 @@ def _html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
         if kind == "table":
             head = "".join(f"<th>{e(c)}</th>" for c in a[0])
             num = ' class="n"'  # right-aligned numbers
-            cells = ["".join(f'<td{num if str(c)[:1] in "0123456789—" else ""}>{e(str(c))}</td>' for c in row)
+            cells = ["".join(f'<td{num if str(c).lstrip("-")[:1] in "0123456789—" else ""}>{e(str(c))}</td>' for c in row)
                      for row in a[1]]
             body.append(f"<table><tr>{head}</tr>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>")
         elif kind == "img":
