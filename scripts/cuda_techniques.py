@@ -141,12 +141,10 @@ def read_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
     return x.numel() * x.element_size() / best
 
 
-def bytes_per_token(lm: TorchLM, context: int, batch: int = 1) -> float:
-    """Weights (all of them at batch 1, once per step at any batch) + the K/V read over `context`."""
-    cfg, item = lm.cfg, lm.embed.element_size()
+def step_bytes(cfg: ModelConfig, item: int, context: int) -> tuple[int, int]:
+    """(weight bytes, K/V bytes over `context` for one row) a decode step reads."""
     wb = cfg.weight_bytes(item)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * item
-    return (wb["layers"] + wb["lm_head"] + batch * kv) / batch
+    return wb["layers"] + wb["lm_head"], 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * item
 
 
 def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
@@ -247,8 +245,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
             if rep == 0:
                 executed[name] = res.executed[1:]
     context = a.prompt_tokens + a.new_tokens // 2
-    weights = sum(v for k, v in lm.cfg.weight_bytes(lm.embed.element_size()).items() if k in ("layers", "lm_head"))
-    kv = bytes_per_token(lm, context) - weights
+    weights, kv = step_bytes(lm.cfg, lm.embed.element_size(), context)
     out = {"warmup_s": warm_s, "configs": {}, "batch": {}}
     for name in configs:
         frac = structural(lm.cfg, executed[name], context)["weight_bytes_fraction"]
@@ -264,7 +261,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     for batch in a.batches:
         step = batch_step_s(lm, batch, a)
         out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
-                                    "bandwidth_share": bytes_per_token(lm, context, batch) * batch / step / bw}
+                                    "bandwidth_share": (weights + batch * kv) / step / bw}
     out["graphs_captured"] = len(lm.graphs)
     if lm.cuda_graphs:
         out["anatomy"] = anatomy(lm, a, out["configs"]["baseline"]["decode_tps"])
@@ -276,11 +273,10 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
 def measure(shape: str, a) -> dict:
     bw = read_bandwidth(a.device)
     cfg = ModelConfig.from_dict(SHAPES[shape])
-    item = DTYPES[a.dtype].itemsize
-    wb = cfg.weight_bytes(item)
+    weights, _ = step_bytes(cfg, DTYPES[a.dtype].itemsize, 0)
     out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "read_bandwidth_gbs": bw / 1e9, "weight_bytes": wb["layers"] + wb["lm_head"],
-           "limit_tps_batch1": bw / (wb["layers"] + wb["lm_head"]), "prompt_tokens": a.prompt_tokens,
+           "read_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
+           "limit_tps_batch1": bw / weights, "prompt_tokens": a.prompt_tokens,
            "new_tokens": a.new_tokens, "repeats": a.repeats, "modes": {}}
     for mode in a.modes:
         out["modes"][mode] = measure_mode(shape, mode, mode == a.modes[-1] and not a.baseline_only, bw, a)

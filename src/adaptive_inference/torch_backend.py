@@ -10,7 +10,7 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
 - compile: decode steps of gate-free plans on full weights run as one torch.compile'd graph per distinct
   plan (inductor fuses norms, RoPE, residuals; no per-op dispatch). Gated plans and packed weight sets run
   eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
-- cuda_graphs (CUDA only): the same gate-free steps (compiled or eager) are captured once per (plan, cache
+- cuda_graphs (CUDA only): the same static steps (compiled or eager) are captured once per (plan, cache
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
   storage, reset (decode_pairs keeps two alive: two storages, each with its graphs).
@@ -159,7 +159,8 @@ class TorchLM(Decoder):
         return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
 
     def _static_step(self, plan: StepPlan):
-        """(key, blocks, executed) for a gate-free plan on full weights (blocks compiled when compile is on);
+        """(key, blocks, executed) for a plan without a per-row decision, on full weights (blocks compiled when
+        compile is on);
         None where the step runs eagerly."""
         if plan.gate is not None:
             return None
@@ -167,7 +168,7 @@ class TorchLM(Decoder):
         if key not in self.compiled_steps:
             layers = self.resolve_weights(plan.weights)
             if not all(isinstance(getattr(lw, n), torch.Tensor) for lw in layers for n in LINEARS):
-                self.compiled_steps[key] = None  # packed kernels are opaque to the compiler and to capture
+                self.compiled_steps[key] = None  # C++ kernels on packed weights are opaque to the compiler and to capture
             else:
                 run, executed = self.static_run(plan)
                 fn = functools.partial(self.static_blocks, layers=layers, run=run)
