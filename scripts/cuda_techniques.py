@@ -8,13 +8,16 @@ a gated head with a common set of the pipeline's size (5.2% of the vocab) taking
 steps (a trained router's decisions on random weights would mean nothing); the category map's global
 25% skip set (layers 12-14, 16-18, 25, 26 of 30, scaled); a token gate that skips that set on a set share of
 the steps, writing the skipped layers' K/V (the token router's default policy; its decision needs the
-residual on the host, one sync per step, as the real router). Timing is paired per repeat
+residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan replays one graph
+per block, picked by the host after the decision, and a gated head its router and common-head parts as graphs
+on either side of the P(rare) read. Timing is paired per repeat
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
 (cost.structural).
 
 Each shape runs under the decode modes asked for (--modes): eager; graphs (the decode step of a gate-free
-plan replayed as a CUDA graph per plan); compiled (torch.compile'd step, replayed as a CUDA graph). The
-baseline runs at batch 1 and 8 in every mode; the techniques run beside it in the last mode. The device's
+plan replayed as a CUDA graph per plan); compiled (torch.compile'd step, replayed as a CUDA graph; per-block
+graphs of gated plans are not compiled). The baseline runs at batch 1 and 8 in every mode; the techniques run
+beside it in the last mode (or those of --technique-modes). The device's
 read bandwidth is measured in the same run (a timed sum over a buffer far larger than L2), and each decode
 is reported as a share of its limit: bytes read per token (weights + the KV cache) / bandwidth.
 
@@ -200,9 +203,9 @@ def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
     tok = lm.ids_array(np.array([1]))
     lm.decode_one_token(tok, cache)  # captures the graph for this storage, or replays it
     cache.length -= 1  # the replays below rewrite that slot
-    g = lm.graphs[(StepPlan(), id(cache.k))][0]
+    replay = lm.graphs[(StepPlan(), id(cache.k))][0]
     h = torch.zeros(1, lm.cfg.hidden_size, device=lm.device, dtype=lm.dtype)
-    blocks = _event_ms(g.replay, 50)
+    blocks = _event_ms(replay, 50)
     head = _event_ms(lambda: lm.logits32(h, lm.lm_head).argmax(-1), 50)
     step = 1e3 / step_tps
     return {"blocks_ms": blocks, "head_ms": head, "step_ms": step, "rest_ms": step - blocks - head}
@@ -279,7 +282,8 @@ def measure(shape: str, a) -> dict:
            "limit_tps_batch1": bw / weights, "prompt_tokens": a.prompt_tokens,
            "new_tokens": a.new_tokens, "repeats": a.repeats, "modes": {}}
     for mode in a.modes:
-        out["modes"][mode] = measure_mode(shape, mode, mode == a.modes[-1] and not a.baseline_only, bw, a)
+        techniques = mode in (a.technique_modes or a.modes[-1:]) and not a.baseline_only
+        out["modes"][mode] = measure_mode(shape, mode, techniques, bw, a)
         print(json.dumps({shape: {mode: out["modes"][mode]}}), flush=True)
     return out
 
@@ -289,6 +293,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3-8b"], choices=list(SHAPES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                     help="decode modes; the techniques run in the last one")
+    ap.add_argument("--technique-modes", nargs="+", choices=list(MODES),
+                    help="modes the techniques run in (default: the last of --modes)")
     ap.add_argument("--baseline-only", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")

@@ -37,3 +37,31 @@ def test_graph_replay_equals_eager(tiny_llama, compile, batch):
     for _ in range(2):  # the second pass replays graphs captured in the first, on pooled storage
         np.testing.assert_allclose(_two_interleaved(graphs, batch), want, rtol=1e-4, atol=1e-4)
     assert len(graphs.graphs) == 2 * len(PLANS)  # one per (plan, cache storage)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gated_plans_replay_per_block_graphs(tiny_llama, batch):
+    """Plans that decide inside the forward on a real device: a token gate (per-block graphs chosen by the host,
+    K/V-only graphs for skipped blocks) and gated heads (router and common-head segments around the host's
+    decision) give the eager step's logits, rows of a batch disagreeing."""
+    from test_torch_backend import _gate, _head
+
+    eager = TorchLM.load(tiny_llama[1], device="cuda", cuda_graphs=False)
+    graphs = TorchLM.load(tiny_llama[1], device="cuda")
+    plans = [StepPlan(gate=_gate(eager, True)), StepPlan(head=_head(eager, 2.0)), StepPlan(gate=_gate(eager, False, 1)),
+             StepPlan(head=_head(eager, 0.5)), StepPlan(skip_layers=frozenset({2}), gate=_gate(eager, True, 2))]
+    for _ in range(2):  # the second pass replays what the first captured
+        caches = [[lm.new_cache(batch, len(IDS)) for _ in range(2)] for lm in (eager, graphs)]
+        for lm, cs in zip((eager, graphs), caches, strict=True):
+            for c in cs:
+                lm.forward(torch.tensor([[t + r for t in IDS[:4]] for r in range(batch)], device="cuda"), c)
+        for s, t in enumerate(IDS[4:]):
+            for i in range(2):
+                plan = plans[(s + i) % len(plans)]
+                tok = torch.tensor([t + i + 3 * r for r in range(batch)], device="cuda")
+                want = eager.decode_one_token(tok, caches[0][i], plan)
+                got = graphs.decode_one_token(tok, caches[1][i], plan)
+                np.testing.assert_allclose(got.out.logits.cpu().numpy(), want.out.logits.cpu().numpy(),
+                                           rtol=1e-4, atol=1e-4)
+                assert got.executed.layers_run == want.executed.layers_run
+    assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs)

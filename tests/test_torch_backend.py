@@ -1,5 +1,7 @@
 """Torch-specific: the static cache's holes. (Shared behaviour: test_backend_contract.py.)"""
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -121,3 +123,83 @@ def test_pooled_caches_reset_and_stay_apart(tiny_llama):
     np.testing.assert_array_equal(_decode_logits(pooled, plans), want)
     np.testing.assert_array_equal(_decode_logits(pooled, plans), want)  # again, on reused storage
     assert not fresh.cuda_graphs and not pooled.cuda_graphs  # CPU: graphs never turn on
+
+
+def _emulated_capture(self, fn):
+    """TorchLM._capture without CUDA: the first call runs fn, capture runs nothing, replay runs fn again on the
+    same buffers (what a replayed graph does), so the buffer plumbing around the graphs is tested on CPU."""
+    first = fn()
+    out = None if first is None else tuple(t.clone() for t in first) if isinstance(first, tuple) else first
+
+    def replay():
+        r = fn()
+        for o, t in zip(*((out, r) if isinstance(out, tuple) else ((out,), (r,))), strict=True):
+            if o is not None and t is not o:
+                o.copy_(t)
+    return first, out, replay
+
+
+def _gate(lm, writes_kv: bool, seed: int = 0):
+    """A token gate after layer 0 with random weights: tokens keep some later layers and skip others."""
+    from adaptive_inference.techniques.token_router.apply import TokenGate
+
+    cfg, rng = lm.cfg, np.random.default_rng(seed)
+    n = cfg.num_hidden_layers - 1
+    w = {"w1": rng.standard_normal((8, cfg.hidden_size)).astype(np.float32),
+         "b1": np.zeros(8, np.float32), "w2": rng.standard_normal((n, 8)).astype(np.float32),
+         "b2": np.zeros(n, np.float32)}
+    return TokenGate(w, 1, cfg.num_hidden_layers, writes_kv)
+
+
+def _head(lm, threshold: float):
+    """A gated head (vocab router) with random weights: common head where P(rare) <= threshold."""
+    from adaptive_inference.techniques.vocab_router.head import GatedHead
+
+    rng, cfg = np.random.default_rng(3), lm.cfg
+    ids = np.sort(rng.choice(cfg.vocab_size, cfg.vocab_size // 4, replace=False)).astype(np.int64)
+    return GatedHead(ids, rng.standard_normal((8, cfg.hidden_size)).astype(np.float32), np.zeros(8, np.float32),
+                     rng.standard_normal((1, 8)).astype(np.float32), np.zeros(1, np.float32), threshold)
+
+
+def test_per_block_graphs_give_the_eager_step(tiny_llama, monkeypatch):
+    """A plan that decides inside the forward (a token gate) replays one graph per block under cuda_graphs,
+    chosen by the host after the decision; gate-free plans replay one graph per step, a gated head (the vocab
+    router) its router and common-head segments on either side of the host's decision. With capture emulated
+    (replay = rerun on the captured buffers), every step gives the eager logits and executed steps: batch 1 (whole blocks
+    kept or skipped) and batch 3 (rows disagree: a mixed block runs eagerly and blends with the untouched
+    input buffer), K/V written for skipped blocks or left as holes, two caches interleaved."""
+    monkeypatch.setattr(TorchLM, "_capture", _emulated_capture)
+    eager = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    graphs = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    graphs.cuda_graphs = graphs.reuse_caches = True  # what a CUDA device turns on
+    mixed, heads = 0, {}
+    for batch in (1, 3):
+        plans = [StepPlan(gate=_gate(eager, True)), StepPlan(head=_head(eager, 2.0)),
+                 StepPlan(gate=_gate(eager, False, 1)), StepPlan(head=_head(eager, 0.5)),
+                 StepPlan(skip_layers=frozenset({2}), gate=_gate(eager, True, 2))]
+        for _ in range(2):  # the second pass replays what the first captured
+            caches = {id(lm): [lm.new_cache(batch, len(IDS)) for _ in range(2)] for lm in (eager, graphs)}
+            for lm in (eager, graphs):
+                for c in caches[id(lm)]:
+                    lm.forward(torch.tensor([[t + r for t in IDS[:4]] for r in range(batch)]), c)
+            for s, t in enumerate(IDS[4:]):
+                for i in range(2):  # rows of a batch see other tokens, so they disagree
+                    plan, tok = plans[(s + i) % len(plans)], torch.tensor([t + i + 3 * r for r in range(batch)])
+                    want = eager.decode_one_token(tok, caches[id(eager)][i], plan)
+                    got = graphs.decode_one_token(tok, caches[id(graphs)][i], plan)
+                    # (the graph side's cache is bucketed to 128 slots: attention sums in another order)
+                    for part in ("logits", "pick"):
+                        a, b = getattr(got.out, part), getattr(want.out, part)
+                        assert (a is None) == (b is None)
+                        if a is not None:
+                            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+                    heads[got.out.name] = heads.get(got.out.name, 0) + 1
+                    g, w = got.executed, want.executed
+                    assert dataclasses.replace(g, info={}) == dataclasses.replace(w, info={})
+                    assert g.info.get("common_head") == w.info.get("common_head")
+                    mixed += 0 < got.executed.row_layer_share < 1 and batch > 1
+        if batch > 1:
+            assert mixed, "rows never disagreed: the blend with the input buffer went untested"
+    kinds = {k[0] if isinstance(k[0], str) else k[0][0] if isinstance(k[0], tuple) else "step" for k in graphs.graphs}
+    assert kinds == {"step", "io", "block", "kv", "segment"}  # whole steps, blocks, K/V-only writes, head parts
+    assert set(heads) == {"full", "common", "mixed"}, heads

@@ -125,6 +125,9 @@ class Decoder(abc.ABC):
     def log_softmax(self, x): ...
 
     @abc.abstractmethod
+    def log(self, x): ...
+
+    @abc.abstractmethod
     def take_rows(self, w, ids):
         """w[ids] as a contiguous array (a pre-sliced head)."""
 
@@ -146,6 +149,12 @@ class Decoder(abc.ABC):
     @abc.abstractmethod
     def ids_array(self, ids: np.ndarray):
         """numpy int [B, T] -> backend token ids."""
+
+    def segment(self, key, fn, *arrays):
+        """fn(*arrays) -> an array or a tuple of arrays: a piece of a decode step that is a pure function of its
+        arrays and of state at fixed addresses (weights). A backend may capture it once per (key, shapes) and
+        replay it (CUDA graphs); by default it just runs."""
+        return fn(*arrays)
 
     @abc.abstractmethod
     def materialize(self, *arrays) -> None:

@@ -226,6 +226,9 @@ class MLXLM(Decoder):
     def sigmoid(self, x):
         return mx.sigmoid(x)
 
+    def log(self, x):
+        return mx.log(x)
+
     def log_softmax(self, x):
         x = x.astype(mx.float32)
         return x - mx.logsumexp(x, axis=-1, keepdims=True)

@@ -89,6 +89,8 @@ class TorchLM(Decoder):
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
         self._free_caches: dict = {}  # (batch, max_len) -> storages of dropped caches
+        self._layer_graphs = None  # the cache of a decode step now replaying per-block graphs
+        self._segments = False  # inside a decode step under cuda_graphs
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
@@ -145,9 +147,26 @@ class TorchLM(Decoder):
 
     @torch.inference_mode()
     def decode_one_token(self, tokens, cache: KVCache, plan: StepPlan = FULL) -> Forward:
+        if not self.cuda_graphs:
+            return self._decode(tokens, cache, plan)
+        self._segments = True  # head segments (Decoder.segment) are captured and replayed in decode steps only
+        try:
+            return self._decode(tokens, cache, plan)
+        finally:
+            self._segments = False
+
+    def _decode(self, tokens, cache: KVCache, plan: StepPlan) -> Forward:
         step = self._static_step(plan) if self.compile or self.cuda_graphs else None
         if step is None:
-            return super().decode_one_token(tokens, cache, plan)
+            if not (self.cuda_graphs and self._dense(plan.weights)):
+                return super().decode_one_token(tokens, cache, plan)
+            # a plan that decides inside the forward: every block replays its own graph, the host decides
+            # between them (Decoder._blocks drives; _block and write_kv below pick the graph)
+            self._layer_graphs = cache
+            try:
+                return super().decode_one_token(tokens, cache, plan)
+            finally:
+                self._layer_graphs = None
         key, fn, executed = step
         if cache.length + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length}+1 > {cache.max_len}")
@@ -158,6 +177,11 @@ class TorchLM(Decoder):
         cache.length += 1
         return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
 
+    def _dense(self, weights) -> bool:
+        """Whether a weight set's matrices are plain tensors (C++ kernels on packed weights are opaque to the
+        compiler and to capture)."""
+        return all(isinstance(getattr(lw, n), torch.Tensor) for lw in self.resolve_weights(weights) for n in LINEARS)
+
     def _static_step(self, plan: StepPlan):
         """(key, blocks, executed) for a plan without a per-row decision, on full weights (blocks compiled when
         compile is on);
@@ -166,12 +190,11 @@ class TorchLM(Decoder):
             return None
         key = dataclasses.replace(plan, head=None)  # the head runs eagerly after the blocks
         if key not in self.compiled_steps:
-            layers = self.resolve_weights(plan.weights)
-            if not all(isinstance(getattr(lw, n), torch.Tensor) for lw in layers for n in LINEARS):
-                self.compiled_steps[key] = None  # C++ kernels on packed weights are opaque to the compiler and to capture
+            if not self._dense(plan.weights):
+                self.compiled_steps[key] = None
             else:
                 run, executed = self.static_run(plan)
-                fn = functools.partial(self.static_blocks, layers=layers, run=run)
+                fn = functools.partial(self.static_blocks, layers=self.resolve_weights(plan.weights), run=run)
                 if self.compile:
                     # graphs are cached per code object: one per (plan, batch size, cache bucket) must fit
                     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -179,29 +202,93 @@ class TorchLM(Decoder):
                 self.compiled_steps[key] = (key, fn, executed)
         return self.compiled_steps[key]
 
-    def _replay(self, key, fn, tokens, cache: KVCache):
-        """The blocks of one decode step as a CUDA graph captured for (plan, cache storage). The first step of
-        a pair runs for real on a side stream (warming cuBLAS and the compiled code), then is captured; capture
-        executes nothing, so the cache is written once."""
-        graph = self.graphs.get((key, id(cache.k)))
-        if graph is not None:
-            g, ids, pos, out = graph[:4]
-            ids.copy_(tokens[:, None])
-            pos.fill_(cache.length)
-            g.replay()
-            return out.clone()
-        ids, pos = tokens[:, None].clone(), torch.full((1,), cache.length, device=self.device)
+    def _capture(self, fn):
+        """(fn's result, its output buffers, replay): fn runs once for real on a side stream (warming cuBLAS
+        and compiled code), then is captured as a CUDA graph. Capture executes nothing, so state that fn writes
+        (the cache) is written once; replay reruns the kernels on the same addresses."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            h = fn(ids, pos, cache)
+            first = fn()
         torch.cuda.current_stream().wait_stream(side)
         pool = self.__dict__.setdefault("_graph_pool", torch.cuda.graph_pool_handle())
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            out = fn(ids, pos, cache)
-        self.graphs[(key, id(cache.k))] = (g, ids, pos, out, cache.k)  # the storage stays alive with its graph
+            out = fn()
+        return first, out, g.replay
+
+    def _replay(self, key, fn, tokens, cache: KVCache):
+        """The blocks of one decode step as a graph captured for (plan, cache storage)."""
+        graph = self.graphs.get((key, id(cache.k)))
+        if graph is not None:
+            replay, ids, pos, out = graph[:4]
+            ids.copy_(tokens[:, None])
+            pos.fill_(cache.length)
+            replay()
+            return out.clone()
+        ids, pos = tokens[:, None].clone(), torch.full((1,), cache.length, device=self.device)
+        h, out, replay = self._capture(lambda: fn(ids, pos, cache))
+        self.graphs[(key, id(cache.k))] = (replay, ids, pos, out, cache.k)  # the storage stays alive with its graph
         return h
+
+    def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
+        if self._layer_graphs is not cache or rows is not None or observe is not None:
+            return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
+        return self._layer_replay(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
+                                  lambda x, r, p: super(TorchLM, self)._block(x, lw, i, cache, r, p, None, mlp, alpha))
+
+    def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
+        if self._layer_graphs is not cache:
+            return self._write_kv(x, lw, layer, cache, rope, positions)
+        self._layer_replay(("kv", id(lw), layer), x, rope, positions, cache,
+                           lambda x, r, p: self._write_kv(x, lw, layer, cache, r, p), writes_x=False)
+
+    def _layer_replay(self, tag, x, rope, positions, cache: KVCache, fn, writes_x: bool = True):
+        """One block (or K/V write) of a decode step as a graph captured per (block, input buffer, batch, cache
+        storage). The graphs of a storage share their inputs: two residual buffers that block graphs read one
+        of and write the other (consecutive blocks pass the residual on without a copy, and the input stays
+        intact for a caller that blends it with the output), and the step's positions and RoPE tables
+        (copied in once per step). Returns the output buffer."""
+        io = self.graphs.get(("io", x.shape, id(cache.k)))
+        if io is None:
+            io = self.graphs[("io", x.shape, id(cache.k))] = {
+                "x": (torch.empty_like(x), torch.empty_like(x)), "pos": torch.empty_like(positions),
+                "rope": tuple(torch.empty_like(t) for t in rope), "src": None, "storage": cache.k}
+        bufs = io["x"]
+        src = 0 if x is bufs[0] else 1 if x is bufs[1] else None
+        if src is None:
+            src = 0
+            bufs[0].copy_(x)
+        if io["src"] is not rope:  # a new step
+            io["pos"].copy_(positions)
+            for s, t in zip(io["rope"], rope, strict=True):
+                s.copy_(t)
+            io["src"] = rope
+        key = (tag, src, x.shape, id(cache.k))
+        if key in self.graphs:
+            self.graphs[key]()
+        elif writes_x:
+            _, _, self.graphs[key] = self._capture(lambda: bufs[1 - src].copy_(fn(bufs[src], io["rope"], io["pos"])))
+        else:
+            _, _, self.graphs[key] = self._capture(lambda: fn(bufs[src], io["rope"], io["pos"]))
+        return bufs[1 - src] if writes_x else bufs[src]
+
+    def segment(self, key, fn, *arrays):
+        """Under cuda_graphs, in a decode step: fn captured once per (key, shapes) with its inputs copied into
+        fixed buffers, then replayed; returns copies of its outputs (later replays overwrite the buffers)."""
+        if not self._segments:
+            return fn(*arrays)
+        key = ("segment", key, tuple(a.shape for a in arrays))
+        if key not in self.graphs:
+            inputs = tuple(a.clone() for a in arrays)
+            first, out, replay = self._capture(lambda: fn(*inputs))
+            self.graphs[key] = (inputs, out, replay)
+            return first
+        inputs, out, replay = self.graphs[key]
+        for buf, a in zip(inputs, arrays, strict=True):
+            buf.copy_(a)
+        replay()
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
     # ---- the op set ----------------------------------------------------------------------------
 
@@ -258,7 +345,7 @@ class TorchLM(Decoder):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.linear(out.transpose(1, 2).reshape(B, T, -1), lw.wo)
 
-    def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
+    def _write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         B, T, _ = x.shape
         q_dim, (kv_heads, d) = self._split[0], (self.cfg.num_key_value_heads, self.cfg.head_dim)
         h = self._rms(x, lw.ln1)
@@ -335,6 +422,9 @@ class TorchLM(Decoder):
 
     def log_softmax(self, x):
         return F.log_softmax(x.float(), dim=-1)
+
+    def log(self, x):
+        return torch.log(x)
 
     def take_rows(self, w, ids):
         return w[ids].contiguous()

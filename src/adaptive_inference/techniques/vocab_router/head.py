@@ -42,22 +42,34 @@ class GatedHead:
         if key not in self._arrays:
             ids = lm.asarray(self.common_ids)
             self._arrays[key] = {"w1": lm.asarray(self.w1), "b1": lm.asarray(self.b1), "w2": lm.asarray(self.w2),
-                                 "b2": lm.asarray(self.b2), "ids": ids, "head": lm.take_rows(lm.lm_head, ids)}
+                                 "b2": lm.asarray(self.b2, "float32"), "ids": ids, "head": lm.take_rows(lm.lm_head, ids)}
         return self._arrays[key]
 
+    def p_rare(self, lm, h):
+        """P(rare) per position, float32 [...]."""
+        w = self._on(lm)
+        return lm.sigmoid(lm.logits32(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"]) + w["b2"])[..., 0]
+
+    def common_out(self, lm, h, p):
+        """(log-probs over the common ids [..., C], the full-vocab spread [..., V]): common ids get
+        (1 - p) softmax(common logits), the rest share p evenly."""
+        w, V, C = self._on(lm), lm.cfg.vocab_size, len(self.common_ids)
+        lc = lm.log_softmax(lm.logits32(h, w["head"])) + lm.log(1 - p)[..., None]
+        return lc, lm.spread(lc, w["ids"], lm.log(p) - math.log(max(V - C, 1)), V)
+
     def apply(self, h, lm) -> HeadOutput:
+        # both device parts run as backend segments (captured and replayed under CUDA graphs); between them
+        # the host reads P(rare), the one sync of the decision
         w = self._on(lm)
         V, H, C = lm.cfg.vocab_size, lm.cfg.hidden_size, len(self.common_ids)
-        p = lm.sigmoid(lm.linear(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"], w["b2"]))[..., 0]
-        p = lm.to_numpy(p).astype(np.float64)  # the one host sync: the decision needs P(rare)
+        p_dev = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
+        p = lm.to_numpy(p_dev).astype(np.float64)
         common = p <= self.threshold
         info = {"p_rare": p.ravel().tolist(), "common_head": common.ravel().tolist()}
         full = V * H + self.router_params
         if not common.any():
             return HeadOutput(lm.logits32(h, lm.lm_head), "full", full, info=info)
-        lc = lm.log_softmax(lm.logits32(h, w["head"])) + lm.asarray(np.log1p(-p), "float32")[..., None]
-        rare = lm.asarray(np.log(p) - math.log(max(V - C, 1)), "float32")
-        spread = lm.spread(lc, w["ids"], rare, V)
+        lc, spread = lm.segment(("common", id(self)), functools.partial(self.common_out, lm), h, p_dev)
         if common.all():
             return HeadOutput(spread, "common", C * H + self.router_params, pick=lc, pick_ids=w["ids"], info=info)
         # rows of a batch decide alone; a common row still picks among the common ids only
