@@ -8,8 +8,8 @@ a gated head with a common set of the pipeline's size (5.2% of the vocab) taking
 steps (a trained router's decisions on random weights would mean nothing); the category map's global
 25% skip set (layers 12-14, 16-18, 25, 26 of 30, scaled); a token gate that skips that set on a set share of
 the steps, writing the skipped layers' K/V (the token router's default policy; its decision needs the
-residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan queues its blocks and
-replays each run of them (before the decision, after it) as one graph per distinct run, and a gated head its router and common-head parts as graphs
+residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan replays one graph
+per block, picked by the host after the decision, and a gated head its router and common-head parts as graphs
 on either side of the P(rare) read. Timing is paired per repeat
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
 (cost.structural).

@@ -150,11 +150,6 @@ class Decoder(abc.ABC):
     def ids_array(self, ids: np.ndarray):
         """numpy int [B, T] -> backend token ids."""
 
-    def flush(self) -> None:
-        """Runs work a backend queued to run as one unit (TorchLM under CUDA graphs queues a step's blocks and
-        replays each run of them as one graph); called before a gate reads the residual."""
-        return None
-
     def segment(self, key, fn, *arrays):
         """fn(*arrays) -> an array or a tuple of arrays: a piece of a decode step that is a pure function of its
         arrays and of state at fixed addresses (weights). A backend may capture it once per (key, shapes) and
@@ -188,7 +183,6 @@ class Decoder(abc.ABC):
         ran = np.zeros((B, T))  # layers run per (row, position)
         for i, lw in enumerate(layers):
             if gate is not None and i == gate.after_layer + 1:
-                self.flush()
                 decision = gate.decide(x, self)
                 keep, info = decision.keep, decision.info
                 blend.update(decision.blend)

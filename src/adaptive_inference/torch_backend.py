@@ -13,10 +13,7 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
 - cuda_graphs (CUDA only): the same static steps (compiled or eager) are captured once per (plan, cache
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
-  storage, reset (decode_pairs keeps two alive: two storages, each with its graphs). A plan that decides
-  inside the forward (a gate) queues its blocks and replays each run of them (up to the decision, after it)
-  as one graph captured per distinct run; the host takes the decision between them. Parts of a head marked
-  as segments (Decoder.segment) are captured and replayed the same way.
+  storage, reset (decode_pairs keeps two alive: two storages, each with its graphs).
 """
 
 from __future__ import annotations
@@ -93,7 +90,6 @@ class TorchLM(Decoder):
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
         self._free_caches: dict = {}  # (batch, max_len) -> storages of dropped caches
         self._layer_graphs = None  # the cache of a decode step now replaying per-block graphs
-        self._pending: list = []  # blocks queued for one graph replay (flush)
         self._segments = False  # inside a decode step under cuda_graphs
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
@@ -170,7 +166,6 @@ class TorchLM(Decoder):
             try:
                 return super().decode_one_token(tokens, cache, plan)
             finally:
-                self.flush()
                 self._layer_graphs = None
         key, fn, executed = step
         if cache.length + 1 > cache.max_len:
@@ -238,25 +233,22 @@ class TorchLM(Decoder):
 
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
         if self._layer_graphs is not cache or rows is not None or observe is not None:
-            self.flush()
             return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
-        return self._queue(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
-                           lambda x, r, p: super(TorchLM, self)._block(x, lw, i, cache, r, p, None, mlp, alpha))
+        return self._layer_replay(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
+                                  lambda x, r, p: super(TorchLM, self)._block(x, lw, i, cache, r, p, None, mlp, alpha))
 
     def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         if self._layer_graphs is not cache:
-            self.flush()
             return self._write_kv(x, lw, layer, cache, rope, positions)
-        self._queue(("kv", id(lw), layer), x, rope, positions, cache,
-                    lambda x, r, p: self._write_kv(x, lw, layer, cache, r, p), writes_x=False)
+        self._layer_replay(("kv", id(lw), layer), x, rope, positions, cache,
+                           lambda x, r, p: self._write_kv(x, lw, layer, cache, r, p), writes_x=False)
 
-    def _queue(self, tag, x, rope, positions, cache: KVCache, fn, writes_x: bool = True):
-        """Queues one block (or K/V write) of a decode step; flush() replays the queued run as one graph,
-        captured per distinct run (blocks, input buffer, batch, cache storage). The graphs of a storage share
-        their inputs: two residual buffers that each block reads one of and writes the other (the residual
-        passes on without a copy, and a block's input stays intact for a caller that blends it with the
-        output), and the step's positions and RoPE tables (copied in once per step). Returns the buffer that
-        holds the result once flushed."""
+    def _layer_replay(self, tag, x, rope, positions, cache: KVCache, fn, writes_x: bool = True):
+        """One block (or K/V write) of a decode step as a graph captured per (block, input buffer, batch, cache
+        storage). The graphs of a storage share their inputs: two residual buffers that block graphs read one
+        of and write the other (consecutive blocks pass the residual on without a copy, and the input stays
+        intact for a caller that blends it with the output), and the step's positions and RoPE tables
+        (copied in once per step). Returns the output buffer."""
         io = self.graphs.get(("io", x.shape, id(cache.k)))
         if io is None:
             io = self.graphs[("io", x.shape, id(cache.k))] = {
@@ -264,33 +256,22 @@ class TorchLM(Decoder):
                 "rope": tuple(torch.empty_like(t) for t in rope), "src": None, "storage": cache.k}
         bufs = io["x"]
         src = 0 if x is bufs[0] else 1 if x is bufs[1] else None
-        if src is None:  # a new input (the embedding, a blended residual): the queue holds nothing it needs
-            self.flush()
+        if src is None:
             src = 0
             bufs[0].copy_(x)
         if io["src"] is not rope:  # a new step
-            self.flush()
             io["pos"].copy_(positions)
             for s, t in zip(io["rope"], rope, strict=True):
                 s.copy_(t)
             io["src"] = rope
-        dst = 1 - src if writes_x else src
-        if writes_x:
-            self._pending.append(((tag, src), io, lambda: bufs[dst].copy_(fn(bufs[src], io["rope"], io["pos"]))))
-        else:
-            self._pending.append(((tag, src), io, lambda: fn(bufs[src], io["rope"], io["pos"])))
-        return bufs[dst]
-
-    def flush(self) -> None:
-        """Runs the queued blocks: one graph replay per run (captured the first time the run occurs)."""
-        if not self._pending:
-            return
-        ops, self._pending = self._pending, []
-        key = ("run", id(ops[0][1]), tuple(tag for tag, _, _ in ops))
+        key = (tag, src, x.shape, id(cache.k))
         if key in self.graphs:
             self.graphs[key]()
+        elif writes_x:
+            _, _, self.graphs[key] = self._capture(lambda: bufs[1 - src].copy_(fn(bufs[src], io["rope"], io["pos"])))
         else:
-            _, _, self.graphs[key] = self._capture(lambda: [op() for _, _, op in ops] and None)
+            _, _, self.graphs[key] = self._capture(lambda: fn(bufs[src], io["rope"], io["pos"]))
+        return bufs[1 - src] if writes_x else bufs[src]
 
     def segment(self, key, fn, *arrays):
         """Under cuda_graphs, in a decode step: fn captured once per (key, shapes) with its inputs copied into
@@ -397,7 +378,6 @@ class TorchLM(Decoder):
         return self.linear(act, lw.w_down)
 
     def final_norm(self, x):
-        self.flush()
         return self._rms(x, self.norm)
 
     def linear(self, x, w, b=None):
@@ -423,7 +403,6 @@ class TorchLM(Decoder):
         return tuple(w.shape)
 
     def where_rows(self, mask: np.ndarray, a, b):
-        self.flush()
         return torch.where(torch.as_tensor(mask, device=self.device)[..., None], a, b)
 
     def asarray(self, a: np.ndarray, dtype: str | None = None):
@@ -433,7 +412,6 @@ class TorchLM(Decoder):
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def to_numpy(self, x) -> np.ndarray:
-        self.flush()
         return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
 
     def silu(self, x):
