@@ -1,5 +1,5 @@
-"""Router, lobotomy, layer skip and a token gate on a CUDA GPU: decode speedup against the structural
-bound, torch backend (packed int8 / int4 weights have CPU kernels only: gears are not measured here).
+"""Router, lobotomy, layer skip, a token gate and packed int8 / int4 weights on a CUDA GPU: decode speedup
+against the structural bound, torch backend.
 
 The GPU host has no model hub and no copy of the embedded model, so this builds models of a given
 shape with random weights (decode speed depends on shapes, not values) and applies the techniques
@@ -27,6 +27,7 @@ is reported as a share of its limit: bytes read per token (weights + the KV cach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,8 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from adaptive_inference import quant  # noqa: E402
 from adaptive_inference.bench.stats import paired_speedup  # noqa: E402
 from adaptive_inference.cost import structural  # noqa: E402
+from adaptive_inference.decoder import LINEARS, PART  # noqa: E402
 from adaptive_inference.generation import generate, stream  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 from adaptive_inference.plan import GateDecision, StaticPolicy, StepPlan  # noqa: E402
@@ -160,12 +163,39 @@ def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
     return GatedHead(ids, **w, threshold=2.0, _arrays=shared), GatedHead(ids, **w, threshold=-1.0, _arrays=shared)
 
 
+def add_packed_set(lm: TorchLM, fmt: str, group_size: int) -> None:
+    """A packed weight set of the shape, made as the pipeline's quantize stage makes one (quant.quantize, then
+    the backend's pack: quant_cuda on a GPU) from one random matrix per distinct shape, copied per layer so every
+    layer reads its own memory (no L2 reuse between layers). Registered under the format's name, with the
+    bytes each part reads for the structural bound."""
+    rng, itemsize, made = np.random.default_rng(0), lm.embed.element_size(), {}
+    read = {"attention": [0, 0], "mlp": [0, 0], "head": [0, 0]}
+
+    def packed(w, part):
+        n, k = w.shape
+        if (n, k) not in made:
+            state = quant.quantize(rng.standard_normal((n, k), dtype=np.float32) * 0.02, fmt, group_size=group_size)
+            made[(n, k)] = (lm.pack(state, None), quant.bytes_read(state))
+        p, nbytes = made[(n, k)]
+        read[part][0] += nbytes
+        read[part][1] += n * k * itemsize
+        return dataclasses.replace(p, tensors=tuple(t.clone() for t in p.tensors))
+
+    lm.weight_sets[fmt] = [dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
+                           for lw in lm.weight_sets["full"]]
+    lm.packed_heads[fmt] = packed(lm.lm_head, "head")
+    lm.relative_bytes[fmt] = {k: r / f for k, (r, f) in read.items()}
+
+
 def technique_configs(lm: TorchLM, a) -> dict:
     L = lm.cfg.num_hidden_layers
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
-    return {"lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
+    for fmt in a.packed:
+        add_packed_set(lm, fmt, a.group_size)
+    return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed},
+            "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
             "router": lambda: RatePolicy(common, full, a.common_rate),
             "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
             "router_all_common": lambda: RatePolicy(common, full, 1.0),
@@ -251,7 +281,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     weights, kv = step_bytes(lm.cfg, lm.embed.element_size(), context)
     out = {"warmup_s": warm_s, "configs": {}, "batch": {}}
     for name in configs:
-        frac = structural(lm.cfg, executed[name], context)["weight_bytes_fraction"]
+        frac = structural(lm.cfg, executed[name], context, lm.relative_bytes)["weight_bytes_fraction"]
         s = paired_speedup(per_token["baseline"], per_token[name])
         tps, bound = 1 / float(np.median(per_token[name])), 1 / frac
         decisions = [e.head == "common" for e in executed[name]]
@@ -300,6 +330,9 @@ def main() -> None:
     ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")
     ap.add_argument("--common-share", type=float, default=0.052, help="common ids as a share of the vocab")
     ap.add_argument("--gate-rate", type=float, default=0.5, help="share of steps the token gate skips its set")
+    ap.add_argument("--packed", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                    help="packed weight sets measured as configurations (quant_cuda kernels)")
+    ap.add_argument("--group-size", type=int, default=32, help="int4 group size (the pipeline's default)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)

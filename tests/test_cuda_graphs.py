@@ -14,7 +14,7 @@ IDS = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
 PLANS = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0, 2}), blend=((3, 0.5),))]
 
 
-def _two_interleaved(lm, batch: int):
+def _two_interleaved(lm, batch: int, plans=PLANS):
     """Two generations side by side (as decode_pairs runs them), plans switching step by step."""
     caches = [lm.new_cache(batch, len(IDS)) for _ in range(2)]
     for c in caches:
@@ -23,7 +23,7 @@ def _two_interleaved(lm, batch: int):
     for s, t in enumerate(IDS[4:]):
         for i, c in enumerate(caches):
             tok = torch.tensor([t] * batch, device="cuda")
-            out.append(lm.decode_one_token(tok, c, PLANS[(s + i) % len(PLANS)]).out.logits.cpu().numpy())
+            out.append(lm.decode_one_token(tok, c, plans[(s + i) % len(plans)]).out.logits.cpu().numpy())
     return np.stack(out)
 
 
@@ -65,3 +65,42 @@ def test_gated_plans_replay_per_block_graphs(tiny_llama, batch):
                                            rtol=1e-4, atol=1e-4)
                 assert got.executed.layers_run == want.executed.layers_run
     assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_packed_linear_is_the_dequantized_weight(fmt):
+    """quant_cuda's kernels (int4: tinygemm's tiled layout; int8: the dequantize-in-matmul expression) multiply
+    by quant.dequantize's weight, to bf16 rounding."""
+    from adaptive_inference import quant, quant_cuda
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 1024)).astype(np.float32)
+    p = quant.quantize(w, fmt, group_size=32)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    got = quant_cuda.linear(x, quant_cuda.prepare(p)).float()
+    want = x.float() @ torch.from_numpy(quant.dequantize(p)).cuda().T
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_packed_weight_sets_compile_and_replay(tiny_llama, tmp_path, compile):
+    """A plan on a packed weight set (int4 and int8 from a quant.py file) is captured like a full one (and
+    compiled): replayed steps give the eager steps' logits, plans switching between packed and full."""
+    from adaptive_inference import quant
+    from adaptive_inference.plan import WeightSet
+
+    eager = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
+    sets = []
+    for fmt in ("int4", "int8"):
+        states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
+                  for i, lw in enumerate(eager.layers) for f in ("wqkv", "wo", "w_gate_up", "w_down")}
+        states["lm_head"] = quant.quantize(eager.lm_head.float().cpu().numpy(), fmt, group_size=32)
+        quant.save_file(states, tmp_path / f"{fmt}.safetensors")
+        sets.append(WeightSet(fmt, str(tmp_path / f"{fmt}.safetensors")))
+    graphs = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)
+    plans = [StepPlan(weights=sets[0]), StepPlan(), StepPlan(weights=sets[1], skip_layers=frozenset({1}))]
+    want = _two_interleaved(eager, 1, plans)
+    for _ in range(2):
+        np.testing.assert_allclose(_two_interleaved(graphs, 1, plans), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    assert {k[0].weights for k in graphs.graphs} == {"full", sets[0], sets[1]}
+    assert not np.allclose(want[0], want[1], atol=1e-3)  # the packed set really reads other weights

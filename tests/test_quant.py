@@ -220,3 +220,26 @@ def test_mlx_refuses_what_it_cannot_hold():
         quant_mlx.prepare(quant.Int8Weight(q=np.zeros((8, 100), np.int8), scale=np.ones(8, np.float32)))
     with pytest.raises(UserError):
         quant_mlx.prepare(quant.quantize(weight(8, 256), "int4", group_size=256))
+
+
+def test_cuda_int4_convention_is_the_dequantized_weight():
+    """quant_cuda hands tinygemm (aten._weight_int4pack_mm) per group (scale, zero) with w~ = (q - 8) scale +
+    zero. Checked here on the CPU twin of that kernel, which takes the same [K/g, N, 2] table: it multiplies
+    by quant.dequantize's weight (the CUDA tiling itself is tested on the GPU, tests/test_cuda_graphs.py)."""
+    import torch
+
+    from adaptive_inference import quant_cuda
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    p = quant.quantize(w, "int4", group_size=64)
+    c, _, _ = quant.codes(p, 4)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    tiled = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(c.astype(np.int32)), 2)
+    got = torch._weight_int4pack_mm_for_cpu(torch.from_numpy(x), tiled, 64, torch.from_numpy(quant_cuda.scale_and_zero(p)))
+    np.testing.assert_allclose(got.numpy(), x @ quant.dequantize(p).T, rtol=1e-4, atol=1e-3)
+    assert [quant_cuda.inner_k_tiles(k) for k in (576, 1536, 4096, 96)] == [4, 8, 8, 2]
+    with pytest.raises(UserError, match="depth 8 has no CUDA kernel"):
+        quant_cuda.prepare(quant.quantize(w, "nested", group_size=64), depth=8)
+    with pytest.raises(UserError, match="group_size"):
+        quant_cuda.prepare(quant.Int4Weight(p.codes, p.scale, p.minv, 512))

@@ -7,9 +7,9 @@ causal by construction and a skipped layer's slot stays a hole). Device and dtyp
 Runtime choices (params benchmark.runtime), the same for a job's baseline and its configuration:
 - cpu_matmul "kernel": decode-sized matmuls (<= 8 rows) on CPU go to torch_kernels.dense_linear (an AVX2
   gemv reading weights near memory speed; MKL's sgemv reads at about half of it here); "library": F.linear.
-- compile: decode steps of gate-free plans on full weights run as one torch.compile'd graph per distinct
-  plan (inductor fuses norms, RoPE, residuals; no per-op dispatch). Gated plans and packed weight sets run
-  eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
+- compile: decode steps of gate-free plans run as one torch.compile'd graph per distinct plan (inductor
+  fuses norms, RoPE, residuals; no per-op dispatch), on full weights or CUDA packed ones (quant_cuda). Gated
+  plans and the CPU packed kernels (opaque C++) run eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
 - cuda_graphs (CUDA only): the same static steps (compiled or eager) are captured once per (plan, cache
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
@@ -178,9 +178,12 @@ class TorchLM(Decoder):
         return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
 
     def _dense(self, weights) -> bool:
-        """Whether a weight set's matrices are plain tensors (C++ kernels on packed weights are opaque to the
-        compiler and to capture)."""
-        return all(isinstance(getattr(lw, n), torch.Tensor) for lw in self.resolve_weights(weights) for n in LINEARS)
+        """Whether a weight set's matrices run on aten ops (tensors, CUDA packed weights) that the compiler
+        and graph capture see; the CPU packed kernels (C++ extension) are opaque to both."""
+        from .quant_cuda import CudaPacked
+
+        return all(isinstance(getattr(lw, n), torch.Tensor | CudaPacked)
+                   for lw in self.resolve_weights(weights) for n in LINEARS)
 
     def _static_step(self, plan: StepPlan):
         """(key, blocks, executed) for a plan without a per-row decision, on full weights (blocks compiled when
@@ -385,16 +388,20 @@ class TorchLM(Decoder):
             if self.dense_kernel and torch_kernels.dense_ok(x, w):
                 return torch_kernels.dense_linear(x, w, b)
             return F.linear(x, w, b)
-        from . import quant_torch
+        from . import quant_cuda, quant_torch
 
-        return quant_torch.linear(x, w, b)
+        return (quant_cuda if isinstance(w, quant_cuda.CudaPacked) else quant_torch).linear(x, w, b)
 
     def logits32(self, h, w):
         return self.linear(h, w).float()
 
     def pack(self, state, depth: int | None):
+        if torch.device(self.device).type == "cuda":
+            from . import quant_cuda
+
+            return quant_cuda.prepare(state, depth=depth, device=self.device)
         if self.device != "cpu":
-            raise UserError(f"packed weight sets run on CPU only (the kernels are AVX2 C++); device is {self.device}")
+            raise UserError(f"packed weight sets run on CPU (AVX2 C++) and CUDA only; device is {self.device}")
         from . import quant_torch
 
         return quant_torch.prepare(state, depth=depth)
