@@ -193,7 +193,8 @@ def technique_configs(lm: TorchLM, a) -> dict:
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
     for fmt in a.packed:
-        add_packed_set(lm, fmt, a.group_size)
+        if not a.configs or fmt in a.configs:
+            add_packed_set(lm, fmt, a.group_size)
     return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed},
             "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
             "router": lambda: RatePolicy(common, full, a.common_rate),
@@ -262,7 +263,9 @@ def profile(shape: str, a) -> None:
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
     lm = build(shape, a.dtype, a.device, mode)
-    configs = {"baseline": lambda: StaticPolicy(), **(technique_configs(lm, a) if techniques else {})}
+    chosen = {k: v for k, v in (technique_configs(lm, a) if techniques else {}).items()
+              if not a.configs or k in a.configs}
+    configs = {"baseline": lambda: StaticPolicy(), **chosen}
     prompt = list(range(1, 1 + a.prompt_tokens))
     for name in configs:  # warm-up: CUDA context, cuBLAS handles, compiled code, captured graphs
         generate(lm, prompt, max_new_tokens=a.new_tokens, policy=configs[name]())
@@ -326,6 +329,7 @@ def main() -> None:
     ap.add_argument("--technique-modes", nargs="+", choices=list(MODES),
                     help="modes the techniques run in (default: the last of --modes)")
     ap.add_argument("--baseline-only", action="store_true")
+    ap.add_argument("--configs", nargs="+", help="technique configurations to run beside the baseline (default: all)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")
     ap.add_argument("--common-share", type=float, default=0.052, help="common ids as a share of the vocab")

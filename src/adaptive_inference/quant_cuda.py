@@ -4,9 +4,10 @@
   (what torchao's int4 weight-only layout calls): bf16 activations, the 4-bit codes in the kernel's tiled
   layout, and per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 * scale.
   Group sizes 32 to 256; in-features a multiple of 64, out-features a multiple of 8.
-- int8 (per-row scale) is the expression F.linear(x, q.to(x.dtype)) * scale: under torch.compile inductor
-  fuses it into one kernel that reads the int8 codes; eager it materializes the float weight per call
-  and is slower than the float weight (benchmark.runtime.compile: true on a GPU).
+- int8 (per-row scale) runs on our Triton kernel (triton_kernels.w8_linear: reads the int8 codes once,
+  widens them in registers). Measured on an H200 (docs/measurements/cuda_packed_kernels_*.json), the
+  dequantize-in-matmul expression F.linear(x, q.to(x.dtype)) * scale that inductor compiles reached 0.77
+  TB/s at batch 1, 2.6x slower than the bf16 weight: no int8 path of torch's own pays at decode sizes.
 - a nested weight at depth 8 has no CUDA kernel here: refused in one line.
 Both are plain aten ops on tensors, so packed plans are compiled and captured as CUDA graphs like full ones.
 """
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import quant
 from .errors import UserError
@@ -74,8 +74,9 @@ def linear(x: torch.Tensor, w: CudaPacked, bias: torch.Tensor | None = None) -> 
         raise UserError(f"quant_cuda.linear: input has {x.shape[-1]} features, weight expects {k}")
     x2 = x.reshape(-1, k)
     if w.kind == "int8":
-        q, scale = w.tensors
-        y = F.linear(x2, q.to(x.dtype)) * scale.to(x.dtype)
+        from .triton_kernels import w8_linear
+
+        y = w8_linear(x2, *w.tensors)
     else:
         y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w.tensors[0], w.group_size,
                                       w.tensors[1]).to(x.dtype)
