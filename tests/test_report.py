@@ -70,7 +70,7 @@ def test_report_files_metrics_and_agreement(tmp_path):
     summary = report.build(PARAMS, _all(tmp_path), out)
     assert summary["rows"] == 4
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "metrics.json", "speed_quality.png",
-                                               "batch_throughput.png"}
+                                               "batch_throughput.png", "pareto.png"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["torch"]["lobotomy"]["speedup_vs_baseline"] == 1.24
     assert metrics["torch"]["lobotomy"]["structural_bound"] == pytest.approx(1 / 0.7)
@@ -79,7 +79,7 @@ def test_report_files_metrics_and_agreement(tmp_path):
     assert metrics["agreement_by_config"]["lobotomy"]["torch_vs_mlx_top1"] == pytest.approx(6 / 7)
     assert metrics["agreement"]["torch_vs_mlx_top1"] == 1.0
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64") == 2 and not re.search(r'src="(?!data:)', html)
+    assert html.count("data:image/png;base64") == 3 and not re.search(r'src="(?!data:)', html)
     md = (out / "report.md").read_text()
     assert md.index("At a glance: torch") < md.index("## Speed") and "lobotomy is the fastest at 1.240×" in md
     assert "KL code" in md
@@ -178,3 +178,23 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
         with pytest.raises(UserError, match=expected):
             report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / path.stem), tmp_path / "out2")
         assert not (tmp_path / "out2").exists()
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    # (gain, loss): (1.3, 0.5) is beaten by (1.4, 0.4); (1.0, 0.0) and (1.4, 0.4) and (2.0, 1.0) are not
+    pts = [(1.0, 0.0), (1.3, 0.5), (1.4, 0.4), (2.0, 1.0), (1.0, 0.1), (1.4, 0.4)]
+    assert report.pareto_front(pts) == [0, 2, 5, 3]  # ties stay (neither beats the other), ordered by gain
+    assert report.pareto_front([]) == []
+
+
+def test_report_names_the_fronts(tmp_path):
+    """The report draws quality against realized speedup per backend and against structural compute, and says
+    which configurations are on each front."""
+    out = tmp_path / "reports"
+    report.build(PARAMS, _all(tmp_path), out)
+    md = (out / "report.md").read_text()
+    assert "](pareto.png)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("On the Pareto front"))
+    # lobotomy is faster than the baseline at some KL: both are on every front of this two-point report
+    assert "torch, KL to baseline: baseline, lobotomy" in line and "mlx, top-1 agreement: baseline, lobotomy" in line
+    assert "structural (all backends), KL to baseline: baseline, lobotomy" in line

@@ -64,7 +64,7 @@ def render(params: dict, root: str = ".") -> dict:
         "deps": codedeps.files("adaptive_inference.report") + results + tech + params["report"]["gpu_results"],
         "params": ["report"],
         "outs": ["reports/report.md", "reports/report.html"],
-        "plots": ["reports/speed_quality.png", "reports/batch_throughput.png"],
+        "plots": ["reports/speed_quality.png", "reports/batch_throughput.png", "reports/pareto.png"],
         "metrics": [{"reports/metrics.json": {"cache": False}}],
     }
     if root != ".":

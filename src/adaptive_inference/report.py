@@ -21,6 +21,8 @@ from .errors import UserError
 RESULTS = "results.json"
 DASH = "—"
 PLOTS = {"speed_quality.png": "Speedup (95% interval) against KL to the baseline, one panel per backend",
+         "pareto.png": "Pareto fronts: quality (KL, top-1 agreement) against the realized decode speedup per backend "
+                       "and against the structural compute saving (1 / FLOPs share); filled points are on the front",
          "batch_throughput.png": "Batched greedy decode throughput (median, bars = min–max)"}
 _FIELDS = {  # metrics.json key -> path inside one run
     "decode_tps": ("speed", "decode_tps", "median"),
@@ -81,7 +83,8 @@ def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list
     agreement = _agreement(rows)
     tech = [b for a in artifacts for b in techniques.summaries(Path(a))]
     gpu = _gpu_blocks([Path(f) for f in params.get("gpu_results", [])])
-    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows)}
+    files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows),
+             "pareto.png": _plot_pareto(rows)}
     files.update({b[1]: b[3] for b in tech if b[0] == "img"})
     tech = [b[:3] if b[0] == "img" else b for b in tech]
     blocks = _blocks(params["title"], rows, refs, agreement, tech, sources, gpu)
@@ -364,6 +367,7 @@ def _blocks(title, rows, refs, agreement, tech, sources, gpu=()) -> list[tuple]:
     for b in _backends(rows):
         out += [("h2", f"At a glance: {b}"), ("lead", _reading(rows, b)), _glance(rows, b)]
     out += [("img", "speed_quality.png", PLOTS["speed_quality.png"]), ("p", HOW_TO_READ),
+            ("img", "pareto.png", PLOTS["pareto.png"]), ("p", _fronts_text(rows)),
             ("h2", "Speed"), _speed_table(rows), ("img", "batch_throughput.png", PLOTS["batch_throughput.png"]),
             ("h2", "Quality and structure"), _quality_table(rows)]
     cat = _category_table(rows)
@@ -440,7 +444,7 @@ def _html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
             body.append(f"<table><tr>{head}</tr>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>")
         elif kind == "img":
             data = base64.b64encode(pngs[a[0]]).decode()
-            wide = ' class="wide"' if a[0] == "speed_quality.png" else ""
+            wide = ' class="wide"' if a[0] in ("speed_quality.png", "pareto.png") else ""
             body.append(f'<figure{wide}><img alt="{e(a[1])}" src="data:image/png;base64,{data}">'
                         f"<figcaption>{e(a[1])}</figcaption></figure>")
         elif kind == "lead":
@@ -472,6 +476,71 @@ def _plot_speed_quality(rows: list[dict]) -> bytes:
                         color=f"C{i % 10}")
         ax.margins(0.2)
     return plots.png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (gain, loss) that no other point beats on both (gain >= and loss <=, one strictly),
+    ordered by gain."""
+    front = [i for i, (g, lo) in enumerate(points)
+             if not any(g2 >= g and l2 <= lo and (g2 > g or l2 < lo) for g2, l2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+# (panel x: name, label, metric -> gain) and (panel y: label, metric -> loss, loss -> shown value)
+_PARETO_X = {"realized": ("decode speedup vs baseline (×)", lambda m: m.get("speedup_vs_baseline")),
+             "structural": ("structural compute saving (1 / FLOPs share, ×)",
+                            lambda m: 1 / m["flops_fraction"] if m.get("flops_fraction") else None)}
+_PARETO_Y = [("KL to baseline (nats / token)", lambda m: m.get("kl_to_baseline"), lambda v: v),
+             ("top-1 agreement", lambda m: None if m.get("top1_agreement") is None else 1 - m["top1_agreement"],
+              lambda v: 1 - v)]
+
+
+def _pareto_panels(rows: list[dict]) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    """(title, x kind, [(config, metrics)]): the realized speedup per backend, then the structural compute
+    saving once per configuration (it does not depend on the backend)."""
+    panels = [(b, "realized", [(r["config"], r["metrics"]) for r in rows if r["backend"] == b]) for b in _backends(rows)]
+    seen: dict = {}
+    for r in rows:
+        seen.setdefault(r["config"], r["metrics"])
+    return panels + [("structural (all backends)", "structural", list(seen.items()))]
+
+
+def _front_points(pts, gain, loss) -> tuple[list, list[int]]:
+    pts = [(c, gain(m), loss(m)) for c, m in pts]
+    pts = [p for p in pts if p[1] is not None and p[2] is not None]
+    return pts, pareto_front([(g, lo) for _, g, lo in pts])
+
+
+def _plot_pareto(rows: list[dict]) -> bytes:
+    panels, configs = _pareto_panels(rows), list(dict.fromkeys(r["config"] for r in rows))
+    fig = plots.figure(4.6 * len(panels), 7.6)
+    axes = fig.subplots(2, len(panels), squeeze=False)
+    for col, (title, kind, pts) in enumerate(panels):
+        xlabel, gain = _PARETO_X[kind]
+        for row, (ylabel, loss, shown) in enumerate(_PARETO_Y):
+            ax = axes[row][col]
+            ax.set(title=title if row == 0 else "", xlabel=xlabel if row == 1 else "", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.axvline(1.0, color="0.6", ls="--", lw=0.8)
+            got, front = _front_points(pts, gain, loss)
+            for i, (c, g, lo) in enumerate(got):
+                color = f"C{configs.index(c) % 10}"  # one color per configuration in every panel
+                ax.plot([g], [shown(lo)], "o", color=color, mfc=color if i in front else "none")
+                ax.annotate(c, (g, shown(lo)), textcoords="offset points", xytext=(6, 8 * (i % 3) - 8), fontsize=7,
+                            color=color)
+            if len(front) > 1:
+                ax.plot([got[i][1] for i in front], [shown(got[i][2]) for i in front], "--", color="0.3", lw=1)
+            ax.margins(0.15)
+    return plots.png(fig)
+
+
+def _fronts_text(rows: list[dict]) -> str:
+    parts = []
+    for title, kind, pts in _pareto_panels(rows):
+        for ylabel, loss, _ in _PARETO_Y:
+            got, front = _front_points(pts, _PARETO_X[kind][1], loss)
+            parts.append(f"{title}, {ylabel.split(' (')[0]}: " + (", ".join(got[i][0] for i in front) or DASH))
+    return "On the Pareto front (best quality for its speed, left to right): " + "; ".join(parts) + "."
 
 
 def _plot_batch(rows: list[dict]) -> bytes:

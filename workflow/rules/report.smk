@@ -8,7 +8,7 @@ rule report:
         md="reports/report.md",
         html="reports/report.html",
         metrics="reports/metrics.json",
-        plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput"]),
+        plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput", "pareto"]),
     params:
         section=config["report"],
     log:
