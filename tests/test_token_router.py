@@ -185,3 +185,14 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path):
     (bad / "router_0.5.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="corrupt artifact"):
         techniques.make_policy([{"name": "token_router", "target": 0.5}], [bad], cfg)
+
+
+def test_report_blocks_show_skip_rates_by_layer_and_by_token_type(inputs):
+    from adaptive_inference.techniques.token_router import summary
+
+    blocks = summary.blocks(inputs / "token_router")
+    images = {b[1]: b[3] for b in blocks if b[0] == "img"}
+    assert set(images) == {"token_router_layers.png", "token_router_types.png"}
+    assert all(png.startswith(b"\x89PNG") for png in images.values())
+    types = next(b for b in blocks if b[0] == "table" and b[1][0] == "target" and "all" in b[1][-1])
+    assert len(types[2]) == len(PARAMS["targets"])  # one row per target
