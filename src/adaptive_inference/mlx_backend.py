@@ -44,6 +44,16 @@ def _apply_rope(x, cos, sin):
     return x * cos + mx.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
+def fast_layout(w):
+    """A matrix with more rows (outputs) than columns, stored column-major: the same [N, K] array to every reader,
+    but x @ w.T then multiplies by a row-major [K, N] buffer, which OpenBLAS's gemv streams faster on x86:
+    measured at batch 1 on the 2-core VM, 960x576 13.4 -> 15.3 GB/s, 3072x576 13.5 -> 18.4, 49152x576 12.6 ->
+    19.0; a wider-than-tall matrix is slower that way (576x1536 16.8 -> 14.0) and stays row-major."""
+    if w.ndim == 2 and w.shape[0] > w.shape[1]:
+        return mx.contiguous(w.T).T
+    return w
+
+
 def mm(x, w):
     """x @ w.T for a full weight or a packed one (quant_mlx); packed weights take the uncompiled path."""
     if isinstance(w, mx.array):
@@ -92,13 +102,15 @@ class MLXLM(Decoder):
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, mx.array], dtype):
         self.cfg, self.dtype = cfg, dtype
-        self.embed = weights["model.embed_tokens.weight"]
+        self.embed = fast_layout(weights["model.embed_tokens.weight"])
         self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else fast_layout(weights["lm_head.weight"])
         layers = []
         for i in range(cfg.num_hidden_layers):
-            parts = {k: [weights[n] for n in names] for k, names in cfg.layer_weight_names(i).items()}
-            layers.append(Layer(**{k: v[0] if len(v) == 1 else mx.concatenate(v) for k, v in parts.items()}))
+            # weights is consumed: each loaded copy is dropped as its new layout is made
+            parts = {k: [weights.pop(n) for n in names] for k, names in cfg.layer_weight_names(i).items()}
+            layers.append(Layer(**{k: fast_layout(v[0] if len(v) == 1 else mx.concatenate(v)) for k, v in parts.items()}))
+            mx.eval(list(vars(layers[-1]).values()))
         self.weight_sets = {"full": layers}
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
         self.scale = cfg.head_dim ** -0.5
