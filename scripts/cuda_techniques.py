@@ -346,6 +346,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="print the kernels of a compiled step per shape")
     a = ap.parse_args()
+    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "skip-25", "token-gate"}
+    if a.configs and not set(a.configs) <= known:
+        sys.exit(f"cuda_techniques: unknown --configs {sorted(set(a.configs) - known)} (known: {sorted(known)})")
     if not torch.cuda.is_available():
         sys.exit("cuda_techniques: no CUDA device")
     if a.profile:
