@@ -56,7 +56,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
     if depth != 4:
         raise UserError("packed weights on CUDA: a nested weight read at depth 8 has no CUDA kernel "
-                        "(read it at depth 4, or use the int8 format)")
+                        "(for the gears on CUDA set quantize.layout: separate, int8 + int4)")
     n, k = p.shape
     if p.group_size not in INT4_GROUPS or n % 8:
         raise UserError(f"int4 on CUDA: needs group_size in {INT4_GROUPS} and out-features divisible by 8, "
