@@ -1,7 +1,7 @@
 """Triton kernels for CUDA decode (imported on CUDA only; triton comes with torch's CUDA wheels).
 
 w8_linear: x [M, K] (bf16 / fp16 / fp32) times an int8 weight [N, K] with a per-row scale [N], the packed
-int8 gear's matmul. At decode sizes the matmul only streams the weight, so each program owns a block of
+int8 weight's matmul. At decode sizes the matmul only streams the weight, so each program owns a block of
 output rows and reads its int8 codes once, widening them in registers (tensor-core dot with the rows of x
 padded to 16); split-K over `splits` programs when there are too few row blocks to fill the GPU. Registered
 as the custom op adaptive_inference::w8_linear so torch.compile treats it as one opaque call and CUDA graphs
