@@ -31,6 +31,10 @@ class CudaPacked:
     shape: tuple[int, int]  # [N, K]
     tensors: tuple  # int8: (q [N, K] int8, scale [N]); int4: (tiled codes, scale_and_zero [K/g, N, 2] bf16)
     group_size: int = 0
+    capturable = True  # aten ops and a custom op: compiled and captured like dense weights
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self, bias)
 
 
 def scale_and_zero(p: quant.Int4Weight) -> np.ndarray:

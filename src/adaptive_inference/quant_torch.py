@@ -30,10 +30,14 @@ class TorchPacked:
     shape: tuple[int, int]  # [N, K]
     tensors: tuple  # int8: (q, scale); int4: (codes, residual or empty, scale, minv)
     group_size: int = 0
+    capturable = False  # C++ kernels: opaque to torch.compile and to CUDA graph capture
 
     @property
     def args(self) -> tuple:
         return self.tensors if self.kind == "int8" else (*self.tensors, self.group_size)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self, bias)
 
 
 def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None) -> TorchPacked:

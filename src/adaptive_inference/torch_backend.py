@@ -32,7 +32,7 @@ from . import torch_kernels
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
 from .model_config import ModelConfig
-from .plan import FULL, StepPlan
+from .plan import FULL, StepPlan, weights_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_MATMULS = ("kernel", "library")
@@ -178,12 +178,14 @@ class TorchLM(Decoder):
         return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
 
     def _dense(self, weights) -> bool:
-        """Whether a weight set's matrices run on aten ops (tensors, CUDA packed weights) that the compiler
-        and graph capture see; the CPU packed kernels (C++ extension) are opaque to both."""
-        from .quant_cuda import CudaPacked
-
-        return all(isinstance(getattr(lw, n), torch.Tensor | CudaPacked)
-                   for lw in self.resolve_weights(weights) for n in LINEARS)
+        """Whether a weight set's matrices are all tensors or packed weights that the compiler and graph capture
+        see (`capturable`); once per weight set."""
+        known = self.__dict__.setdefault("_capturable_sets", {})
+        name = weights_name(weights)
+        if name not in known:
+            known[name] = all(isinstance(w, torch.Tensor) or w.capturable
+                              for lw in self.resolve_weights(weights) for w in (getattr(lw, n) for n in LINEARS))
+        return known[name]
 
     def _static_step(self, plan: StepPlan):
         """(key, blocks, executed) for a plan without a per-row decision, on full weights (blocks compiled when
@@ -388,9 +390,7 @@ class TorchLM(Decoder):
             if self.dense_kernel and torch_kernels.dense_ok(x, w):
                 return torch_kernels.dense_linear(x, w, b)
             return F.linear(x, w, b)
-        from . import quant_cuda, quant_torch
-
-        return (quant_cuda if isinstance(w, quant_cuda.CudaPacked) else quant_torch).linear(x, w, b)
+        return w.linear(x, b)  # a packed weight (quant_torch / quant_cuda) multiplies itself
 
     def logits32(self, h, w):
         return self.linear(h, w).float()
