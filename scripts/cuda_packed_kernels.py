@@ -1,5 +1,5 @@
 """Packed-weight matmuls on a CUDA GPU at decode sizes, against the bf16 weight: microseconds per call and the
-read bandwidth they reach, per kernel path quant_cuda can take (and, for int8, what inductor makes of the dequantize expression).
+read bandwidth they reach, per kernel path quant_cuda can take (4-bit codes: our Triton kernel and torch's tinygemm) (and, for int8, what inductor makes of the dequantize expression).
 
     python scripts/cuda_packed_kernels.py [--out F]
 """
@@ -61,7 +61,12 @@ def main() -> None:
         paths = {"bf16": (lambda x, w=w: F.linear(x, w), n * k * 2)}
         for g in (32, 128):
             p = quant.quantize(host, "int4", group_size=g)
-            paths[f"int4_g{g}"] = (packed_linear(quant_cuda.prepare(p)), quant.bytes_read(p))
+            for kernel in ("triton", "tinygemm"):
+                paths[f"int4_g{g}_{kernel}"] = (packed_linear(quant_cuda.prepare(p, kernel=kernel)), quant.bytes_read(p))
+        pn = quant.quantize(host, "nested", group_size=32)
+        for depth in (4, 8):  # the gears' low and mid reads of one nested copy
+            paths[f"nested_d{depth}_triton"] = (packed_linear(quant_cuda.prepare(pn, depth=depth, kernel="triton")),
+                                                quant.bytes_read(pn, depth=depth))
         p8s = quant.quantize(host, "int8")
         p8 = quant_cuda.prepare(p8s)
         paths["int8_triton"] = (packed_linear(p8), quant.bytes_read(p8s))  # what quant_cuda runs

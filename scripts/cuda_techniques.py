@@ -1,4 +1,4 @@
-"""Router, lobotomy, layer skip, a token gate and packed int8 / int4 weights on a CUDA GPU: decode speedup
+"""Router, lobotomy, layer skip, a token gate, packed int8 / int4 weights and the gears on a CUDA GPU: decode speedup
 against the structural bound, torch backend.
 
 The GPU host has no model hub and no copy of the embedded model, so this builds models of a given
@@ -38,13 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from adaptive_inference import quant  # noqa: E402
+from adaptive_inference import quant, quant_cuda  # noqa: E402
 from adaptive_inference.bench.stats import paired_speedup  # noqa: E402
 from adaptive_inference.cost import structural  # noqa: E402
 from adaptive_inference.decoder import LINEARS, PART  # noqa: E402
 from adaptive_inference.generation import generate, stream  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 from adaptive_inference.plan import GateDecision, StaticPolicy, StepPlan  # noqa: E402
+from adaptive_inference.techniques.gears import monitor  # noqa: E402
+from adaptive_inference.techniques.gears.apply import GearsPolicy  # noqa: E402
 from adaptive_inference.techniques.vocab_router.head import GatedHead  # noqa: E402
 from adaptive_inference.torch_backend import DTYPES, TorchLM  # noqa: E402
 
@@ -163,28 +165,68 @@ def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
     return GatedHead(ids, **w, threshold=2.0, _arrays=shared), GatedHead(ids, **w, threshold=-1.0, _arrays=shared)
 
 
-def add_packed_set(lm: TorchLM, fmt: str, group_size: int) -> None:
+PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None = quant_cuda's choice)
+    "int8": ("int8", None, None), "int4": ("int4", None, None), "int4-triton": ("int4", None, "triton"),
+    "nested8": ("nested", 8, None), "nested4": ("nested", 4, None)}  # the gears' mid / low gear
+
+
+_STATES: dict = {}
+
+
+def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
     """A packed weight set of the shape, made as the pipeline's quantize stage makes one (quant.quantize, then
     the backend's pack: quant_cuda on a GPU) from one random matrix per distinct shape, copied per layer so every
-    layer reads its own memory (no L2 reuse between layers). Registered under the format's name, with the
-    bytes each part reads for the structural bound."""
+    layer reads its own memory (no L2 reuse between layers). Registered under its name, with the bytes each
+    part reads for the structural bound."""
+    fmt, depth, kernel = PACKED[name]
     rng, itemsize, made = np.random.default_rng(0), lm.embed.element_size(), {}
     read = {"attention": [0, 0], "mlp": [0, 0], "head": [0, 0]}
 
     def packed(w, part):
         n, k = w.shape
         if (n, k) not in made:
-            state = quant.quantize(rng.standard_normal((n, k), dtype=np.float32) * 0.02, fmt, group_size=group_size)
-            made[(n, k)] = (lm.pack(state, None), quant.bytes_read(state))
+            key = (fmt, n, k, group_size)  # sets of one format (nested4 / nested8) share the host quantization
+            if key not in _STATES:
+                _STATES[key] = quant.quantize(rng.standard_normal((n, k), dtype=np.float32) * 0.02, fmt,
+                                              group_size=group_size)
+            state = _STATES[key]
+            p = quant_cuda.prepare(state, depth=depth, kernel=kernel) if kernel else lm.pack(state, depth)
+            made[(n, k)] = (p, quant.bytes_read(state, depth=depth))
         p, nbytes = made[(n, k)]
         read[part][0] += nbytes
         read[part][1] += n * k * itemsize
         return dataclasses.replace(p, tensors=tuple(t.clone() for t in p.tensors))
 
-    lm.weight_sets[fmt] = [dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
-                           for lw in lm.weight_sets["full"]]
-    lm.packed_heads[fmt] = packed(lm.lm_head, "head")
-    lm.relative_bytes[fmt] = {k: r / f for k, (r, f) in read.items()}
+    lm.weight_sets[name] = [dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
+                            for lw in lm.weight_sets["full"]]
+    lm.packed_heads[name] = packed(lm.lm_head, "head")
+    lm.relative_bytes[name] = {k: r / f for k, (r, f) in read.items()}
+
+
+GEAR_SETS = {"gears": ("nested4", "nested8"),  # the pipeline's default layout: one nested copy read at 4 or 8 bits
+             "gears-separate": ("int4", "int8")}  # quantize.layout: separate
+
+
+def gears_policy(lm: TorchLM, a, low_set: str, mid_set: str):
+    """The gears' policy (entropy monitor, per-token gear) over low / mid / full weights, its thresholds at
+    p40 / p60 of the baseline's own step entropies, as calibrate_entropy sets them. Random weights give
+    near-uniform next-token distributions whose entropies differ little: no hysteresis and no catastrophic
+    fallback (which would hold the top gear on every near-uniform step), so the monitor moves."""
+    prompt = list(range(1, 1 + a.prompt_tokens))
+    entropies = []
+
+    class Record(StaticPolicy):
+        static = False
+
+        def observe(self, executed, logits):
+            entropies.extend(monitor.entropy_bits(logits).reshape(-1).tolist())
+
+    generate(lm, prompt, max_new_tokens=a.new_tokens, policy=Record())
+    low, high = (float(np.percentile(entropies, q)) for q in (40, 60))
+    cfg = monitor.MonitorConfig(low=low, high=high, vocab_size=lm.cfg.vocab_size, hysteresis=0.0,
+                                catastrophic_frac=1.0)
+    sets = {monitor.LOW: low_set, monitor.MID: mid_set, monitor.HIGH: "full"}
+    return lambda: GearsPolicy(sets, cfg, None, monitor.HIGH)
 
 
 def technique_configs(lm: TorchLM, a) -> dict:
@@ -192,10 +234,12 @@ def technique_configs(lm: TorchLM, a) -> dict:
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
-    for fmt in a.packed:
-        if not a.configs or fmt in a.configs:
-            add_packed_set(lm, fmt, a.group_size)
-    return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed},
+    wanted = lambda n: not a.configs or n in a.configs  # noqa: E731
+    gear_sets = [s for g, sets in GEAR_SETS.items() if wanted(g) for s in sets]
+    for name in dict.fromkeys([n for n in a.packed if wanted(n)] + gear_sets):
+        add_packed_set(lm, name, a.group_size)
+    gears = {g: gears_policy(lm, a, *sets) for g, sets in GEAR_SETS.items() if wanted(g)}
+    return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed}, **gears,
             "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
             "router": lambda: RatePolicy(common, full, a.common_rate),
             "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
@@ -288,12 +332,15 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
         s = paired_speedup(per_token["baseline"], per_token[name])
         tps, bound = 1 / float(np.median(per_token[name])), 1 / frac
         decisions = [e.head == "common" for e in executed[name]]
+        gears = {w: float(np.mean([e.weights == w for e in executed[name]]))
+                 for w in (*GEAR_SETS.get(name, ()), "full")}
         out["configs"][name] = {
             "decode_tps": tps, "speedup": s["median"], "speedup_ci95": s["ci95"], "bound": bound,
             "speedup_over_bound": s["median"] / bound,
             "realized_share": (s["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
             "bandwidth_share": tps * (frac * weights + kv) / bw,
-            "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None}
+            "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None,
+            "gear_share": gears if name in GEAR_SETS else None}
     for batch in a.batches:
         step = batch_step_s(lm, batch, a)
         out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
@@ -334,7 +381,7 @@ def main() -> None:
     ap.add_argument("--common-rate", type=float, default=0.47, help="share of steps on the common head")
     ap.add_argument("--common-share", type=float, default=0.052, help="common ids as a share of the vocab")
     ap.add_argument("--gate-rate", type=float, default=0.5, help="share of steps the token gate skips its set")
-    ap.add_argument("--packed", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+    ap.add_argument("--packed", nargs="*", default=["int8", "int4"], choices=list(PACKED),
                     help="packed weight sets measured as configurations (quant_cuda kernels)")
     ap.add_argument("--group-size", type=int, default=32, help="int4 group size (the pipeline's default)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -346,7 +393,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true", help="print the kernels of a compiled step per shape")
     a = ap.parse_args()
-    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "skip-25", "token-gate"}
+    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "skip-25", "token-gate", *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:
         sys.exit(f"cuda_techniques: unknown --configs {sorted(set(a.configs) - known)} (known: {sorted(known)})")
     if not torch.cuda.is_available():

@@ -67,19 +67,24 @@ def test_gated_plans_replay_per_block_graphs(tiny_llama, batch):
     assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_packed_linear_is_the_dequantized_weight(fmt):
-    """quant_cuda's kernels (int4: tinygemm's tiled layout; int8: the dequantize-in-matmul expression) multiply
-    by quant.dequantize's weight, to bf16 rounding."""
+@pytest.mark.parametrize("fmt, depth, kernel, m", [("int8", None, "triton", 3), ("int4", 4, "triton", 3),
+                                                    ("int4", 4, "tinygemm", 3), ("nested", 4, "triton", 1),
+                                                    ("nested", 8, "triton", 9), ("int4", 4, "triton", 40)])
+def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m):
+    """quant_cuda's kernels (int8 and 4-bit codes on our Triton kernels, int4 on tinygemm's tiled layout too)
+    multiply by quant.dequantize's weight at that depth, to bf16 rounding; a long K takes the split-K path."""
     from adaptive_inference import quant, quant_cuda
 
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((512, 1024)).astype(np.float32)
-    p = quant.quantize(w, fmt, group_size=32)
-    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
-    got = quant_cuda.linear(x, quant_cuda.prepare(p)).float()
-    want = x.float() @ torch.from_numpy(quant.dequantize(p)).cuda().T
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    for n, k in ((512, 1024), (256, 8192)):
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        p = quant.quantize(w, fmt, group_size=32)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        packed = quant_cuda.prepare(p, depth=depth, kernel=kernel)
+        assert packed.kind == {"triton": "w4", "tinygemm": "int4"}[kernel] if fmt != "int8" else packed.kind == "int8"
+        got = quant_cuda.linear(x, packed).float()
+        want = x.float() @ torch.from_numpy(quant.dequantize(p, depth=depth)).cuda().T
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -91,16 +96,26 @@ def test_packed_weight_sets_compile_and_replay(tiny_llama, tmp_path, compile):
 
     eager = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
     sets = []
-    for fmt in ("int4", "int8"):
+    for fmt in ("int4", "int8", "nested"):
         states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
                   for i, lw in enumerate(eager.layers) for f in ("wqkv", "wo", "w_gate_up", "w_down")}
         states["lm_head"] = quant.quantize(eager.lm_head.float().cpu().numpy(), fmt, group_size=32)
         quant.save_file(states, tmp_path / f"{fmt}.safetensors")
-        sets.append(WeightSet(fmt, str(tmp_path / f"{fmt}.safetensors")))
+        sets += [WeightSet(f"{fmt}{d or ''}", str(tmp_path / f"{fmt}.safetensors"), d)
+                 for d in ((4, 8) if fmt == "nested" else (None,))]
     graphs = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)
-    plans = [StepPlan(weights=sets[0]), StepPlan(), StepPlan(weights=sets[1], skip_layers=frozenset({1}))]
+    plans = [StepPlan(weights=sets[0]), StepPlan(), StepPlan(weights=sets[1], skip_layers=frozenset({1})),
+             StepPlan(weights=sets[2]), StepPlan(weights=sets[3])]  # the gears' mid and low reads of one copy
     want = _two_interleaved(eager, 1, plans)
     for _ in range(2):
         np.testing.assert_allclose(_two_interleaved(graphs, 1, plans), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
-    assert {k[0].weights for k in graphs.graphs} == {"full", sets[0], sets[1]}
+    assert {k[0].weights for k in graphs.graphs} == {"full", *sets}
     assert not np.allclose(want[0], want[1], atol=1e-3)  # the packed set really reads other weights
+
+
+def test_gear_monitor_entropy_on_the_device_is_the_host_one():
+    """The gears' monitor reduces CUDA logits on the device (one value per row comes back)."""
+    from adaptive_inference.techniques.gears import monitor
+
+    logits = torch.randn(3, 50000, device="cuda") * 4
+    np.testing.assert_allclose(monitor.entropy_bits(logits), monitor.entropy_bits(logits.cpu().numpy()), rtol=1e-5)

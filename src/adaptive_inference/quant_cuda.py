@@ -1,15 +1,19 @@
 """CUDA runtime for the packed gears (quant.py formats): `prepare(packed)` once, then `linear(x, prepared)`.
 
 - int4 (and a nested weight read at depth 4) runs on torch's own tinygemm kernel, aten._weight_int4pack_mm
-  (what torchao's int4 weight-only layout calls): bf16 activations, the 4-bit codes in the kernel's tiled
-  layout, and per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 * scale.
-  Group sizes 32 to 256; in-features a multiple of 64, out-features a multiple of 8.
+  (what torchao's int4 weight-only layout calls): bf16 activations, the 4-bit codes in its tiled layout, and
+  per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 * scale (group sizes 32
+  to 256, in-features a multiple of 64, out-features of 8).
+- a nested weight read at depth 8 (the gears' mid gear on one copy) runs on our Triton kernel
+  (triton_kernels.w4_linear: both nibble planes re-laid in split halves, the format's fp16 scale and min per
+  group, the 8-bit code rebuilt in registers); it also takes 4-bit reads where tinygemm's shape rules exclude
+  a weight. Per matmul on an H200 at batch 1 (Llama-3-8B shapes, docs/measurements/cuda_packed_kernels_*):
+  tinygemm int4 g32 1.7-1.9 TB/s, w4_linear at depth 4 1.2-1.6 TB/s, at depth 8 1.6-2.1 TB/s.
 - int8 (per-row scale) runs on our Triton kernel (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers). Measured on an H200 (docs/measurements/cuda_packed_kernels_*.json), the
   dequantize-in-matmul expression F.linear(x, q.to(x.dtype)) * scale that inductor compiles reached 0.77
   TB/s at batch 1, 2.6x slower than the bf16 weight: no int8 path of torch's own pays at decode sizes.
-- a nested weight at depth 8 has no CUDA kernel here: refused in one line.
-Both are plain aten ops on tensors, so packed plans are compiled and captured as CUDA graphs like full ones.
+All are aten ops or custom ops on tensors, so packed plans are compiled and captured as CUDA graphs like full ones.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ import torch
 from . import quant
 from .errors import UserError
 
-INT4_GROUPS = (32, 64, 128, 256)
+INT4_GROUPS = (32, 64, 128, 256)  # tinygemm's
+TRITON_GROUPS = (32, 64, 128)  # w4_linear's (a group may not span two of its column tiles of 128 or 256)
 
 
 @dataclass(frozen=True)
 class CudaPacked:
-    kind: str  # "int8" or "int4"
+    kind: str  # "int8", "int4" (tinygemm) or "w4" (w4_linear, depth 4 or nested depth 8)
     shape: tuple[int, int]  # [N, K]
-    tensors: tuple  # int8: (q [N, K] int8, scale [N]); int4: (tiled codes, scale_and_zero [K/g, N, 2] bf16)
+    tensors: tuple  # int8: (q [N, K] int8, scale [N]); int4: (tiled codes, scale_and_zero [K/g, N, 2] bf16);
+    # w4: (codes [N, K/2] split halves, residual plane (same layout) or an empty tensor, scale, min [N, K/g] fp16)
     group_size: int = 0
+    nested: bool = False  # w4 read at depth 8
     capturable = True  # aten ops and a custom op: compiled and captured like dense weights
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,17 +58,39 @@ def inner_k_tiles(k: int) -> int:
     raise UserError(f"int4 on CUDA: in-features {k} is not a multiple of 32")
 
 
-def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda") -> CudaPacked:
+def split_halves(plane: np.ndarray) -> np.ndarray:
+    """A quant.py nibble plane [N, K/2] -> w4_linear's: byte j = code of column j | code of column j + K/2 << 4."""
+    c = quant.unpack_nibbles(plane)
+    half = c.shape[1] // 2
+    return np.ascontiguousarray(c[:, :half] | (c[:, half:] << 4))
+
+
+def triton_ok(p: quant.Int4Weight) -> bool:
+    return p.group_size in TRITON_GROUPS and p.shape[1] % (2 * p.group_size) == 0
+
+
+def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda",
+            kernel: str = "auto") -> CudaPacked:
+    """kernel, for 4-bit codes: "auto" (tinygemm at depth 4 where its shape rules allow, the faster one
+    measured; w4_linear otherwise), "triton" (w4_linear) or "tinygemm"."""
     if isinstance(p, quant.Int8Weight):
         return CudaPacked("int8", p.shape, (torch.from_numpy(np.ascontiguousarray(p.q)).to(device),
                                             torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)))
     depth = max(p.depths) if depth is None else depth
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
-    if depth != 4:
-        raise UserError("packed weights on CUDA: a nested weight read at depth 8 has no CUDA kernel "
-                        "(for the gears on CUDA set quantize.layout: separate, int8 + int4)")
     n, k = p.shape
+    tiny_ok = depth == 4 and p.group_size in INT4_GROUPS and n % 8 == 0 and k % 64 == 0
+    if kernel == "auto":
+        kernel = "tinygemm" if tiny_ok else "triton"
+    if kernel == "triton" and triton_ok(p):
+        t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
+        return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,
+                          depth == 8)
+    if depth != 4:
+        raise UserError(f"packed weights on CUDA: a nested weight read at depth 8 needs group_size in "
+                        f"{TRITON_GROUPS} and in-features a multiple of 2 x group_size, got {p.group_size}, {p.shape[1]}")
     if p.group_size not in INT4_GROUPS or n % 8:
         raise UserError(f"int4 on CUDA: needs group_size in {INT4_GROUPS} and out-features divisible by 8, "
                         f"got group_size {p.group_size}, out-features {n}")
@@ -81,6 +110,10 @@ def linear(x: torch.Tensor, w: CudaPacked, bias: torch.Tensor | None = None) -> 
         from .triton_kernels import w8_linear
 
         y = w8_linear(x2, *w.tensors)
+    elif w.kind == "w4":
+        from .triton_kernels import w4_linear
+
+        y = w4_linear(x2, *w.tensors, w.group_size, w.nested)
     else:
         y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w.tensors[0], w.group_size,
                                       w.tensors[1]).to(x.dtype)

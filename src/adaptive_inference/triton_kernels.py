@@ -7,19 +7,32 @@ padded to 16); split-K over `splits` programs when there are too few row blocks 
 as the custom op adaptive_inference::w8_linear so torch.compile treats it as one opaque call and CUDA graphs
 capture it (the autotuning runs on first use, outside capture: the decoder's first step of a plan runs for
 real before it is captured).
+
+w4_linear: the same for 4-bit codes with a per-group fp16 (scale, min), w = code * scale + min, re-laid at
+prepare time so that byte j of a row holds the codes of columns j (low nibble) and j + K/2 (high): one load
+gives two column tiles of x. With a second plane of residual codes (the nested format read at depth 8) the
+code is code * 16 + residual on a scale / 16 grid centred by 7.5 steps: 1 byte per weight, like int8.
+The dequantization happens in registers, group by group, before the dot.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+# the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
+# autotune: fp32 dots and one configuration there
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DOT_DTYPE = tl.float32 if INTERPRET else tl.bfloat16
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 3), (64, 512, 8, 3),
-                                 (128, 128, 4, 4), (16, 512, 4, 4), (128, 256, 8, 3)]]
+                                 (128, 128, 4, 4), (16, 512, 4, 4), (128, 256, 8, 3)]][: 1 if INTERPRET else None]
+
+
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
@@ -35,7 +48,7 @@ def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
         rk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(q_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+        acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
     acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     out = y_ptr + rm[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -45,10 +58,116 @@ def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
         tl.atomic_add(out, acc, mask=mask)
 
 
+@triton.jit
+def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes starting at group g0."""
+    rg = g0 + tl.arange(0, BLOCK_K // GROUP)
+    gmask = (rn[:, None] < N) & (rg[None, :] < G)
+    sc = tl.load(s_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
+    mn = tl.load(m_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
+    if NESTED:
+        sc = sc * 0.0625
+    w = tl.reshape(tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * sc[:, :, None] + mn[:, :, None],
+                   (BLOCK_N, BLOCK_K))
+    return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+
+
+@triton.autotune(configs=[c for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256] if not INTERPRET else _CONFIGS, key=["N", "K", "SPLITS", "NESTED"],
+                 reset_to_zero=["y_ptr"])
+@triton.jit
+def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+               NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    H = K // 2  # packed columns; column j of the low half pairs with column j + H of the high half
+    G = K // GROUP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
+    for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = (rn[:, None] < N) & (rk[None, :] < H)
+        c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+        lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
+        if NESTED:
+            r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+            lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
+        xm = (rm[:, None] < M) & (rk[None, :] < H)
+        x_lo = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=xm, other=0.0)
+        x_hi = tl.load(x_ptr + rm[:, None] * K + H + rk[None, :], mask=xm, other=0.0)
+        acc = _dequant_dot(acc, lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N, BLOCK_K)
+        acc = _dequant_dot(acc, hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N,
+                           BLOCK_K)
+    out = y_ptr + rm[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLITS == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+@triton.jit
+def _group_dot(codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] partial dot of one row xs [BLOCK_K] with codes [BLOCK_N, BLOCK_K] starting at group g0:
+    per group, scale x (codes . x) + min x sum(x), so no weight is dequantized one by one."""
+    rg = g0 + tl.arange(0, BLOCK_K // GROUP)
+    gmask = (rn[:, None] < N) & (rg[None, :] < G)
+    sc = tl.load(s_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
+    mn = tl.load(m_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
+    if NESTED:
+        sc = sc * 0.0625
+    cx = tl.sum(tl.reshape(codes * xs[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
+    xg = tl.sum(tl.reshape(xs, (BLOCK_K // GROUP, GROUP)), axis=1)
+    return tl.sum(cx * sc + mn * xg[None, :], axis=1)
+
+
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                                      (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4)]][: 1 if INTERPRET else None]
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"], reset_to_zero=["y_ptr"])
+@triton.jit
+def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                    NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w4 for a few rows of x (decode): one program per (row block of the weight, row of x, K slice), a
+    reduction on the CUDA cores instead of a tensor-core dot padded to 16 rows."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    H = K // 2
+    G = K // GROUP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
+    for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        wmask = (rn[:, None] < N) & (rk[None, :] < H)
+        c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+        lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
+        if NESTED:
+            r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+            lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
+        x_lo = tl.load(x_ptr + m * K + rk, mask=rk < H, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + m * K + H + rk, mask=rk < H, other=0.0).to(tl.float32)
+        acc += _group_dot(lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
+        acc += _group_dot(hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
+    out = y_ptr + m * N + rn
+    if SPLITS == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(out, acc, mask=rn < N)
+
+
+GEMV_ROWS = 4  # w4_linear takes the CUDA-core kernel up to this many rows of x, the tensor-core one above
+
+
 @functools.lru_cache(maxsize=256)
-def _splits(n: int, k: int, device: int) -> int:
-    """Split-K so that about two waves of programs run: few output rows and a long K (the MLP down matrix)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+def _splits(n: int, k: int, device: int | None) -> int:
+    """Split-K so that about two waves of programs run: few output rows and a long K (the MLP down matrix).
+    device None: the interpreter on CPU, as a GPU of 4 SMs (so CPU tests reach the split-K path)."""
+    sms = 4 if device is None else torch.cuda.get_device_properties(device).multi_processor_count
     blocks = triton.cdiv(n, 64)
     s = 1
     while blocks * s < 2 * sms and k // (s * 2) >= 1024:
@@ -60,7 +179,7 @@ def _splits(n: int, k: int, device: int) -> int:
 def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = q.shape[0]
-    splits = _splits(n, k, x.device.index or 0)
+    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else \
         torch.zeros((m, n), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
@@ -71,3 +190,29 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 @w8_linear.register_fake
 def _(x, q, scale):
     return x.new_empty((x.shape[0], q.shape[0]))
+
+
+@torch.library.custom_op("adaptive_inference::w4_linear", mutates_args=())
+def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+              group_size: int, nested: bool) -> torch.Tensor:
+    """x [M, K] times the weight of codes [N, K/2] (the split-halves layout, see the module docstring), per
+    group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout) when nested, else unused."""
+    m, k = x.shape
+    n = codes.shape[0]
+    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else \
+        torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    if m <= GEMV_ROWS:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
+        _w4_gemv_kernel[grid](x.contiguous(), codes, residual, scale, minv, y, m, n, k, SPLITS=splits,
+                              GROUP=group_size, NESTED=nested)
+    else:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
+        _w4_kernel[grid](x.contiguous(), codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
+                         NESTED=nested, DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
+    return y if splits == 1 else y.to(x.dtype)
+
+
+@w4_linear.register_fake
+def _(x, codes, residual, scale, minv, group_size, nested):
+    return x.new_empty((x.shape[0], codes.shape[0]))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ... import manifest
 from ...errors import UserError
 from ...plan import FULL_WEIGHTS, StepPlan, WeightSet
@@ -55,7 +53,7 @@ class GearsPolicy:
         return StepPlan(weights=self.sets[self.gear])
 
     def observe(self, executed, logits) -> None:
-        h = monitor.entropy_bits(np.asarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1]))
+        h = monitor.entropy_bits(logits).reshape(-1)
         if self.states is None:
             self.states = [monitor.start(self.cfg, self.gear) for _ in h]
         self.states = [monitor.update(self.cfg, s, float(v)) for s, v in zip(self.states, h, strict=True)]
