@@ -98,6 +98,21 @@ def test_hard_skip_with_kv_cache_equals_full_prefix_recompute(lm):
     assert not np.allclose(stepwise, lm.logits(IDS), atol=1e-3)
 
 
+def test_resume_from_a_captured_layer_input_is_the_full_forward(lm):
+    """A forward resumed at layer i from the input the full forward captured there gives that forward's
+    logits bit for bit, for any plan that changes nothing before i; a gated plan is refused."""
+    ids = lm.ids_array(np.array([IDS]))
+    L = lm.cfg.num_hidden_layers
+    captured = lm.forward(ids, lm.new_cache(1, len(IDS)), capture=set(range(L))).captured
+    for i in range(L):
+        for plan in (StepPlan(), StepPlan(zero_mlp=frozenset({i})), StepPlan(skip_layers=frozenset({i, L - 1}))):
+            resumed = lm.forward(ids, lm.new_cache(1, len(IDS)), plan, resume=(i, captured[i])).out.logits[0]
+            assert np.array_equal(lm.to_numpy(resumed), lm.logits(IDS, plan)), (i, plan)
+    with pytest.raises(ValueError, match="resume"):
+        lm.forward(ids, lm.new_cache(1, len(IDS)), StepPlan(gate=KeepGate(0, lambda keep, call: None)),
+                   resume=(1, captured[1]))
+
+
 class BlendGate:
     after_layer = 0
 

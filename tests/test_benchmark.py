@@ -42,14 +42,14 @@ def test_gpqa_choice_scores_options_under_the_policy(tiny_llama):
         lp = metrics.log_softmax(lm.logits(ids, plan)[len(item["prompt"]) - 1:-1])
         return lp[np.arange(len(opt)), opt].mean()
 
-    same = gpqa_choice(lm, {"gpqa": items}, StaticPolicy)
-    assert same["gpqa_same_pick"] == 1.0 and same["gpqa_accuracy"] == same["gpqa_baseline_accuracy"]
+    base = gpqa_choice(lm, {"gpqa": items}, None)
     picks = [int(np.argmax([mean_lp(it, o, StepPlan()) for o in it["options"]])) for it in items]
-    assert same["gpqa_accuracy"] == np.mean([p == it["answer"] for p, it in zip(picks, items, strict=True)])
+    assert base["gpqa_picks"] == picks and base["gpqa_n"] == len(items)
+    assert base["gpqa_accuracy"] == np.mean([p == it["answer"] for p, it in zip(picks, items, strict=True)])
+    assert gpqa_choice(lm, {"gpqa": items}, StaticPolicy)["gpqa_picks"] == picks  # a policy that changes nothing
     skip = StepPlan(skip_layers=frozenset({1, 2}))
     other = gpqa_choice(lm, {"gpqa": items}, lambda: StaticPolicy(skip))
-    skip_picks = [int(np.argmax([mean_lp(it, o, skip) for o in it["options"]])) for it in items]
-    assert other["gpqa_same_pick"] == np.mean([a == b for a, b in zip(picks, skip_picks, strict=True)])
+    assert other["gpqa_picks"] == [int(np.argmax([mean_lp(it, o, skip) for o in it["options"]])) for it in items]
     assert gpqa_choice(lm, {"gpqa": []}, StaticPolicy) == {}
 
 
@@ -64,3 +64,18 @@ def test_quality_vs_float32_reference(tiny_llama):
     assert same["kl_to_baseline"] == 0.0 and same["top1_agreement"] == 1.0 and same["eval_tokens"] == 14
     cheap = quality_vs(bf16, fp32, data)
     assert 0 < cheap["kl_to_baseline"] < 0.05
+
+
+def test_backends_outside_quality_backends_score_the_first_texts(tmp_path):
+    from conftest import tiny_stage_inputs
+
+    from adaptive_inference.bench.data import prepare
+
+    root = tiny_stage_inputs(tmp_path, {"seed": 0, "categories": ["code", "prose"], "train": 1, "calib": 1, "eval": 4,
+                                        "max_chars": 300})
+    p = {"quality": {"seq_len": 16, "max_texts": 6, "backends": ["torch"], "check_texts": 3},
+         "decode": {"prompt_tokens": 4, "prompts": 1}, "gsm8k": {"samples": 0}, "gpqa": {"samples": 0, "max_prompt_tokens": 8}}
+    full = prepare(p, root / "model", root / "corpus", gsm8k=False, gpqa=False)
+    check = prepare(p, root / "model", root / "corpus", gsm8k=False, gpqa=False, all_texts=False)
+    assert len(full["eval"]) == 6 and check["eval"] == full["eval"][:3]
+    assert check["eval_categories"] == full["eval_categories"][:3] and len(set(check["eval_categories"])) == 2

@@ -239,7 +239,10 @@ def test_cuda_int4_convention_is_the_dequantized_weight():
     got = torch._weight_int4pack_mm_for_cpu(torch.from_numpy(x), tiled, 64, torch.from_numpy(quant_cuda.scale_and_zero(p)))
     np.testing.assert_allclose(got.numpy(), x @ quant.dequantize(p).T, rtol=1e-4, atol=1e-3)
     assert [quant_cuda.inner_k_tiles(k) for k in (576, 1536, 4096, 96)] == [4, 8, 8, 2]
-    with pytest.raises(UserError, match="depth 8 has no CUDA kernel"):
-        quant_cuda.prepare(quant.quantize(w, "nested", group_size=64), depth=8)
+    with pytest.raises(UserError, match="depth 8 needs group_size"):  # a group of 256: no Triton tile holds it
+        quant_cuda.prepare(quant.quantize(w, "nested", group_size=256), depth=8)
+    halves = quant_cuda.split_halves(p.codes)  # w4_linear's layout: byte j = column j | column j + K/2 << 4
+    cols = quant.unpack_nibbles(p.codes)
+    assert halves.shape == (64, 128) and np.array_equal(halves & 15, cols[:, :128]) and np.array_equal(halves >> 4, cols[:, 128:])
     with pytest.raises(UserError, match="group_size"):
         quant_cuda.prepare(quant.Int4Weight(p.codes, p.scale, p.minv, 512))

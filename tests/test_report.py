@@ -198,3 +198,22 @@ def test_report_names_the_fronts(tmp_path):
     # lobotomy is faster than the baseline at some KL: both are on every front of this two-point report
     assert "torch, KL to baseline: baseline, lobotomy" in line and "mlx, top-1 agreement: baseline, lobotomy" in line
     assert "structural (all backends), KL to baseline: baseline, lobotomy" in line
+
+
+def test_gpqa_same_pick_and_agreement_come_from_the_jobs(tmp_path):
+    """Each job scores its own configuration: the report compares GPQA picks with the baseline job's, and takes
+    the torch vs MLX agreement over the texts both scored (MLX may score only the first quality texts)."""
+    base, cut = _run("torch", "baseline", 25.0, 1.0, 0.0, 1.0), _run("torch", "lobotomy", 31.0, 1.24, 0.05, 0.7)
+    base["quality"] |= {"gpqa_accuracy": 0.5, "gpqa_picks": [0, 1, 2, 3], "gpqa_n": 4}
+    cut["quality"] |= {"gpqa_accuracy": 0.25, "gpqa_picks": [0, 1, 3, 3], "gpqa_n": 4}
+    jobs = [_job(tmp_path, base), _job(tmp_path, cut),
+            _job(tmp_path, _run("mlx", "baseline", 40.0, 1.0, 0.0, 1.0), top1=TOP1[:1]),
+            _job(tmp_path, _run("mlx", "lobotomy", 46.0, 1.15, 0.05, 0.7), top1=[[1, 2, 3, 9]])]
+    out = tmp_path / "reports"
+    report.build(PARAMS, jobs, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["torch"]["lobotomy"]["gpqa_same_pick"] == 0.75 and metrics["torch"]["baseline"]["gpqa_same_pick"] == 1.0
+    assert "gpqa_same_pick" not in metrics["mlx"]["lobotomy"]
+    assert metrics["agreement_by_config"]["lobotomy"] == {"torch_vs_mlx_top1": 0.75, "tokens": 4,
+                                                          "greedy_identical": 1, "greedy_prompts": 1}
+    assert "25% / 75% (n=4)" in (out / "report.md").read_text()

@@ -162,26 +162,34 @@ class Decoder(abc.ABC):
 
     # ---- the interpretation of a plan, shared by every backend ------------------------------
 
-    def hidden(self, ids, cache, plan: StepPlan = FULL, capture: set[int] | None = None, observe_mlp=None):
+    def hidden(self, ids, cache, plan: StepPlan = FULL, capture: set[int] | None = None, observe_mlp=None, *,
+               resume: tuple | None = None):
         """Run the blocks on ids [B, T]; returns the final-normed hidden [B, T, hidden] and the inputs of
-        the layers in `capture` (index num_layers = the un-normed final residual)."""
-        h, captured, _ = self._blocks(ids, cache, plan, capture, observe_mlp)
+        the layers in `capture` (index num_layers = the un-normed final residual). resume=(layer, x) starts
+        at that layer with x as its input (as captured by an earlier forward of the same ids): the layers
+        before it neither run nor write the cache, so a plan that differs only from that layer on gives
+        the full forward's outputs for the cost of the layers after it."""
+        h, captured, _ = self._blocks(ids, cache, plan, capture, observe_mlp, resume)
         return h, captured
 
-    def _blocks(self, ids, cache, plan: StepPlan, capture=None, observe_mlp=None):
+    def _blocks(self, ids, cache, plan: StepPlan, capture=None, observe_mlp=None, resume=None):
         B, T = ids.shape
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"KV cache full: {start}+{T} > {cache.max_len}")
+        if resume is not None and plan.gate is not None:
+            raise ValueError("resume: a gated plan decides on the residual of its own layers; run it whole")
         layers = self.resolve_weights(plan.weights)
         pos = self.positions(start, T)
         rope = self.rope(pos)
-        x = self.embed_ids(ids)
+        first, x = (0, self.embed_ids(ids)) if resume is None else resume
         blend, gate = dict(plan.blend), plan.gate
         writes_kv = gate is not None and getattr(gate, "writes_kv", False)
         keep, info, captured, run, mlps, kv_only = None, {}, {}, set(), set(), set()
         ran = np.zeros((B, T))  # layers run per (row, position)
         for i, lw in enumerate(layers):
+            if i < first:
+                continue
             if gate is not None and i == gate.after_layer + 1:
                 decision = gate.decide(x, self)
                 keep, info = decision.keep, decision.info
@@ -302,9 +310,9 @@ class Decoder(abc.ABC):
         self.relative_bytes[ws.name] = {k: r / f for k, (r, f) in read.items()}
 
     def forward(self, ids, cache, plan: StepPlan = FULL, *, last_only: bool = False, capture=None,
-                observe_mlp=None) -> Forward:
-        """Blocks, then the plan's head (the full LM head when none), on ids [B, T]."""
-        h, captured, executed = self._blocks(ids, cache, plan, capture, observe_mlp)
+                observe_mlp=None, resume=None) -> Forward:
+        """Blocks, then the plan's head (the full LM head when none), on ids [B, T] (resume: see hidden)."""
+        h, captured, executed = self._blocks(ids, cache, plan, capture, observe_mlp, resume)
         return self._head(h[:, -1] if last_only else h, plan, executed, captured)
 
     def _head(self, h, plan: StepPlan, executed: dict, captured: dict) -> Forward:

@@ -39,8 +39,8 @@ _FIELDS = {  # metrics.json key -> path inside one run
     "gsm8k_accuracy": ("quality", "gsm8k_accuracy"),
     "gsm8k_n": ("quality", "gsm8k_n"),
     "gpqa_accuracy": ("quality", "gpqa_accuracy"),
-    "gpqa_same_pick": ("quality", "gpqa_same_pick"),
     "gpqa_n": ("quality", "gpqa_n"),
+    "eval_tokens": ("quality", "eval_tokens"),
     "weight_bytes_fraction": ("structural", "weight_bytes_fraction"),
     "flops_fraction": ("structural", "flops_fraction"),
     "speedup_vs_baseline": ("speedup_vs_baseline",),
@@ -183,7 +183,17 @@ def _rows(sources: list[dict]) -> list[dict]:
             raise UserError(f"{s['dir']}: a second job for {key[0]}/{key[1]}")
         seen.add(key)
         rows.append({**s["row"], "tag": s["tag"], "source": s})
+    _same_picks(rows)
     return rows
+
+
+def _same_picks(rows: list[dict]) -> None:
+    """GPQA: how often each configuration picks the option its backend's baseline picks (from the jobs' picks)."""
+    picks = {(r["backend"], r["config"]): _get(r["source"]["results"], "run", "quality", "gpqa_picks") for r in rows}
+    for r in rows:
+        mine, base = picks[(r["backend"], r["config"])], picks.get((r["backend"], "baseline"))
+        if isinstance(mine, list) and isinstance(base, list) and mine and len(mine) == len(base):
+            r["metrics"]["gpqa_same_pick"] = float(np.mean([a == b for a, b in zip(mine, base, strict=True)]))
 
 
 def _agreement(rows: list[dict]) -> dict[str, dict]:
@@ -192,9 +202,10 @@ def _agreement(rows: list[dict]) -> dict[str, dict]:
     by = {(r["backend"], r["config"]): r["source"] for r in rows}
     for (backend, config), t in sorted(by.items()):
         m = by.get(("mlx", config))
-        if backend != "torch" or m is None or len(t["top1"]) != len(m["top1"]):
+        if backend != "torch" or m is None:
             continue
-        same = [np.array(a) == np.array(b) for a, b in zip(t["top1"], m["top1"], strict=True) if len(a) == len(b)]
+        n = min(len(t["top1"]), len(m["top1"]))  # one backend may score only the first texts (quality.check_texts)
+        same = [np.array(a) == np.array(b) for a, b in zip(t["top1"][:n], m["top1"][:n], strict=True) if len(a) == len(b)]
         if not same:
             continue
         greedy = [a == b for a, b in zip(t["greedy"], m["greedy"], strict=False)]
@@ -293,7 +304,7 @@ def _quality_table(rows: list[dict]) -> tuple:
     for r in rows:
         m = r["metrics"].get
         gsm = _f(m("gsm8k_accuracy"), "{:.1%}") + (f" (n={m('gsm8k_n')})" if m("gsm8k_n") is not None else "")
-        gpqa = _f(m("gpqa_accuracy"), "{:.0%}") + (f" / {m('gpqa_same_pick'):.0%} (n={m('gpqa_n')})"
+        gpqa = _f(m("gpqa_accuracy"), "{:.0%}") + (f" / {_f(m('gpqa_same_pick'), '{:.0%}')} (n={m('gpqa_n')})"
                                                     if m("gpqa_n") is not None else "")
         heads = ", ".join(f"{k} {v:.0%}" for k, v in r["heads"].items()) or DASH
         weights = ", ".join(f"{k} {v:.0%}" for k, v in r["weights"].items()) or DASH
@@ -303,6 +314,18 @@ def _quality_table(rows: list[dict]) -> tuple:
     return ("table", ["backend", "config", "perplexity", "KL", "top-1", "GSM8K", "GPQA acc / same pick as baseline",
                       "bytes read", "FLOPs", "head used",
                       "weights read (decode steps)", "source"], body)
+
+
+def _quality_scope(rows: list[dict]) -> str:
+    """How much text each backend's teacher-forced quality covers (a backend outside quality.backends scores
+    only the first texts)."""
+    tokens = {}
+    for r in rows:
+        tokens.setdefault(r["backend"], set()).add(r["metrics"].get("eval_tokens"))
+    parts = [f"{b} {', '.join(f'{t:,}' for t in sorted(v - {None})) or DASH}" for b, v in tokens.items()]
+    return ("Perplexity, KL and top-1 are teacher-forced on held-out eval text; tokens scored per job: "
+            + "; ".join(parts) + " (benchmark.quality.backends score all its texts, other backends the first "
+            "check_texts, enough for the torch vs MLX agreement below).")
 
 
 def _category_table(rows: list[dict]) -> tuple | None:
@@ -369,7 +392,7 @@ def _blocks(title, rows, refs, agreement, tech, sources, gpu=()) -> list[tuple]:
     out += [("img", "speed_quality.png", PLOTS["speed_quality.png"]), ("p", HOW_TO_READ),
             ("img", "pareto.png", PLOTS["pareto.png"]), ("p", _fronts_text(rows)),
             ("h2", "Speed"), _speed_table(rows), ("img", "batch_throughput.png", PLOTS["batch_throughput.png"]),
-            ("h2", "Quality and structure"), _quality_table(rows)]
+            ("h2", "Quality and structure"), _quality_table(rows), ("p", _quality_scope(rows))]
     cat = _category_table(rows)
     if cat:
         out += [("h3", "KL to the baseline per eval category"), cat]

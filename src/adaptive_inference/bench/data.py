@@ -25,7 +25,9 @@ def gpqa_items(rows: list[dict], tok, samples: int, max_prompt_tokens: int) -> l
     return items
 
 
-def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = True, gpqa: bool = True) -> dict:
+def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = True, gpqa: bool = True,
+            all_texts: bool = True) -> dict:
+    """all_texts: quality on quality.max_texts texts, else on the first quality.check_texts of them."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -33,6 +35,7 @@ def prepare(params: dict, model_dir: Path, corpus_dir: Path, *, gsm8k: bool = Tr
     q, d = params["quality"], params["decode"]
     enc = lambda t, n: tok(t, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]  # noqa: E731
     texts = rows[: q["max_texts"]] if q["max_texts"] else rows  # the split interleaves categories
+    texts = texts if all_texts else texts[: q["check_texts"]]
     quality = [(ids, r["category"]) for r in texts if len(ids := enc(r["text"], q["seq_len"])) >= 2]
     prompts = [(ids, r["category"]) for r in rows if len(ids := enc(r["text"], d["prompt_tokens"])) == d["prompt_tokens"]]
     if not quality or not prompts:

@@ -109,7 +109,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     new_config = lambda: techniques.make_policy(specs, artifacts, lm.cfg)  # noqa: E731
     new_config()  # a missing or corrupt artifact fails before minutes of timing
     data = prepare(p, model_dir, corpus_dir, gsm8k=backend in params["gsm8k"]["backends"],
-                   gpqa=backend in params["gpqa"]["backends"])
+                   gpqa=backend in params["gpqa"]["backends"], all_texts=backend in params["quality"]["backends"])
     is_base = not specs
     policies = {"baseline": StaticPolicy} if is_base else {"baseline": StaticPolicy, "config": new_config}
     bw_samples = [bandwidth.read_gbs()]  # read bandwidth on a shared VM moves by up to ~1.6x over seconds:
@@ -125,7 +125,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
         del fp32
     qual.update(_phase(f"{backend}/{config}: gsm8k", measure.gsm8k_accuracy, lm, data, new_config,
                        p["gsm8k"]["max_new_tokens"]))
-    qual.update(_phase(f"{backend}/{config}: gpqa", measure.gpqa_choice, lm, data, new_config))
+    qual.update(_phase(f"{backend}/{config}: gpqa", measure.gpqa_choice, lm, data, None if is_base else new_config))
     memory = _phase(f"{backend}/{config}: memory probe", _in_fresh_process, _memory_probe,
                     {"backend": backend, "model": str(model_dir), "artifacts": [str(a) for a in artifacts],
                      "params": p, "prompts": data["prompts"]})

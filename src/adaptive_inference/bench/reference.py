@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..generation import generate
+from .measure import WARMUP_TOKENS
 from .stats import paired_speedup, spread
 
 
@@ -82,8 +83,8 @@ def measure(lm, data: dict, model_dir: Path, p: dict) -> dict:
     ref = REFERENCES[lm.name](Path(model_dir), p["dtype"])
     n, prompts = p["decode"]["new_tokens"], data["prompts"]
     for _ in range(p["decode"]["warmup"]):
-        generate(lm, prompts[0], max_new_tokens=n)
-        ref.run(prompts[:1], n)
+        generate(lm, prompts[0], max_new_tokens=min(n, WARMUP_TOKENS))
+        ref.run(prompts[:1], min(n, WARMUP_TOKENS))
     ours, theirs = [], []
     for rep in range(p["decode"]["repeats"]):
         for i, prompt in enumerate(prompts):

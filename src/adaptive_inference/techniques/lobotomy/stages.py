@@ -67,20 +67,26 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
         sq[layer] += a.pow(2).sum().item()
         neuron[layer] += a.sum(0).cpu().numpy()
 
-    base = []
-    with torch.inference_mode():
+    base, inputs, full = [], [], []
+    with torch.inference_mode():  # one forward per text: baseline log-probs and every layer's input
         for ids in texts:
             t = torch.tensor([ids], device=lm.device)
-            h, _ = lm.hidden(t, lm.new_cache(1, len(ids)), observe_mlp=observe)
-            logits = torch.nn.functional.linear(h, lm.lm_head)[0].float().cpu().numpy()
+            fw = lm.forward(t, lm.new_cache(1, len(ids)), capture=set(range(L)), observe_mlp=observe)
+            logits = lm.to_numpy(fw.out.logits[0])
             base.append(metrics.log_softmax(logits).astype(np.float32))
-    full = _quality(lm, texts, base, StepPlan())
+            full.append(metrics.compare(logits, base[-1], ids))
+            inputs.append(fw.captured)
+    full = metrics.summarize(full)
     progress = Progress("profile_ffn ablations", L, "layers")
     wb = lm.cfg.weight_bytes(1)
     per_token = wb["layers"] + wb["lm_head"]
     layers = []
-    for i in range(L):
-        q = _quality(lm, texts, base, StepPlan(zero_mlp=frozenset({i})))
+    for i in range(L):  # zeroing MLP i changes nothing before layer i: each ablation resumes from its input
+        plan = StepPlan(zero_mlp=frozenset({i}))
+        q = metrics.summarize([
+            metrics.compare(lm.to_numpy(lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)),
+                                                   plan, resume=(i, x[i])).out.logits[0]), b, ids)
+            for ids, b, x in zip(texts, base, inputs, strict=True)])
         layers.append({
             "layer": i,
             "fire_rate": fired[i] / total[i],
