@@ -431,7 +431,9 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                 for name, c in (_get(m, "configs") or {}).items():
                     ci = _get(c, "speedup_ci95") or [None, None]
                     real = _get(c, "realized_share")
-                    body.append([sh.get("shape"), mode, name, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
+                    gears = _get(c, "gear_share") or {}  # steps per weight set, where the gears switch them
+                    label = name + (f" ({' / '.join(f'{k} {v:.0%}' for k, v in gears.items())})" if gears else "")
+                    body.append([sh.get("shape"), mode, label, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
                                  f"{_f(_get(c, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
                                  _f(_get(c, "bound"), "{:.3f}"), DASH if real is None else f"{real:.2f}",
                                  _f(_get(c, "bandwidth_share"), "{:.0%}"),
