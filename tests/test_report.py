@@ -83,6 +83,11 @@ def test_report_files_metrics_and_agreement(tmp_path):
     md = (out / "report.md").read_text()
     assert md.index("At a glance: torch") < md.index("## Speed") and "lobotomy is the fastest at 1.240×" in md
     assert "KL code" in md
+    # no table wider than a reader's screen: speed, batch, quality and structure are separate tables
+    assert all(md.index(h) < md.index(n) for h, n in (("## Speed", "### Batched decode"),
+                                                      ("### Batched decode", "## Quality"),
+                                                      ("## Quality", "### What the decode steps read")))
+    assert max(line.count(" | ") for line in md.splitlines() if line.startswith("| backend")) <= 9
 
 
 def test_single_backend_has_no_agreement(tmp_path):

@@ -59,15 +59,36 @@ def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
 
 
 @triton.jit
-def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes starting at group g0."""
+def _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED: tl.constexpr):
+    """Codes of weight rows rn at packed columns rk: (columns rk, columns rk + H) as float32 tiles; nested: the
+    8-bit code from both planes, centred by 7.5 steps of the scale / 16 grid."""
+    wmask = (rn[:, None] < N) & (rk[None, :] < H)
+    c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+    lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
+    if NESTED:
+        r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
+        lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
+    return lo, hi
+
+
+@triton.jit
+def _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-group (scale, min) [BLOCK_N, BLOCK_K / GROUP] of rows rn from group g0 on, float32 (nested: the
+    scale of the 8-bit grid, / 16)."""
     rg = g0 + tl.arange(0, BLOCK_K // GROUP)
     gmask = (rn[:, None] < N) & (rg[None, :] < G)
     sc = tl.load(s_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
     mn = tl.load(m_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
     if NESTED:
         sc = sc * 0.0625
+    return sc, mn
+
+
+@triton.jit
+def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes starting at group g0."""
+    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, NESTED, BLOCK_K)
     w = tl.reshape(tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * sc[:, :, None] + mn[:, :, None],
                    (BLOCK_N, BLOCK_K))
     return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
@@ -88,12 +109,7 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
     chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
     for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        wmask = (rn[:, None] < N) & (rk[None, :] < H)
-        c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-        lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
-        if NESTED:
-            r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-            lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
+        lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         xm = (rm[:, None] < M) & (rk[None, :] < H)
         x_lo = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=xm, other=0.0)
         x_hi = tl.load(x_ptr + rm[:, None] * K + H + rk[None, :], mask=xm, other=0.0)
@@ -113,12 +129,7 @@ def _group_dot(codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTE
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N] partial dot of one row xs [BLOCK_K] with codes [BLOCK_N, BLOCK_K] starting at group g0:
     per group, scale x (codes . x) + min x sum(x), so no weight is dequantized one by one."""
-    rg = g0 + tl.arange(0, BLOCK_K // GROUP)
-    gmask = (rn[:, None] < N) & (rg[None, :] < G)
-    sc = tl.load(s_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
-    mn = tl.load(m_ptr + rn[:, None] * G + rg[None, :], mask=gmask, other=0.0).to(tl.float32)
-    if NESTED:
-        sc = sc * 0.0625
+    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, NESTED, BLOCK_K)
     cx = tl.sum(tl.reshape(codes * xs[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
     xg = tl.sum(tl.reshape(xs, (BLOCK_K // GROUP, GROUP)), axis=1)
     return tl.sum(cx * sc + mn * xg[None, :], axis=1)
@@ -143,12 +154,7 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: t
     chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
     for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        wmask = (rn[:, None] < N) & (rk[None, :] < H)
-        c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-        lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
-        if NESTED:
-            r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-            lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
+        lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         x_lo = tl.load(x_ptr + m * K + rk, mask=rk < H, other=0.0).to(tl.float32)
         x_hi = tl.load(x_ptr + m * K + H + rk, mask=rk < H, other=0.0).to(tl.float32)
         acc += _group_dot(lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
@@ -175,13 +181,19 @@ def _splits(n: int, k: int, device: int | None) -> int:
     return s
 
 
+def _output(x: torch.Tensor, n: int) -> tuple[int, torch.Tensor]:
+    """(split-K, the output buffer): in x's dtype, or fp32 zeros that the K slices add their partial sums into."""
+    m, k = x.shape
+    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
+    return splits, (torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else
+                    torch.zeros((m, n), device=x.device, dtype=torch.float32))
+
+
 @torch.library.custom_op("adaptive_inference::w8_linear", mutates_args=())
 def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = q.shape[0]
-    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else \
-        torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    splits, y = _output(x, n)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
     _w8_kernel[grid](x.contiguous(), q, scale, y, m, n, k, SPLITS=splits, BLOCK_M=16)
     return y if splits == 1 else y.to(x.dtype)
@@ -199,9 +211,7 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scal
     group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout) when nested, else unused."""
     m, k = x.shape
     n = codes.shape[0]
-    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else \
-        torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    splits, y = _output(x, n)
     if m <= GEMV_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
         _w4_gemv_kernel[grid](x.contiguous(), codes, residual, scale, minv, y, m, n, k, SPLITS=splits,
