@@ -48,6 +48,18 @@ def test_importance_matrix_and_budgets(inputs, tmp_path):
             assert len(s) == size and min(s) >= 1
             assert r["set_kl"][f"{group}@{budget}"] == pytest.approx(r["search"][f"{group}@{budget}"][-1]["kl"])
     assert importance.heat_map(r)[:4] == b"\x89PNG"
+    # the stage resumes each skip from the baseline's captured layer input: the same KL as a whole forward
+    from adaptive_inference import metrics
+    from adaptive_inference.plan import StepPlan
+    from adaptive_inference.torch_backend import TorchLM
+
+    lm = TorchLM.load(inputs / "model")
+    texts = importance._texts(inputs / "model", inputs / "corpus", {"texts_per_category": 2, "seq_len": 24})["code"]
+    base = [metrics.log_softmax(lm.logits(ids)).astype(np.float32) for ids in texts]
+    for i in (1, 3):
+        plan = StepPlan(skip_layers=frozenset({i}))
+        direct = metrics.summarize([metrics.compare(lm.logits(ids, plan), b, ids) for ids, b in zip(texts, base, strict=True)])
+        assert r["kl"]["code"][i] == direct["kl_to_baseline"]
 
 
 def test_greedy_picks_the_measured_best():

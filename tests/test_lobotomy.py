@@ -33,6 +33,15 @@ def test_profile_has_every_layer(stages):
     for r in prof["layers"]:
         assert 0 < r["fire_rate"] < 1 and 0 <= r["gini"] < 1 and r["kl"] > 0
     assert prof["baseline"]["kl_to_baseline"] == pytest.approx(0.0, abs=1e-6)  # base stored as fp32
+    # each ablation resumes from the baseline's captured input of its layer: the numbers of a whole forward
+    from adaptive_inference import metrics
+
+    lm = TorchLM.load(stages / "model")
+    texts = lobotomy._calib(stages / "model", stages / "corpus", {"texts": 4, "seq_len": 24})
+    base = [metrics.log_softmax(lm.logits(ids)).astype(np.float32) for ids in texts]
+    for i in (0, 2):
+        direct = lobotomy._quality(lm, texts, base, StepPlan(zero_mlp=frozenset({i})))
+        assert prof["layers"][i]["kl"] == direct["kl_to_baseline"] and prof["layers"][i]["perplexity"] == direct["perplexity"]
 
 
 @pytest.mark.parametrize("max_layers, max_kl", [(0, 10.0), (2, 10.0), (4, 0.0)])

@@ -35,10 +35,29 @@ def _texts(model_dir: Path, corpus_dir: Path, params: dict) -> dict[str, list[li
     return {c: t for c, t in sorted(by.items()) if t}
 
 
-def _kl(lm, texts: list[list[int]], base: list[np.ndarray], skip: set[int]) -> float:
-    plan = StepPlan(skip_layers=frozenset(skip))
-    return metrics.summarize([metrics.compare(lm.logits(ids, plan), b, ids)
-                              for ids, b in zip(texts, base, strict=True)])["kl_to_baseline"]
+def _kl(lm, texts: list[list[int]], base: list[np.ndarray], inputs: list[dict], skip: set[int]) -> float:
+    """KL of skipping `skip` on texts; each forward resumes at the first skipped layer from the input the
+    baseline forward captured there (the layers before it are the baseline's: same logits, fewer layers run)."""
+    import torch
+
+    plan, first = StepPlan(skip_layers=frozenset(skip)), min(skip)
+    parts = []
+    for ids, b, x in zip(texts, base, inputs, strict=True):
+        fw = lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)), plan, resume=(first, x[first]))
+        parts.append(metrics.compare(lm.to_numpy(fw.out.logits[0]), b, ids))
+    return metrics.summarize(parts)["kl_to_baseline"]
+
+
+def _baseline(lm, texts: list[list[int]], layers: set[int]) -> tuple[list[np.ndarray], list[dict]]:
+    """Baseline log-probs of each text and the inputs of `layers` its forward saw."""
+    import torch
+
+    base, inputs = [], []
+    for ids in texts:
+        fw = lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)), capture=layers)
+        base.append(metrics.log_softmax(lm.to_numpy(fw.out.logits[0])).astype(np.float32))
+        inputs.append(fw.captured)
+    return base, inputs
 
 
 def greedy(kl_of, single: dict[int, float], size: int, tries: int) -> tuple[list[int], list[dict]]:
@@ -76,11 +95,11 @@ def build(params: dict, model_dir: Path, corpus_dir: Path, map_dir: Path, out_di
     matrix, sets, trails = {}, {f"{b:g}": {} for b in params["budgets"]}, {}
     with torch.inference_mode():
         for group, ts in groups.items():
-            base = [metrics.log_softmax(lm.logits(ids)).astype(np.float32) for ids in ts]
+            base, inputs = _baseline(lm, ts, set(layers))
 
-            def kl_of(skip, ts=ts, base=base):
+            def kl_of(skip, ts=ts, base=base, inputs=inputs):
                 progress.step()
-                return _kl(lm, ts, base, skip)
+                return _kl(lm, ts, base, inputs, skip)
 
             single = {i: kl_of({i}) for i in layers}
             matrix[group] = [single.get(i) for i in range(L)]
