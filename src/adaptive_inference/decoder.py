@@ -326,10 +326,10 @@ class Decoder(abc.ABC):
         return Forward(out, h, captured, ExecutedStep(**executed, head=out.name, head_params=out.params_read,
                                                       info=info))
 
-    def logits(self, ids, plan: StepPlan = FULL) -> np.ndarray:
-        """Teacher-forced logits [T, vocab] float32 for one sequence under one plan."""
+    def logits(self, ids, plan: StepPlan = FULL, *, resume=None) -> np.ndarray:
+        """Teacher-forced logits [T, vocab] float32 for one sequence under one plan (resume: see hidden)."""
         t = self.ids_array(np.asarray(ids)[None])
-        return self.to_numpy(self.forward(t, self.new_cache(1, t.shape[1]), plan).out.logits[0])
+        return self.to_numpy(self.forward(t, self.new_cache(1, t.shape[1]), plan, resume=resume).out.logits[0])
 
     # ---- generation in layers: prefill, decode_one_token (generation.py streams them) ---------
 

@@ -8,8 +8,8 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
 - cpu_matmul "kernel": decode-sized matmuls (<= 8 rows) on CPU go to torch_kernels.dense_linear (an AVX2
   gemv reading weights near memory speed; MKL's sgemv reads at about half of it here); "library": F.linear.
 - compile: decode steps of gate-free plans run as one torch.compile'd graph per distinct plan (inductor
-  fuses norms, RoPE, residuals; no per-op dispatch), on full weights or CUDA packed ones (quant_cuda). Gated
-  plans and the CPU packed kernels (opaque C++) run eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
+  fuses norms, RoPE, residuals; no per-op dispatch), on full weights or packed ones that say they are
+  `capturable`. Gated plans and packed weights opaque to the compiler run eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
 - cuda_graphs (CUDA only): the same static steps (compiled or eager) are captured once per (plan, cache
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
@@ -390,7 +390,7 @@ class TorchLM(Decoder):
             if self.dense_kernel and torch_kernels.dense_ok(x, w):
                 return torch_kernels.dense_linear(x, w, b)
             return F.linear(x, w, b)
-        return w.linear(x, b)  # a packed weight (quant_torch / quant_cuda) multiplies itself
+        return w.linear(x, b)  # a packed weight (made by pack) multiplies itself
 
     def logits32(self, h, w):
         return self.linear(h, w).float()

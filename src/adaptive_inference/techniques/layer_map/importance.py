@@ -38,14 +38,9 @@ def _texts(model_dir: Path, corpus_dir: Path, params: dict) -> dict[str, list[li
 def _kl(lm, texts: list[list[int]], base: list[np.ndarray], inputs: list[dict], skip: set[int]) -> float:
     """KL of skipping `skip` on texts; each forward resumes at the first skipped layer from the input the
     baseline forward captured there (the layers before it are the baseline's: same logits, fewer layers run)."""
-    import torch
-
     plan, first = StepPlan(skip_layers=frozenset(skip)), min(skip)
-    parts = []
-    for ids, b, x in zip(texts, base, inputs, strict=True):
-        fw = lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)), plan, resume=(first, x[first]))
-        parts.append(metrics.compare(lm.to_numpy(fw.out.logits[0]), b, ids))
-    return metrics.summarize(parts)["kl_to_baseline"]
+    return metrics.summarize([metrics.compare(lm.logits(ids, plan, resume=(first, x[first])), b, ids)
+                              for ids, b, x in zip(texts, base, inputs, strict=True)])["kl_to_baseline"]
 
 
 def _baseline(lm, texts: list[list[int]], layers: set[int]) -> tuple[list[np.ndarray], list[dict]]:

@@ -83,10 +83,8 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
     layers = []
     for i in range(L):  # zeroing MLP i changes nothing before layer i: each ablation resumes from its input
         plan = StepPlan(zero_mlp=frozenset({i}))
-        q = metrics.summarize([
-            metrics.compare(lm.to_numpy(lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)),
-                                                   plan, resume=(i, x[i])).out.logits[0]), b, ids)
-            for ids, b, x in zip(texts, base, inputs, strict=True)])
+        q = metrics.summarize([metrics.compare(lm.logits(ids, plan, resume=(i, x[i])), b, ids)
+                               for ids, b, x in zip(texts, base, inputs, strict=True)])
         layers.append({
             "layer": i,
             "fire_rate": fired[i] / total[i],
