@@ -9,7 +9,7 @@ NAMES = ("torch", "mlx")
 
 def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str | None = None,
                  runtime: dict | None = None):
-    """runtime: params benchmark.runtime (cpu_matmul, compile, cuda_graphs); torch reads it, MLX has no such choices yet."""
+    """runtime: params benchmark.runtime (cpu_matmul, compile, cuda_graphs); torch reads all, MLX cpu_matmul."""
     if name == "torch":
         from .torch_backend import TorchLM, default_device
 
@@ -17,7 +17,7 @@ def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str
     if name == "mlx":
         from .mlx_backend import MLXLM
 
-        return MLXLM.load(model_dir, dtype=dtype)
+        return MLXLM.load(model_dir, dtype=dtype, cpu_matmul=(runtime or {}).get("cpu_matmul", "kernel"))
     from .errors import UserError
 
     raise UserError(f"unknown backend {name!r} (known: {', '.join(NAMES)})")

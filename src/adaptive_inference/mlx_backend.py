@@ -2,8 +2,11 @@
 
 MLX is lazy: a step builds a graph that is evaluated once, when the next token is read. The pure per-layer
 pieces are mx.compile'd for decode (elementwise ops fused; one trace for T = 1; decode 9% faster on
-SmolLM2-135M here). MLX is imported through
-blas.import_mlx (OpenBLAS on Linux).
+SmolLM2-135M here). MLX is imported through blas.import_mlx (OpenBLAS on Linux).
+
+cpu_matmul (params benchmark.runtime, as for torch): "kernel" sends decode-sized matmuls (<= 8 rows) of full
+weights on the CPU device to mlx_kernels.dense_linear (an AVX2 gemv inside the graph; weights stay row-major);
+"library" keeps MLX's matmul (BLAS), with tall weights stored column-major (fast_layout).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from .errors import UserError
 from .model_config import ModelConfig
 
 mx = import_mlx()
+
+CPU_MATMULS = ("kernel", "library")
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -63,53 +68,73 @@ def mm(x, w):
     return quant_mlx.linear(x, w)
 
 
-def project_qkv(x, ln1, wqkv, bqkv, cos, sin, n_heads: int, n_kv_heads: int, eps: float):
-    """x [B, T, hidden] -> q [B, H, T, D], k, v [B, Hkv, T, D] (input norm, fused projection, RoPE)."""
-    B, T, _ = x.shape
-    qkv = mm(mx.fast.rms_norm(x, ln1, eps), wqkv)
-    if bqkv is not None:
-        qkv = qkv + bqkv
-    qkv = qkv.reshape(B, T, n_heads + 2 * n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, H + 2 Hkv, T, D]
-    qk = _apply_rope(qkv[:, :n_heads + n_kv_heads], cos, sin)  # one RoPE for q and k
-    return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv_heads:]
+def mm_kernel(x, w):
+    """mm, with decode-sized matmuls of full weights through the gemv kernel."""
+    from . import mlx_kernels
+
+    return mlx_kernels.dense_linear(x, w) if mlx_kernels.dense_ok(x, w) else mm(x, w)
 
 
-def attention_out(attn, wo):
-    """o_proj of attn [B, H, T, D] -> [B, T, hidden]."""
-    B, _, T, _ = attn.shape
-    return mm(attn.transpose(0, 2, 1, 3).reshape(B, T, -1), wo)
+def blocks(matmul) -> tuple:
+    """The pure per-layer pieces (project_qkv, attention_out, mlp_out, mlp_act) over a matmul."""
+
+    def project_qkv(x, ln1, wqkv, bqkv, cos, sin, n_heads: int, n_kv_heads: int, eps: float):
+        """x [B, T, hidden] -> q [B, H, T, D], k, v [B, Hkv, T, D] (input norm, fused projection, RoPE)."""
+        B, T, _ = x.shape
+        qkv = matmul(mx.fast.rms_norm(x, ln1, eps), wqkv)
+        if bqkv is not None:
+            qkv = qkv + bqkv
+        qkv = qkv.reshape(B, T, n_heads + 2 * n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, H + 2 Hkv, T, D]
+        qk = _apply_rope(qkv[:, :n_heads + n_kv_heads], cos, sin)  # one RoPE for q and k
+        return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv_heads:]
+
+    def attention_out(attn, wo):
+        """o_proj of attn [B, H, T, D] -> [B, T, hidden]."""
+        B, _, T, _ = attn.shape
+        return matmul(attn.transpose(0, 2, 1, 3).reshape(B, T, -1), wo)
+
+    def mlp_act(x, ln2, w_gate_up, eps: float):
+        gate, up = mx.split(matmul(mx.fast.rms_norm(x, ln2, eps), w_gate_up), 2, axis=-1)
+        return gate * mx.sigmoid(gate) * up
+
+    def mlp_out(x, ln2, w_gate_up, w_down, eps: float):
+        return matmul(mlp_act(x, ln2, w_gate_up, eps), w_down)
+
+    return project_qkv, attention_out, mlp_out, mlp_act
 
 
-def mlp_out(x, ln2, w_gate_up, w_down, eps: float):
-    return mm(mlp_act(x, ln2, w_gate_up, eps), w_down)
-
-
-def mlp_act(x, ln2, w_gate_up, eps: float):
-    gate, up = mx.split(mm(mx.fast.rms_norm(x, ln2, eps), w_gate_up), 2, axis=-1)
-    return gate * mx.sigmoid(gate) * up
-
-
-PLAIN = (project_qkv, attention_out, mlp_out)
+PLAIN = blocks(mm)
+KERNEL = blocks(mm_kernel)
 
 
 @functools.cache
-def compiled_blocks() -> tuple:
-    return tuple(mx.compile(f) for f in PLAIN)
+def compiled_blocks(kernel: bool = False) -> tuple:
+    """project_qkv, attention_out and mlp_out mx.compile'd (one trace per input shape)."""
+    return tuple(mx.compile(f) for f in (KERNEL if kernel else PLAIN)[:3])
 
 
 class MLXLM(Decoder):
     name = "mlx"
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, mx.array], dtype):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, mx.array], dtype, *, cpu_matmul: str = "kernel"):
+        if cpu_matmul not in CPU_MATMULS:
+            raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
+        from . import mlx_kernels
+
         self.cfg, self.dtype = cfg, dtype
-        self.embed = fast_layout(weights["model.embed_tokens.weight"])
+        self.dense_kernel = cpu_matmul == "kernel" and mlx_kernels.available() and dtype in (mx.float32, mx.bfloat16)
+        if self.dense_kernel:
+            mlx_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
+        self._mm = mm_kernel if self.dense_kernel else mm
+        layout = (lambda w: w) if self.dense_kernel else fast_layout  # the kernel reads row-major [N, K]
+        self.embed = layout(weights["model.embed_tokens.weight"])
         self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else fast_layout(weights["lm_head.weight"])
+        self.lm_head = self.embed if cfg.tie_word_embeddings else layout(weights["lm_head.weight"])
         layers = []
         for i in range(cfg.num_hidden_layers):
             # weights is consumed: each loaded copy is dropped as its new layout is made
             parts = {k: [weights.pop(n) for n in names] for k, names in cfg.layer_weight_names(i).items()}
-            layers.append(Layer(**{k: fast_layout(v[0] if len(v) == 1 else mx.concatenate(v)) for k, v in parts.items()}))
+            layers.append(Layer(**{k: layout(v[0] if len(v) == 1 else mx.concatenate(v)) for k, v in parts.items()}))
             mx.eval(list(vars(layers[-1]).values()))
         self.weight_sets = {"full": layers}
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
@@ -120,8 +145,13 @@ class MLXLM(Decoder):
     def layers(self) -> list[Layer]:
         return self.weight_sets["full"]
 
+    @property
+    def matmul_name(self) -> str:
+        """What runs decode-sized dense matmuls (recorded with every benchmark)."""
+        return "adaptive_inference dense_linear (AVX2 gemv)" if self.dense_kernel else "mlx matmul (BLAS)"
+
     @classmethod
-    def load(cls, model_dir: str | Path, *, dtype: str = "float32") -> MLXLM:
+    def load(cls, model_dir: str | Path, *, dtype: str = "float32", cpu_matmul: str = "kernel") -> MLXLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -131,7 +161,7 @@ class MLXLM(Decoder):
         for f in files:
             weights.update({k: w.astype(DTYPES[dtype]) for k, w in mx.load(str(f)).items()})
         try:
-            return cls(cfg, weights, DTYPES[dtype])
+            return cls(cfg, weights, DTYPES[dtype], cpu_matmul=cpu_matmul)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 
@@ -176,7 +206,7 @@ class MLXLM(Decoder):
         q_dim, kv_heads = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads
         h = mx.fast.rms_norm(x, lw.ln1, cfg.rms_norm_eps)
         # a full weight: only its k/v rows are read; a packed one is read whole
-        kv = mm(h, lw.wqkv[q_dim:]) if isinstance(lw.wqkv, mx.array) else mm(h, lw.wqkv)[..., q_dim:]
+        kv = self._mm(h, lw.wqkv[q_dim:]) if isinstance(lw.wqkv, mx.array) else mm(h, lw.wqkv)[..., q_dim:]
         if lw.bqkv is not None:
             kv = kv + lw.bqkv[q_dim:]
         kv = kv.reshape(B, T, 2 * kv_heads, -1).transpose(0, 2, 1, 3)  # [B, 2 Hkv, T, D]
@@ -193,24 +223,25 @@ class MLXLM(Decoder):
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         if observe is None:
             return self._blocks_for(x, lw)[2](x, lw.ln2, lw.w_gate_up, lw.w_down, self.cfg.rms_norm_eps)
-        act = mlp_act(x, lw.ln2, lw.w_gate_up, self.cfg.rms_norm_eps)
+        act = (KERNEL if self.dense_kernel else PLAIN)[3](x, lw.ln2, lw.w_gate_up, self.cfg.rms_norm_eps)
         observe(layer, act)
-        return mm(act, lw.w_down)
+        return self._mm(act, lw.w_down)
 
-    @staticmethod
-    def _blocks_for(x, lw: Layer) -> tuple:
+    def _blocks_for(self, x, lw: Layer) -> tuple:
         """Compiled pieces for decode (one trace for T = 1) of full weights; plain ones otherwise."""
-        return compiled_blocks() if x.shape[1] == 1 and isinstance(lw.wqkv, mx.array) else PLAIN
+        if x.shape[1] == 1 and isinstance(lw.wqkv, mx.array):
+            return compiled_blocks(self.dense_kernel)
+        return (KERNEL if self.dense_kernel else PLAIN)[:3]
 
     def final_norm(self, x):
         return mx.fast.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def linear(self, x, w, b=None):
-        y = mm(x, w)
+        y = self._mm(x, w)
         return y if b is None else y + b
 
     def logits32(self, h, w):
-        return mm(h, w).astype(mx.float32)
+        return self._mm(h, w).astype(mx.float32)
 
     def pack(self, state, depth: int | None):
         from . import quant_mlx

@@ -41,7 +41,7 @@ def _environment(lm) -> dict:
     if lm.name == "mlx":
         from ..blas import blas_info
 
-        env["blas"] = blas_info()
+        env["decode_matmul"], env["blas"] = lm.matmul_name, blas_info()
     return env
 
 

@@ -1,0 +1,116 @@
+"""The MLX CPU gemv extension (mlx_kernels) against MLX's own matmul, and MLXLM with it against MLXLM without."""
+
+import numpy as np
+import pytest
+
+from adaptive_inference import mlx_kernels
+from adaptive_inference.errors import UserError
+from adaptive_inference.generation import generate
+from adaptive_inference.mlx_backend import MLXLM, PLAIN, compiled_blocks
+
+mx = mlx_kernels.mx
+
+pytestmark = pytest.mark.skipif(not mlx_kernels.available(), reason="the MLX CPU kernel needs Linux and MLX's CPU")
+
+
+def rand(*shape, seed=0):
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n,k", [(3072, 576), (13, 37), (3, 8), (576, 1536)])
+def test_dense_linear_equals_matmul(wdtype, rows, n, k):
+    """Every row-count branch, K tails (K % 8), N tails (N % 4, N < 4) and both thread paths (small / large N x K)."""
+    w = rand(n, k, seed=1).astype(getattr(mx, wdtype))
+    x = rand(rows, k, seed=2)
+    got = mlx_kernels.dense_linear(x, w)
+    ref = x @ w.astype(mx.float32).T
+    assert got.shape == ref.shape and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, atol=1e-4)
+
+
+def test_dense_linear_shapes_layouts_and_dtypes():
+    w = rand(96, 64, seed=3)
+    x = rand(2, 1, 64, seed=4)
+    ref = np.array(x @ w.T)
+    np.testing.assert_allclose(np.array(mlx_kernels.dense_linear(x, w)), ref, rtol=1e-5, atol=1e-5)  # [B, T, K]
+    # a row slice (the k/v rows of a fused qkv weight) and a transposed view (copied first)
+    np.testing.assert_allclose(np.array(mlx_kernels.dense_linear(x, w[32:])), ref[..., 32:], rtol=1e-5, atol=1e-5)
+    wt = mx.contiguous(w.T).T  # column-major storage of the same [N, K]
+    np.testing.assert_allclose(np.array(mlx_kernels.dense_linear(x, wt)), ref, rtol=1e-5, atol=1e-5)
+    xb = x.astype(mx.bfloat16)  # output in x's dtype
+    out = mlx_kernels.dense_linear(xb, w.astype(mx.bfloat16))
+    assert out.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)),
+                               np.array((xb @ w.astype(mx.bfloat16).T).astype(mx.float32)), rtol=2e-2, atol=2e-2)
+
+
+def test_dense_linear_inside_compile_and_lazy_graphs():
+    w, x = rand(256, 64, seed=5), rand(1, 64, seed=6)
+    f = mx.compile(lambda a, b: mlx_kernels.dense_linear(a * 2.0, b) + 1.0)
+    np.testing.assert_allclose(np.array(f(x, w)), np.array((x * 2.0) @ w.T + 1.0), rtol=1e-5, atol=1e-5)
+    chained = mlx_kernels.dense_linear(mlx_kernels.dense_linear(x, w), rand(64, 256, seed=7))
+    np.testing.assert_allclose(np.array(chained), np.array((x @ w.T) @ rand(64, 256, seed=7).T), rtol=1e-4, atol=1e-3)
+
+
+def test_dense_linear_refuses_bad_input():
+    w = rand(16, 32)
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        mlx_kernels.dense_linear(rand(9, 32), w)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        mlx_kernels.dense_linear(rand(1, 32), w.astype(mx.float16))
+    with pytest.raises(ValueError, match=r"x \[..., K\] and w \[N, K\]"):
+        mlx_kernels.dense_linear(rand(1, 31), w)
+    assert not mlx_kernels.dense_ok(rand(9, 32), w) and mlx_kernels.dense_ok(rand(8, 32), w)
+
+
+def test_build_failure_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(mlx_kernels, "_ext", None)
+    monkeypatch.setenv(mlx_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(UserError, match=r"cannot build the MLX CPU kernel extension .*cpu_matmul: library.*not found"):
+        mlx_kernels.kernels()
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    _, path, _ = tiny
+    return MLXLM.load(path, cpu_matmul="kernel"), MLXLM.load(path, cpu_matmul="library")
+
+
+def test_backend_kernel_matches_library(pair):
+    kernel, library = pair
+    assert kernel.dense_kernel and not library.dense_kernel
+    assert "gemv" in kernel.matmul_name and "BLAS" in library.matmul_name
+    ids = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
+    np.testing.assert_allclose(kernel.logits(ids), library.logits(ids), rtol=1e-5, atol=1e-5)  # prefill: BLAS both
+    a = generate(kernel, ids, max_new_tokens=8)
+    b = generate(library, ids, max_new_tokens=8)
+    assert a.tokens == b.tokens
+    cache_k, cache_l = kernel.new_cache(2, 16), library.new_cache(2, 16)
+    prompt = kernel.ids_array(np.array([ids[:6], ids[6:]]))
+    kernel.forward(prompt, cache_k)
+    library.forward(library.ids_array(np.array([ids[:6], ids[6:]])), cache_l)
+    step_k = kernel.decode_one_token(kernel.ids_array(np.array([3, 4])), cache_k).out.logits
+    step_l = library.decode_one_token(library.ids_array(np.array([3, 4])), cache_l).out.logits
+    np.testing.assert_allclose(kernel.to_numpy(step_k), library.to_numpy(step_l), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_kernel_blocks_match_plain(pair):
+    kernel, _ = pair
+    lw, cfg = kernel.layers[1], kernel.cfg
+    x = rand(1, 1, cfg.hidden_size)
+    rope = kernel.rope(kernel.positions(5, 1))
+    args = (x, lw.ln1, lw.wqkv, lw.bqkv, *rope, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
+    for plain, compiled in zip(PLAIN[0](*args), compiled_blocks(True)[0](*args), strict=True):
+        np.testing.assert_allclose(np.array(plain), np.array(compiled), rtol=1e-5, atol=1e-5)
+    mlp_args = (x, lw.ln2, lw.w_gate_up, lw.w_down, cfg.rms_norm_eps)
+    np.testing.assert_allclose(np.array(PLAIN[2](*mlp_args)), np.array(compiled_blocks(True)[2](*mlp_args)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_cpu_matmul_is_refused(tiny):
+    with pytest.raises(UserError, match="cpu_matmul 'gemv'"):
+        MLXLM.load(tiny[1], cpu_matmul="gemv")
