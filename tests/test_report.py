@@ -41,7 +41,8 @@ def _job(tmp_path: Path, run: dict, top1=TOP1) -> Path:
     folder.mkdir(parents=True)
     res = {"run": run, "model": {"name": "SmolLM2-135M-Instruct", "params": 134515008, "weight_bytes": 538060032,
                                  "num_layers": 30},
-           "environment": {"cpu": "Test CPU", "threads": 2, "device": "cpu"}, "top1": top1, "greedy": [[1, 2]]}
+           "environment": {"cpu": "Test CPU", "threads": 2, "device": "cpu", "decode_matmul": f"{run['backend']} gemv"},
+           "top1": top1, "greedy": [[1, 2]]}
     (folder / "results.json").write_text(json.dumps(res))
     manifest.write(folder, stage="benchmark", inputs={}, params={})
     return folder
@@ -83,6 +84,7 @@ def test_report_files_metrics_and_agreement(tmp_path):
     md = (out / "report.md").read_text()
     assert md.index("At a glance: torch") < md.index("## Speed") and "lobotomy is the fastest at 1.240×" in md
     assert "KL code" in md
+    assert "torch on cpu (Test CPU, 2 threads); decode matmuls: torch gemv" in md and "decode matmuls: mlx gemv" in md
     # no table wider than a reader's screen: speed, batch, quality and structure are separate tables
     assert all(md.index(h) < md.index(n) for h, n in (("## Speed", "### Batched decode"),
                                                       ("### Batched decode", "## Quality"),

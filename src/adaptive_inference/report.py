@@ -381,8 +381,9 @@ def _setup(sources: list[dict]) -> str:
     for backend, env in envs.items():
         blas = _get(env, "blas")
         blas = f"; BLAS {', '.join(f'{k}: {v}' for k, v in blas.items())}" if isinstance(blas, dict) else ""
+        matmul = f"; decode matmuls: {env['decode_matmul']}" if _get(env, "decode_matmul") else ""
         lines.append(f"{backend} on {_get(env, 'device') or DASH} ({_get(env, 'cpu') or DASH}, "
-                     f"{_get(env, 'threads') or DASH} threads){blas}")
+                     f"{_get(env, 'threads') or DASH} threads){matmul}{blas}")
     return f"Model {_get(model, 'name') or DASH} ({size}). " + "; ".join(lines) + "."
 
 
