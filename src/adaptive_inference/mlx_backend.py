@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import mlx_kernels
 from .blas import import_mlx
 from .decoder import Decoder, Layer
 from .errors import UserError
@@ -70,8 +71,6 @@ def mm(x, w):
 
 def mm_kernel(x, w):
     """mm, with decode-sized matmuls of full weights through the gemv kernel."""
-    from . import mlx_kernels
-
     return mlx_kernels.dense_linear(x, w) if mlx_kernels.dense_ok(x, w) else mm(x, w)
 
 
@@ -119,13 +118,11 @@ class MLXLM(Decoder):
     def __init__(self, cfg: ModelConfig, weights: dict[str, mx.array], dtype, *, cpu_matmul: str = "kernel"):
         if cpu_matmul not in CPU_MATMULS:
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
-        from . import mlx_kernels
-
         self.cfg, self.dtype = cfg, dtype
         self.dense_kernel = cpu_matmul == "kernel" and mlx_kernels.available() and dtype in (mx.float32, mx.bfloat16)
         if self.dense_kernel:
             mlx_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
-        self._mm = mm_kernel if self.dense_kernel else mm
+        self._mm, self._plain = (mm_kernel, KERNEL) if self.dense_kernel else (mm, PLAIN)
         layout = (lambda w: w) if self.dense_kernel else fast_layout  # the kernel reads row-major [N, K]
         self.embed = layout(weights["model.embed_tokens.weight"])
         self.norm = weights["model.norm.weight"]
@@ -223,7 +220,7 @@ class MLXLM(Decoder):
     def mlp(self, x, lw: Layer, layer: int, observe=None):
         if observe is None:
             return self._blocks_for(x, lw)[2](x, lw.ln2, lw.w_gate_up, lw.w_down, self.cfg.rms_norm_eps)
-        act = (KERNEL if self.dense_kernel else PLAIN)[3](x, lw.ln2, lw.w_gate_up, self.cfg.rms_norm_eps)
+        act = self._plain[3](x, lw.ln2, lw.w_gate_up, self.cfg.rms_norm_eps)
         observe(layer, act)
         return self._mm(act, lw.w_down)
 
@@ -231,7 +228,7 @@ class MLXLM(Decoder):
         """Compiled pieces for decode (one trace for T = 1) of full weights; plain ones otherwise."""
         if x.shape[1] == 1 and isinstance(lw.wqkv, mx.array):
             return compiled_blocks(self.dense_kernel)
-        return (KERNEL if self.dense_kernel else PLAIN)[:3]
+        return self._plain[:3]
 
     def final_norm(self, x):
         return mx.fast.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
