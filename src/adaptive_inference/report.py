@@ -496,25 +496,28 @@ def _html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
 
 
 def _plot_speed_quality(rows: list[dict]) -> bytes:
-    """One panel per backend; error bars are the speedup's 95% interval; labels are staggered vertically
-    (sorted by KL) so nearby points do not print on top of each other."""
+    """One panel per backend; error bars are the speedup's 95% interval; labels are placed where they cover
+    no other label, marker or error bar (plots.place_labels)."""
 
     backends = _backends(rows)
     fig = plots.figure(5.2 * len(backends), 4.2)
-    axes = fig.subplots(1, len(backends), squeeze=False)[0]
+    axes, panels = fig.subplots(1, len(backends), squeeze=False)[0], []
     for ax, b in zip(axes, backends, strict=True):
         pts = [(r["config"], r["metrics"]) for r in rows if r["backend"] == b]
         pts = [(c, m) for c, m in pts if m.get("speedup_vs_baseline") is not None and m.get("kl_to_baseline") is not None]
         ax.axvline(1.0, color="0.6", ls="--", lw=0.8)
         ax.set(title=b, xlabel="decode speedup vs baseline (×)", ylabel="KL to baseline (nats / token)")
         ax.grid(alpha=0.3)
+        labels = []
         for i, (c, m) in enumerate(sorted(pts, key=lambda p: p[1]["kl_to_baseline"])):
             x, y = m["speedup_vs_baseline"], m["kl_to_baseline"]
             lo, hi = m.get("speedup_ci95_lo", x), m.get("speedup_ci95_hi", x)
             ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", color=f"C{i % 10}", capsize=3)
-            ax.annotate(c, (x, y), textcoords="offset points", xytext=(8, 10 * (i % 3) - 10), fontsize=8,
-                        color=f"C{i % 10}")
+            labels.append((c, (x, y), f"C{i % 10}", (lo, hi)))
         ax.margins(0.2)
+        panels.append((ax, labels))
+    for ax, labels in panels:
+        plots.place_labels(fig, ax, labels)
     return plots.png(fig)
 
 
@@ -554,7 +557,7 @@ def _front_points(pts, gain, loss) -> tuple[list, list[int]]:
 def _plot_pareto(rows: list[dict]) -> bytes:
     panels, configs = _pareto_panels(rows), list(dict.fromkeys(r["config"] for r in rows))
     fig = plots.figure(4.6 * len(panels), 7.6)
-    axes = fig.subplots(2, len(panels), squeeze=False)
+    axes, labelled = fig.subplots(2, len(panels), squeeze=False), []
     for col, (title, kind, pts) in enumerate(panels):
         xlabel, gain = _PARETO_X[kind]
         for row, (ylabel, loss, shown) in enumerate(_PARETO_Y):
@@ -566,11 +569,12 @@ def _plot_pareto(rows: list[dict]) -> bytes:
             for i, (c, g, lo) in enumerate(got):
                 color = f"C{configs.index(c) % 10}"  # one color per configuration in every panel
                 ax.plot([g], [shown(lo)], "o", color=color, mfc=color if i in front else "none")
-                ax.annotate(c, (g, shown(lo)), textcoords="offset points", xytext=(6, 8 * (i % 3) - 8), fontsize=7,
-                            color=color)
             if len(front) > 1:
                 ax.plot([got[i][1] for i in front], [shown(got[i][2]) for i in front], "--", color="0.3", lw=1)
             ax.margins(0.15)
+            labelled.append((ax, [(c, (g, shown(lo)), f"C{configs.index(c) % 10}", None) for c, g, lo in got]))
+    for ax, labels in labelled:
+        plots.place_labels(fig, ax, labels, fontsize=7)
     return plots.png(fig)
 
 

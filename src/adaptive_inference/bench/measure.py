@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import cost, metrics
 from ..generation import generate, stream, teacher_forced
+from ..plan import FULL_WEIGHTS, StepPlan, weights_name
 from .stats import paired_speedup, spread
 
 WARMUP_TOKENS = 8  # tokens of an untimed warm-up generation
@@ -29,19 +30,35 @@ def _begin(policy, data: dict, prompt, category: str):
     return policy
 
 
+def first_change(plan: StepPlan, num_layers: int) -> int:
+    """The first layer where a gate-free plan runs differently from the full model (num_layers: only its
+    head differs). The layers before it give the baseline's residual, so its forward may resume there."""
+    if weights_name(plan.weights) != FULL_WEIGHTS:
+        return 0
+    return min(set(plan.skip_layers) | set(plan.zero_mlp) | {layer for layer, _ in plan.blend}, default=num_layers)
+
+
 def quality(lm, data: dict, new_policy, prompt_tokens: int) -> tuple[dict, list[list[int]]]:
     """Perplexity, KL and top-1 agreement against the baseline, overall and per category; and the
-    configuration's teacher-forced argmax ids (torch vs MLX agreement is computed from them)."""
+    configuration's teacher-forced argmax ids (torch vs MLX agreement is computed from them). A gate-free
+    plan resumes from the baseline forward's input of its first changed layer (the same logits, fewer
+    layers run: a head-only change runs only the head)."""
     parts, by_cat, top1 = [], {}, []
+    L = lm.cfg.num_hidden_layers
     for ids, cat in zip(data["eval"], data["eval_categories"], strict=True):
-        base = lm.logits(ids)
-        if new_policy is None:
+        policy = None if new_policy is None else _begin(new_policy(), data, ids[:prompt_tokens], cat)
+        plan = policy.plan(0) if getattr(policy, "static", False) else None
+        first = first_change(plan, L) if plan is not None and plan.gate is None and not plan.is_full else 0
+        t = lm.ids_array(np.asarray(ids)[None])
+        fw = lm.forward(t, lm.new_cache(1, len(ids)), capture={first} if first else None)
+        base = lm.to_numpy(fw.out.logits[0])
+        if policy is None or (plan is not None and plan.is_full):
             logits = base
+        elif first:
+            logits = lm.logits(ids, plan, resume=(first, fw.captured[first]))
         else:
-            policy = _begin(new_policy(), data, ids[:prompt_tokens], cat)
-            full = getattr(policy, "static", False) and policy.plan(0).is_full
-            logits = base if full else teacher_forced(lm, ids, policy, prompt_tokens=prompt_tokens)[0]
-        part = metrics.compare(logits, metrics.log_softmax(base), ids)
+            logits = teacher_forced(lm, ids, policy, prompt_tokens=prompt_tokens)[0]
+        part = metrics.compare_self(base, ids) if logits is base else metrics.compare(logits, metrics.log_softmax(base), ids)
         parts.append(part)
         by_cat.setdefault(cat, []).append(part)
         top1.append(logits.argmax(-1).tolist())

@@ -35,7 +35,7 @@ def _texts(model_dir: Path, corpus_dir: Path, params: dict) -> dict[str, list[li
     return {c: t for c, t in sorted(by.items()) if t}
 
 
-def _kl(lm, texts: list[list[int]], base: list[np.ndarray], inputs: list[dict], skip: set[int]) -> float:
+def _kl(lm, texts: list[list[int]], base: list[metrics.Reference], inputs: list[dict], skip: set[int]) -> float:
     """KL of skipping `skip` on texts; each forward resumes at the first skipped layer from the input the
     baseline forward captured there (the layers before it are the baseline's: same logits, fewer layers run)."""
     plan, first = StepPlan(skip_layers=frozenset(skip)), min(skip)
@@ -43,14 +43,14 @@ def _kl(lm, texts: list[list[int]], base: list[np.ndarray], inputs: list[dict], 
                               for ids, b, x in zip(texts, base, inputs, strict=True)])["kl_to_baseline"]
 
 
-def _baseline(lm, texts: list[list[int]], layers: set[int]) -> tuple[list[np.ndarray], list[dict]]:
+def _baseline(lm, texts: list[list[int]], layers: set[int]) -> tuple[list[metrics.Reference], list[dict]]:
     """Baseline log-probs of each text and the inputs of `layers` its forward saw."""
     import torch
 
     base, inputs = [], []
     for ids in texts:
         fw = lm.forward(torch.tensor([ids], device=lm.device), lm.new_cache(1, len(ids)), capture=layers)
-        base.append(metrics.log_softmax(lm.to_numpy(fw.out.logits[0])).astype(np.float32))
+        base.append(metrics.reference(metrics.log_softmax(lm.to_numpy(fw.out.logits[0])).astype(np.float32)))
         inputs.append(fw.captured)
     return base, inputs
 

@@ -42,7 +42,7 @@ def _calib(model_dir: Path, corpus_dir: Path, params: dict) -> list[list[int]]:
     return ids
 
 
-def _quality(lm, texts: list[list[int]], base: list[np.ndarray], plan: StepPlan) -> dict[str, float]:
+def _quality(lm, texts: list[list[int]], base: list[metrics.Reference], plan: StepPlan) -> dict[str, float]:
     return metrics.summarize([metrics.compare(lm.logits(ids, plan), b, ids) for ids, b in zip(texts, base, strict=True)])
 
 
@@ -73,7 +73,7 @@ def profile(params: dict, model_dir: Path, corpus_dir: Path, out_dir: Path) -> d
             t = torch.tensor([ids], device=lm.device)
             fw = lm.forward(t, lm.new_cache(1, len(ids)), capture=set(range(L)), observe_mlp=observe)
             logits = lm.to_numpy(fw.out.logits[0])
-            base.append(metrics.log_softmax(logits).astype(np.float32))
+            base.append(metrics.reference(metrics.log_softmax(logits).astype(np.float32)))
             full.append(metrics.compare(logits, base[-1], ids))
             inputs.append(fw.captured)
     full = metrics.summarize(full)
@@ -120,7 +120,7 @@ def make(params: dict, profile_dir: Path, model_dir: Path, corpus_dir: Path, out
     texts = _calib(model_dir, corpus_dir, prof_m["params"])
     lm = TorchLM.load(model_dir, device=default_device())
     with torch.inference_mode():
-        base = [metrics.log_softmax(lm.logits(ids)).astype(np.float32) for ids in texts]
+        base = [metrics.reference(metrics.log_softmax(lm.logits(ids)).astype(np.float32)) for ids in texts]
     cut, trail, q = [], [], {"kl_to_baseline": 0.0, "perplexity": prof["baseline"]["perplexity"]}
     for row in ranked:
         if len(cut) >= params["max_layers"] or row["kl"] > params["max_kl"] - q["kl_to_baseline"]:
