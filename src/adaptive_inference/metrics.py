@@ -1,4 +1,6 @@
-"""Next-token quality against a reference distribution (numpy, float64)."""
+"""Next-token quality against a reference distribution (float64). The exponentials of the [T, vocab] arrays go
+through torch's vectorized, threaded kernels: numpy's float64 exp is scalar on CPUs without AVX-512 (17-32 ns
+per element on the AMD VM here: 0.2-0.4 s per 256-token text), torch's ~20x faster; same float64 arithmetic."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def _t64(x: np.ndarray):
+    """x as a float64 torch tensor (shares memory when x already is float64 and contiguous)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    import torch
+
+    return torch.log_softmax(_t64(x), -1).numpy()
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,8 @@ class Reference:
 
 def reference(base_logp: np.ndarray) -> Reference:
     """base log-probs [T, V] (the last position has no next token and is dropped)."""
-    lb = np.asarray(base_logp[:-1], dtype=np.float64)
-    p = np.exp(lb)
+    lb = np.ascontiguousarray(base_logp[:-1], dtype=np.float64)
+    p = _t64(lb).exp().numpy()
     return Reference(p=p, plogp=np.einsum("tv,tv->t", p, lb), mass=p.sum(-1), top=lb.argmax(-1))
 
 
@@ -55,9 +64,10 @@ def compare_self(logits: np.ndarray, ids: list[int]) -> dict[str, np.ndarray]:
 
 def _lse(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """logits[:-1] as float64 and their logsumexp per position."""
-    x = np.asarray(logits[:-1], dtype=np.float64)
-    m = x.max(-1)
-    return x, m + np.log(np.exp(x - m[:, None]).sum(-1))
+    import torch
+
+    x = _t64(logits[:-1])
+    return x.numpy(), torch.logsumexp(x, -1).numpy()
 
 
 def summarize(parts: list[dict[str, np.ndarray]]) -> dict[str, float]:
