@@ -1,6 +1,7 @@
 """C++ of the CPU decode matmul, shared by the torch extension (torch_kernels) and the MLX one (mlx_kernels):
 dense fp32 / bf16 weights [N, K] times 1-8 fp32 rows, split by output rows (each caller brings its threads).
-Without AVX2+FMA+F16C the same source builds plain loops with the same arithmetic."""
+Without AVX2+FMA+F16C the same source builds plain loops with the same arithmetic. The row order of
+single-row decode is timed on first use (choose_layout)."""
 
 SOURCE = r"""
 #include <algorithm>
@@ -23,8 +24,13 @@ inline float hsum(__m256 v) {
 #endif
 
 // ---- dense weights (fp32 or bf16) times a few fp32 rows: the decode matmul -------------------------
-// MKL's sgemv reached 13 GB/s on this project's 2-core CPU where a plain read runs at 27; four weight rows
-// per pass with one FMA chain each reads at ~22. bf16 weights widen to fp32 exactly (a 16-bit shift).
+// MKL's sgemv reached 13 GB/s on this project's 2-core CPU where a plain read runs at 27; streaming the rows
+// with two FMA chains each reads at 22-44. Which order streams best depends on the CPU (2-thread reads of
+// 576-wide rows, GB/s): an Intel Xeon reads four rows side by side at 22-25 and one row after another at
+// 18-20; an AMD EPYC the reverse (23-30 vs 28-44). Both orders give every row the same sum (chains a / b
+// over alternate 8-wide blocks, then the tail), so the order is a speed choice only (dense_layout, timed
+// on first use by the Python side). bf16 weights widen to fp32 exactly (a 16-bit shift).
+int g_dense_layout = 0;  // 0: four rows side by side, 1: one row after another
 #ifdef AI_AVX2
 template <typename W> inline __m256 load8(const W* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
@@ -36,27 +42,41 @@ template <> inline __m256 load8<uint16_t>(const uint16_t* p) {
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
+#ifdef AI_AVX2
+// R rows from wn (K apart) against x: a[r] takes the 8-blocks at k % 16 == 0 (and a last lone block), b[r]
+// the others; y[r] = hsum(a + b) + the scalar tail. R = 1 and R = 4 give each row the same float sum.
+template <int R, typename W>
+inline void dot_rows(const float* x, const W* wn, float* y, int64_t K) {
+  const int64_t K16 = K / 16 * 16, K8 = K / 8 * 8;
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm256_fmadd_ps(load8(wn + r * K + k), x0, a[r]);
+      b[r] = _mm256_fmadd_ps(load8(wn + r * K + k + 8), x1, b[r]);
+    }
+  }
+  if (K8 > K16)
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(load8(wn + r * K + K16), _mm256_loadu_ps(x + K16), a[r]);
+  for (int r = 0; r < R; ++r) {
+    float t = hsum(_mm256_add_ps(a[r], b[r]));
+    for (int64_t k = K8; k < K; ++k) t += widen(wn[r * K + k]) * x[k];
+    y[r] = t;
+  }
+}
+#endif
+
 template <int B, typename W>
 void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
 #ifdef AI_AVX2
   const int64_t K8 = K / 8 * 8;
   if (B == 1) {
-    for (; n + 4 <= n1; n += 4) {
-      const W *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t k = 0; k < K8; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(x + k);
-        s0 = _mm256_fmadd_ps(load8(w0 + k), xv, s0);
-        s1 = _mm256_fmadd_ps(load8(w1 + k), xv, s1);
-        s2 = _mm256_fmadd_ps(load8(w2 + k), xv, s2);
-        s3 = _mm256_fmadd_ps(load8(w3 + k), xv, s3);
-      }
-      float t[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
-      for (int64_t k = K8; k < K; ++k)
-        for (int j = 0; j < 4; ++j) t[j] += widen(w[(n + j) * K + k]) * x[k];
-      for (int j = 0; j < 4; ++j) y[n + j] = t[j];
-    }
+    if (g_dense_layout == 0)
+      for (; n + 4 <= n1; n += 4) dot_rows<4>(x, w + n * K, y + n, K);
+    for (; n < n1; ++n) dot_rows<1>(x, w + n * K, y + n, K);
+    return;
   }
   for (; n < n1; ++n) {
     const W* wn = w + n * K;
@@ -86,5 +106,43 @@ void dense_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
   case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
   case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); }
 
+void set_dense_layout(int64_t layout) { g_dense_layout = int(layout); }
+
 }  // namespace
 """
+
+LAYOUTS = {"rows4": 0, "sequential": 1}  # four rows side by side | one row after another
+LAYOUT_NAMES = {"rows4": "rows side by side", "sequential": "one row after another"}
+TUNE_SHAPE = (65536, 512)  # 128 MiB of fp32 weights: past the last-level cache of the CPUs this runs on
+LAYOUT_ENV = "ADAPTIVE_INFERENCE_DENSE_LAYOUT"
+
+
+def choose_layout(set_layout, one_pass, rounds: int = 5) -> str:
+    """The faster row order on this CPU for single-row decode, by timing it: one_pass() runs the kernel once
+    over weights larger than the caches; the two orders alternate for `rounds` rounds (a shared machine's
+    read speed drifts) and the lower median wins. $ADAPTIVE_INFERENCE_DENSE_LAYOUT (rows4 | sequential)
+    fixes it instead. Both orders compute the same sums, so the choice moves speed, never a result."""
+    import os
+    import statistics
+    import time
+
+    from .errors import UserError
+
+    forced = os.environ.get(LAYOUT_ENV)
+    if forced:
+        if forced not in LAYOUTS:
+            raise UserError(f"{LAYOUT_ENV}={forced!r}: expected one of {', '.join(LAYOUTS)}")
+        set_layout(LAYOUTS[forced])
+        return forced
+    times = {name: [] for name in LAYOUTS}
+    for _ in range(rounds):
+        for name, code in LAYOUTS.items():
+            set_layout(code)
+            one_pass()
+            t0 = time.perf_counter()
+            one_pass()
+            times[name].append(time.perf_counter() - t0)
+    best = min(times, key=lambda n: statistics.median(times[n]))
+    set_layout(LAYOUTS[best])
+    return best
+

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import mlx_kernels
+from .cpu_gemv_source import LAYOUT_NAMES
 from .blas import import_mlx
 from .decoder import Decoder, Layer
 from .errors import UserError
@@ -145,7 +146,9 @@ class MLXLM(Decoder):
     @property
     def matmul_name(self) -> str:
         """What runs decode-sized dense matmuls (recorded with every benchmark)."""
-        return "adaptive_inference dense_linear (AVX2 gemv)" if self.dense_kernel else "mlx matmul (BLAS)"
+        if self.dense_kernel:
+            return f"adaptive_inference dense_linear (AVX2 gemv, {LAYOUT_NAMES[mlx_kernels.layout]})"
+        return "mlx matmul (BLAS)"
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "float32", cpu_matmul: str = "kernel") -> MLXLM:

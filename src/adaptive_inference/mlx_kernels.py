@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .blas import import_mlx
+from . import cpu_gemv_source
 from .cpu_gemv_source import SOURCE
 from .errors import UserError
 
@@ -111,10 +112,12 @@ array dense_linear(const array& x_in, const array& w) {
 
 NB_MODULE(adaptive_inference_mlx_cpu, m) {
   m.def("dense_linear", &dense_linear, nanobind::arg("x"), nanobind::arg("w"));
+  m.def("set_dense_layout", &set_dense_layout, nanobind::arg("layout"));
 }
 """
 
 _ext = None
+layout = None  # the row order chosen for this CPU (cpu_gemv_source.choose_layout), once loaded
 
 
 def has_avx2() -> bool:
@@ -201,6 +204,10 @@ def kernels():
             raise UserError(f"mlx_kernels: the extension built with nanobind {_versions()['nanobind']} cannot take "
                             f"arrays of mlx {_versions()['mlx']} (a nanobind ABI mismatch: install the nanobind "
                             "version mlx was built with, or set benchmark.runtime.cpu_matmul: library)") from None
+        global layout
+        w, x = mx.full(cpu_gemv_source.TUNE_SHAPE, 0.5), mx.ones((1, cpu_gemv_source.TUNE_SHAPE[1]))
+        mx.eval(w, x)
+        layout = cpu_gemv_source.choose_layout(ext.set_dense_layout, lambda: mx.eval(ext.dense_linear(x, w)))
         _ext = ext
     return _ext
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from . import torch_kernels
+from .cpu_gemv_source import LAYOUT_NAMES
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
 from .model_config import ModelConfig
@@ -129,7 +130,9 @@ class TorchLM(Decoder):
     @property
     def matmul_name(self) -> str:
         """What runs decode-sized dense matmuls (recorded with every benchmark)."""
-        return "adaptive_inference dense_linear (AVX2 gemv)" if self.dense_kernel else "torch F.linear"
+        if self.dense_kernel:
+            return f"adaptive_inference dense_linear (AVX2 gemv, {LAYOUT_NAMES[torch_kernels.layout]})"
+        return "torch F.linear"
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.compile or self.cuda_graphs:

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from . import cpu_gemv_source
 from .cpu_gemv_source import SOURCE
 from .errors import UserError
 
@@ -388,6 +389,7 @@ torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
 """
 
 _ext = None
+layout = None  # the row order chosen for this CPU (cpu_gemv_source.choose_layout), once loaded
 
 
 def has_avx2() -> bool:
@@ -405,12 +407,15 @@ def kernels():
             _ext = cpp_extension.load_inline(
                 name="adaptive_inference_cpu_" + ("avx2" if has_avx2() else "generic"),
                 cpp_sources=_SRC, functions=["w8_linear", "w4_linear", "dense_linear", "decode_attention", "silu_mul",
-                                                "rms_norm_rows"], extra_cflags=flags,
+                                                "rms_norm_rows", "set_dense_layout"], extra_cflags=flags,
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ADAPTIVE_INFERENCE_VERBOSE_BUILD")))
         except (RuntimeError, OSError) as e:  # compiler, ninja or headers missing
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"torch_kernels: cannot build the CPU kernel extension (needs g++, ninja, Python "
                             f"headers; or set benchmark.runtime.cpu_matmul: library): {first}") from None
+        global layout
+        w, x = torch.full(cpu_gemv_source.TUNE_SHAPE, 0.5), torch.ones(1, cpu_gemv_source.TUNE_SHAPE[1])
+        layout = cpu_gemv_source.choose_layout(_ext.set_dense_layout, lambda: _ext.dense_linear(x, w))
     return _ext
 
 
