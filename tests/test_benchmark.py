@@ -70,7 +70,7 @@ def test_quality_resumes_gate_free_plans_with_the_whole_forwards_numbers(tiny_ll
     from adaptive_inference import metrics
     from adaptive_inference.backends import load_backend
     from adaptive_inference.bench.measure import quality
-    from adaptive_inference.plan import HeadOutput, StaticPolicy, StepPlan
+    from adaptive_inference.plan import FULL, HeadOutput, StaticPolicy, StepPlan
 
     lm = load_backend(backend, tiny_llama[1], "float32")
     L = lm.cfg.num_hidden_layers
@@ -84,7 +84,7 @@ def test_quality_resumes_gate_free_plans_with_the_whole_forwards_numbers(tiny_ll
     resumed = []
     whole_logits = lm.logits
 
-    def logits(ids, plan=StepPlan(), *, resume=None):
+    def logits(ids, plan=FULL, *, resume=None):
         resumed.append(None if resume is None else resume[0])
         return whole_logits(ids, plan, resume=resume)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import mlx_kernels
-from .cpu_gemv_source import LAYOUT_NAMES
 from .blas import import_mlx
+from .cpu_gemv_source import LAYOUT_NAMES
 from .decoder import Decoder, Layer
 from .errors import UserError
 from .model_config import ModelConfig

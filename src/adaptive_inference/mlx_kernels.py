@@ -25,8 +25,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from .blas import import_mlx
 from . import cpu_gemv_source
+from .blas import import_mlx
 from .cpu_gemv_source import SOURCE
 from .errors import UserError
 
