@@ -26,6 +26,34 @@ def test_paired_speedup_interval_widens_with_noise():
     assert width(noisy) > 3 * width(quiet)
 
 
+def test_paired_share_holds_each_pair_against_its_own_bandwidth_sample():
+    """A VM that switches between a slow and a fast bandwidth state: a decode that reads 80% of whatever the
+    machine gives has share 0.8 per pair, where the best sample would call it 0.4 in the slow state."""
+    from adaptive_inference.bench.bandwidth import paired_share
+
+    bytes_per_token = 5e8
+    gbs = [30.0, 60.0, 30.0, 60.0, 30.0]
+    seconds = [bytes_per_token / (0.8 * g * 1e9) for g in gbs]
+    got = paired_share(seconds, gbs, bytes_per_token)
+    assert got["share_of_limit"] == pytest.approx(0.8) and got["pair_read_gbs"] == gbs
+    assert got["limit_tps"] == pytest.approx(30e9 / bytes_per_token)
+    with pytest.raises(ValueError, match="2 decode samples, 1 bandwidth"):
+        paired_share([0.1, 0.1], [30.0], bytes_per_token)
+
+
+def test_decode_pairs_samples_between_pairs_in_order(tiny_llama):
+    from adaptive_inference.backends import load_backend
+    from adaptive_inference.bench.measure import decode_pairs
+    from adaptive_inference.plan import StaticPolicy
+
+    lm = load_backend("torch", tiny_llama[1], "float32")
+    data = {"prompts": [[5, 17, 99, 3], [8, 41, 2, 33]], "prompt_categories": ["a", "b"]}
+    calls = []
+    out = decode_pairs(lm, data, {"baseline": StaticPolicy}, {"new_tokens": 3, "warmup": 1, "repeats": 2},
+                       between=lambda: calls.append(len(calls)) or len(calls))
+    assert out["between"] == [1, 2, 3, 4] and len(out["baseline"]["per_token_s"]) == 4
+
+
 def test_gpqa_choice_scores_options_under_the_policy(tiny_llama):
     from adaptive_inference import metrics
     from adaptive_inference.backends import load_backend

@@ -59,9 +59,11 @@ HOW_TO_READ = (
     "gain; realized share = (speedup − 1) / (bound − 1) is the part of that saving that showed up. KL and "
     "top-1 agreement compare each configuration's next-token distribution with the baseline of its backend "
     "on held-out eval text, so baselines read 0 and 100%. Decode speeds are tokens per second (median of the "
-    "repeats, [min–max]). The bandwidth limit is the machine's read bandwidth, measured in the same job (the best of "
-    "timed sums of a 512 MB buffer before, after and beside its timed decode), over the weight bytes a decode step of that configuration reads: the tok/s a "
-    "decoder that only streamed its weights would reach; the share says how close the configuration gets.")
+    "repeats, [min–max]). The bandwidth limit is the machine's read bandwidth, measured in the same job right before "
+    "each timed decode pair (timed sums of a 512 MB buffer), over the weight bytes a decode step of that configuration "
+    "reads: the tok/s a decoder that only streamed its weights would reach then; the share (median over pairs) says "
+    "how close the configuration gets. A shared VM's bandwidth switches between states within seconds, so each "
+    "pair is held against its own sample.")
 _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12.5px}"
         "th,td{border:1px solid #ccc;padding:3px 7px}th{background:#f2f2f2;white-space:nowrap}"

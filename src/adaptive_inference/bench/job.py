@@ -112,9 +112,11 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
                    gpqa=backend in params["gpqa"]["backends"], all_texts=backend in params["quality"]["backends"])
     is_base = not specs
     policies = {"baseline": StaticPolicy} if is_base else {"baseline": StaticPolicy, "config": new_config}
-    bw_samples = [bandwidth.read_gbs()]  # read bandwidth on a shared VM moves by up to ~1.6x over seconds:
-    decode = _phase(f"{backend}/{config}: decode", measure.decode_pairs, lm, data, policies, p["decode"])
-    bw_samples.append(bandwidth.read_gbs())  # sampled around the timed decode and at the end; the best is the limit
+    bw_samples = [bandwidth.read_gbs()]  # read bandwidth on a shared VM moves by up to ~1.8x within seconds:
+    reader = bandwidth.Reader()  # sampled before each decode pair (the limit of that pair), around and after
+    decode = _phase(f"{backend}/{config}: decode", measure.decode_pairs, lm, data, policies, p["decode"], reader)
+    del reader
+    bw_samples.append(bandwidth.read_gbs())
     mine = decode["baseline" if is_base else "config"]
     batch = _phase(f"{backend}/{config}: batch", measure.batch_speed, lm, data, new_config, p["batch"])
     qual, top1 = _phase(f"{backend}/{config}: quality", measure.quality, lm, data, None if is_base else new_config,
@@ -142,8 +144,8 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     model = _model(model_m, model_dir, p["dtype"])
     per_token = model["weight_bytes"] * run["structural"]["weight_bytes_fraction"]
     run["speed"]["bandwidth"] = {**bw, "weight_bytes_per_token": per_token,
-                                 "limit_tps": bw["read_gbs"] * 1e9 / per_token,
-                                 "share_of_limit": mine["decode_tps"]["median"] * per_token / (bw["read_gbs"] * 1e9)}
+                                 **bandwidth.paired_share(mine["per_token_s"], decode["between"], per_token),
+                                 "share_of_best_sample": mine["decode_tps"]["median"] * per_token / (bw["read_gbs"] * 1e9)}
     heads = run["structural"]["head_usage"]
     if "common" in heads:
         run["speed"]["common_head_rate"] = heads["common"]

@@ -74,9 +74,10 @@ def quality_vs(lm, reference, data: dict) -> dict:
     return metrics.summarize(parts)
 
 
-def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
+def decode_pairs(lm, data: dict, policies: dict, p: dict, between=None) -> dict:
     """policies: {"baseline": factory, "config": factory} (or the baseline alone). Greedy decode of each
-    prompt, the policies stepping in turn; per (repeat, prompt) one paired sample."""
+    prompt, the policies stepping in turn; per (repeat, prompt) one paired sample. between(): called right
+    before each pair (a bandwidth sample); its results are returned under "between", in pair order."""
     n, names = p["new_tokens"], list(policies)
     prompts, cats = data["prompts"], data["prompt_categories"]
     for _ in range(p["warmup"]):  # a few steps reach every first-use cost (allocations, MLX's kernel builds)
@@ -84,8 +85,11 @@ def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
             generate(lm, prompts[0], max_new_tokens=min(n, WARMUP_TOKENS),
                      policy=_begin(policies[name](), data, prompts[0], cats[0]))
     acc = {name: {"per_token": [], "prefill": [], "latencies": [], "executed": [], "greedy": []} for name in names}
+    sampled = []
     for rep in range(p["repeats"]):
         for i, (prompt, cat) in enumerate(zip(prompts, cats, strict=True)):
+            if between is not None:
+                sampled.append(between())
             order = names if (rep + i) % 2 == 0 else names[::-1]
             streams = {k: stream(lm, np.array([prompt]), max_new_tokens=n,
                                  policy=_begin(policies[k](), data, prompt, cat)) for k in order}
@@ -110,6 +114,8 @@ def decode_pairs(lm, data: dict, policies: dict, p: dict) -> dict:
         out[name] = {"decode_tps": spread(per_rep), "prefill_tps": spread(a["prefill"]),
                      "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))},
                      "per_token_s": a["per_token"], "executed": a["executed"], "greedy": a["greedy"]}
+    if between is not None:
+        out["between"] = sampled
     if "config" in out:
         out["config"]["paired_speedup"] = paired_speedup(out["baseline"]["per_token_s"], out["config"]["per_token_s"])
     return out
