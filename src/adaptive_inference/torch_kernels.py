@@ -404,7 +404,7 @@ def kernels():
 
         flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if has_avx2() else [])
         try:
-            _ext = cpp_extension.load_inline(
+            ext = cpp_extension.load_inline(
                 name="adaptive_inference_cpu_" + ("avx2" if has_avx2() else "generic"),
                 cpp_sources=_SRC, functions=["w8_linear", "w4_linear", "dense_linear", "decode_attention", "silu_mul",
                                                 "rms_norm_rows", "set_dense_layout"], extra_cflags=flags,
@@ -415,7 +415,8 @@ def kernels():
                             f"headers; or set benchmark.runtime.cpu_matmul: library): {first}") from None
         global layout
         w, x = torch.full(cpu_gemv_source.TUNE_SHAPE, 0.5), torch.ones(1, cpu_gemv_source.TUNE_SHAPE[1])
-        layout = cpu_gemv_source.choose_layout(_ext.set_dense_layout, lambda: _ext.dense_linear(x, w))
+        layout = cpu_gemv_source.choose_layout(ext.set_dense_layout, lambda: ext.dense_linear(x, w))
+        _ext = ext  # only once built and tuned: a failure leaves nothing half-set
     return _ext
 
 
