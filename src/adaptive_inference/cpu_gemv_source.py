@@ -3,6 +3,14 @@ dense fp32 / bf16 weights [N, K] times 1-8 fp32 rows, split by output rows (each
 Without AVX2+FMA+F16C the same source builds plain loops with the same arithmetic. The row order of
 single-row decode is timed on first use (choose_layout)."""
 
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from .errors import UserError
+
 SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
@@ -122,12 +130,6 @@ def choose_layout(set_layout, one_pass, rounds: int = 5) -> str:
     over weights larger than the caches; the two orders alternate for `rounds` rounds (a shared machine's
     read speed drifts) and the lower median wins. $ADAPTIVE_INFERENCE_DENSE_LAYOUT (rows4 | sequential)
     fixes it instead. Both orders compute the same sums, so the choice moves speed, never a result."""
-    import os
-    import statistics
-    import time
-
-    from .errors import UserError
-
     forced = os.environ.get(LAYOUT_ENV)
     if forced:
         if forced not in LAYOUTS:
@@ -146,3 +148,8 @@ def choose_layout(set_layout, one_pass, rounds: int = 5) -> str:
     set_layout(LAYOUTS[best])
     return best
 
+
+
+def kernel_name(layout: str) -> str:
+    """What a backend records as its decode matmul when the kernel runs with this row order."""
+    return f"adaptive_inference dense_linear (AVX2 gemv, {LAYOUT_NAMES[layout]})"

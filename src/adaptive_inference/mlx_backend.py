@@ -18,7 +18,7 @@ import numpy as np
 
 from . import mlx_kernels
 from .blas import import_mlx
-from .cpu_gemv_source import LAYOUT_NAMES
+from .cpu_gemv_source import kernel_name
 from .decoder import Decoder, Layer
 from .errors import UserError
 from .model_config import ModelConfig
@@ -147,7 +147,7 @@ class MLXLM(Decoder):
     def matmul_name(self) -> str:
         """What runs decode-sized dense matmuls (recorded with every benchmark)."""
         if self.dense_kernel:
-            return f"adaptive_inference dense_linear (AVX2 gemv, {LAYOUT_NAMES[mlx_kernels.layout]})"
+            return kernel_name(mlx_kernels.layout)
         return "mlx matmul (BLAS)"
 
     @classmethod

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from . import torch_kernels
-from .cpu_gemv_source import LAYOUT_NAMES
+from .cpu_gemv_source import kernel_name
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
 from .model_config import ModelConfig
@@ -131,7 +131,7 @@ class TorchLM(Decoder):
     def matmul_name(self) -> str:
         """What runs decode-sized dense matmuls (recorded with every benchmark)."""
         if self.dense_kernel:
-            return f"adaptive_inference dense_linear (AVX2 gemv, {LAYOUT_NAMES[torch_kernels.layout]})"
+            return kernel_name(torch_kernels.layout)
         return "torch F.linear"
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
