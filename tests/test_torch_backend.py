@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from adaptive_inference import torch_kernels
 from adaptive_inference.plan import StepPlan
 from adaptive_inference.torch_backend import TorchLM
 
@@ -100,6 +101,32 @@ def test_dense_kernel_matches_library_matmul(tiny_llama):
         np.testing.assert_allclose(_decode_logits(kernel, plans, batch),
                                    _decode_logits(library, plans, batch), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(kernel.logits(IDS), library.logits(IDS))
+
+
+def test_fused_block_equals_per_op_kernels(tiny, monkeypatch):
+    """decode_layer (a whole block per kernel call) gives the per-op kernel path's logits bit for bit on each
+    tiny shape (Qwen2's q/k/v bias included), for one row and a batch, under plans that skip a layer, zero an
+    MLP and blend; every block that runs is one call, and the per-op path makes none."""
+    fused, per_op = TorchLM.load(tiny[1]), TorchLM.load(tiny[1])
+    per_op.fused_layers = False
+    ext, calls = torch_kernels.kernels(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            f = getattr(ext, name)
+            return lambda *a: calls.append(name) or f(*a)
+
+    monkeypatch.setattr(torch_kernels, "kernels", Counting)
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0}), blend=((2, 0.5),))]
+    L, steps = fused.cfg.num_hidden_layers, len(IDS) - 4
+    for batch in (1, 3):
+        calls.clear()
+        got = _decode_logits(fused, plans, batch)
+        assert calls.count("decode_layer") == sum(L - len(plans[s % 3].skip_layers) for s in range(steps))
+        calls.clear()
+        want = _decode_logits(per_op, plans, batch)
+        assert "decode_layer" not in calls and "decode_attention" in calls
+        np.testing.assert_array_equal(got, want)
 
 
 def test_pooled_caches_reset_and_stay_apart(tiny_llama):

@@ -82,6 +82,7 @@ class TorchLM(Decoder):
         self.dense_kernel = cpu_matmul == "kernel" and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
         # the same extension runs the rest of an fp32 eager decode step in few calls (norms, attention, SiLU)
         self.fused_decode = self.dense_kernel and dtype == torch.float32
+        self.fused_layers = True  # fused decode: a whole block per kernel call (False: one call per op)
         if self.dense_kernel:
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
@@ -240,6 +241,14 @@ class TorchLM(Decoder):
         return h
 
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
+        if rows is None and observe is None and self._fused(x) and self._plain(lw):
+            # the whole block in one kernel call: the per-op path's arithmetic without its ~15 dispatches
+            B = x.shape[0]
+            y = torch_kernels.kernels().decode_layer(
+                x.reshape(B, -1).contiguous(), lw.ln1, lw.wqkv, lw.bqkv, lw.wo, lw.ln2, lw.w_gate_up, lw.w_down,
+                cache.k[i], cache.v[i], cache.bias[i], rope[0][0], rope[1][0], cache.length,
+                self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.rms_norm_eps, mlp).view_as(x)
+            return y if alpha == 1.0 else x + alpha * (y - x)
         if self._layer_graphs is not cache or rows is not None or observe is not None:
             return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
         return self._layer_replay(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
@@ -316,6 +325,10 @@ class TorchLM(Decoder):
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
+
+    def _plain(self, lw: Layer) -> bool:
+        """Whether a block's matrices are all ones decode_layer reads (dense fp32 / bf16 CPU tensors)."""
+        return self.fused_layers and all(torch_kernels.dense_weight(getattr(lw, n)) for n in LINEARS)
 
     def _fused(self, x) -> bool:
         """Whether this step's ops go to the fused CPU kernels: fp32 decode-sized rows, eager."""

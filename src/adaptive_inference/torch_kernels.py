@@ -8,6 +8,8 @@ the Python headers, e.g. Debian build-essential, ninja-build, python3-dev) into 
 - decode_attention, silu_mul, rms_norm_rows: the rest of an fp32 decode step in few calls (RoPE + cache write
   + attention over the static cache is one call instead of ~25 torch ops): the eager step's per-op dispatch,
   not its arithmetic, is what they save.
+- decode_layer: a whole block of that step in one call (the same helpers in the same order, so the same bits
+  as the per-op calls): TorchLM's fp32 eager decode runs one call per block, ~15 fewer dispatches each.
 Without AVX2+FMA+F16C the same source builds plain C++ loops with the same arithmetic.
 """
 
@@ -279,13 +281,11 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor resi
   return y;
 }
 
-// x [M, K] fp32 contiguous, M <= 8; w [N, K] fp32 or bf16 contiguous -> [M, N] fp32
-torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8 && w.size(1) == K, "dense_linear: x [1..8, K], w [N, K]");
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+namespace {
+
+// y [M, N] = x [M, K] . w^T (+ b), M <= 8, for fp32 or bf16 weights [N, K]
+void dense_into(const float* xp, const torch::Tensor& w, const float* b, float* yp, int64_t M) {
+  const int64_t K = w.size(1), N = w.size(0);
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
 #define AI_DF(b) at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { dense_rows<b>(xp, wp, yp, K, N, n0, n1); })
@@ -295,22 +295,74 @@ torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
     AI_DISPATCH(M, AI_DF)
   }
+  if (b)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += b[n];
+}
+
+}  // namespace
+
+// x [M, K] fp32 contiguous, M <= 8; w [N, K] fp32 or bf16 contiguous -> [M, N] fp32
+torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8 && w.size(1) == K, "dense_linear: x [1..8, K], w [N, K]");
+  auto y = torch::empty({M, N}, x.options());
+  dense_into(x.data_ptr<float>(), w, nullptr, y.data_ptr<float>(), M);
   return y;
 }
 
-// One decode step of attention for one layer, fp32, fused: RoPE on q and k, k and v written into the static
-// cache at `pos` (the slot marked written in bias), then softmax(q k^T / sqrt(D) + bias) v over all S slots
-// (unwritten slots hold -inf in bias and are skipped). qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D];
-// bias [B, S]; cos, sin [D] at pos. Returns [B, H D]. The same arithmetic as the unfused ops in fp32.
-torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, torch::Tensor bias,
-                               torch::Tensor cos, torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv) {
-  const int64_t B = qkv.size(0), D = cos.size(0), S = kc.size(2), half = D / 2, G = H / Hkv;
-  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
-              "decode_attention: shapes");
-  auto out = torch::empty({B, H * D}, qkv.options());
-  const float *x = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
-  float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>(), *bp = bias.data_ptr<float>(), *o = out.data_ptr<float>();
-  const int64_t row = (H + 2 * Hkv) * D;
+namespace {
+
+// RMSNorm of each row of x [M, K] times w [K], fp32 (torch's rms_norm arithmetic: mean of squares in fp32).
+void rms_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t K, double eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += xp[m * K + k] * xp[m * K + k];
+    const float r = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xp[m * K + k] * r * wp[k];
+  }
+}
+
+// silu(a) * b for x = [a | b] along the last dim: [M, 2I] -> [M, I], fp32.
+void silu_mul_into(const float* xp, float* yp, int64_t M, int64_t I) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = xp[m * 2 * I + i];
+      yp[m * I + i] = a / (1.f + std::exp(-a)) * xp[m * 2 * I + I + i];
+    }
+}
+
+// q . k over D floats: 8-wide FMA lanes, then their sum (a scalar loop without AVX2 or when D % 8 != 0)
+inline float dot(const float* q, const float* k, int64_t D) {
+#ifdef AI_AVX2
+  if (D % 8 == 0) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+    return hsum(a);
+  }
+#endif
+  float t = 0.f;
+  for (int64_t d = 0; d < D; ++d) t += q[d] * k[d];
+  return t;
+}
+
+// o += e v over D floats
+inline void axpy(float e, const float* v, float* o, int64_t D) {
+  int64_t d = 0;
+#ifdef AI_AVX2
+  const __m256 ev = _mm256_set1_ps(e);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+#endif
+  for (; d < D; ++d) o[d] += e * v[d];
+}
+
+// One decode step of attention for one layer, fp32: RoPE on q and k, k and v written into the static cache
+// at `pos` (the slot marked written in bias), then softmax(q k^T / sqrt(D) + bias) v over all S slots
+// (unwritten slots hold -inf in bias and are skipped). x = qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D];
+// bias [B, S]; cos, sin [D] at pos; o [B, H D]. The same arithmetic as the unfused ops in fp32.
+void attention_into(const float* x, float* kp, float* vp, float* bp, const float* c, const float* sn, float* o,
+                    int64_t B, int64_t S, int64_t D, int64_t pos, int64_t H, int64_t Hkv) {
+  const int64_t half = D / 2, G = H / Hkv, row = (H + 2 * Hkv) * D;
   auto rope = [&](const float* in, float* dst) {
     for (int64_t i = 0; i < half; ++i) {
       dst[i] = in[i] * c[i] - in[i + half] * sn[i];
@@ -338,9 +390,7 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tenso
       float mx = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         if (std::isinf(bb[s]) && bb[s] < 0) { p[s] = -INFINITY; continue; }
-        float t = 0.f;
-        for (int64_t d = 0; d < D; ++d) t += q[d] * kb[s * D + d];
-        p[s] = t * scale + bb[s];
+        p[s] = dot(q.data(), kb + s * D, D) * scale + bb[s];
         mx = std::max(mx, p[s]);
       }
       float* oh = o + b * H * D + h * D;
@@ -350,40 +400,69 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tenso
         if (p[s] == -INFINITY) continue;
         const float e = std::exp(p[s] - mx);
         sum += e;
-        for (int64_t d = 0; d < D; ++d) oh[d] += e * vb[s * D + d];
+        axpy(e, vb + s * D, oh, D);
       }
       for (int64_t d = 0; d < D; ++d) oh[d] /= sum;
     }
   });
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, torch::Tensor bias,
+                               torch::Tensor cos, torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv) {
+  const int64_t B = qkv.size(0), D = cos.size(0), S = kc.size(2);
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
+              "decode_attention: shapes");
+  auto out = torch::empty({B, H * D}, qkv.options());
+  attention_into(qkv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), bias.data_ptr<float>(),
+                 cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>(), B, S, D, pos, H, Hkv);
   return out;
 }
 
-// silu(a) * b for x = [a | b] along the last dim: [M, 2I] -> [M, I], fp32.
 torch::Tensor silu_mul(torch::Tensor x) {
-  const int64_t M = x.size(0), I = x.size(1) / 2;
-  auto y = torch::empty({M, I}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float a = xp[m * 2 * I + i];
-      yp[m * I + i] = a / (1.f + std::exp(-a)) * xp[m * 2 * I + I + i];
-    }
+  auto y = torch::empty({x.size(0), x.size(1) / 2}, x.options());
+  silu_mul_into(x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1) / 2);
   return y;
 }
 
-// RMSNorm of each row of x [M, K] times w [K], fp32 (torch's rms_norm arithmetic: mean of squares in fp32).
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
-  const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  rms_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), eps);
+  return y;
+}
+
+// One block of an fp32 decode step (one position per row, B <= 8) in one call: the ops the per-op path
+// calls (rms_norm_rows, dense_linear + bias, decode_attention, dense_linear, the residual add, and when the
+// MLP runs rms_norm_rows, dense_linear, silu_mul, dense_linear, the add), in the same order with the same
+// arithmetic, so the output is the per-op path's bit for bit. x [B, hidden] -> the block's output.
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor wqkv, c10::optional<torch::Tensor> bqkv,
+                           torch::Tensor wo, torch::Tensor ln2, torch::Tensor w_gate_up, torch::Tensor w_down,
+                           torch::Tensor kc, torch::Tensor vc, torch::Tensor bias, torch::Tensor cos,
+                           torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv, double eps, bool mlp) {
+  const int64_t B = x.size(0), E = x.size(1), D = cos.size(0), S = kc.size(2), NQ = wqkv.size(0);
+  TORCH_CHECK(B >= 1 && B <= 8 && x.is_contiguous() && NQ == (H + 2 * Hkv) * D && wqkv.size(1) == E &&
+              wo.size(0) == E && wo.size(1) == H * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
+              "decode_layer: shapes");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> h(B * E), qkv(B * NQ), att(B * H * D), o(B * E);
+  rms_into(xp, ln1.data_ptr<float>(), h.data(), B, E, eps);
+  dense_into(h.data(), wqkv, bqkv ? bqkv->data_ptr<float>() : nullptr, qkv.data(), B);
+  attention_into(qkv.data(), kc.data_ptr<float>(), vc.data_ptr<float>(), bias.data_ptr<float>(),
+                 cos.data_ptr<float>(), sin.data_ptr<float>(), att.data(), B, S, D, pos, H, Hkv);
+  dense_into(att.data(), wo, nullptr, o.data(), B);
+  auto y = torch::empty_like(x);
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float ss = 0.f;
-    for (int64_t k = 0; k < K; ++k) ss += xp[m * K + k] * xp[m * K + k];
-    const float r = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
-    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xp[m * K + k] * r * wp[k];
-  }
+  for (int64_t i = 0; i < B * E; ++i) yp[i] = xp[i] + o[i];
+  if (!mlp) return y;
+  const int64_t I = w_down.size(1);
+  TORCH_CHECK(w_gate_up.size(0) == 2 * I && w_gate_up.size(1) == E && w_down.size(0) == E, "decode_layer: MLP shapes");
+  std::vector<float> gu(B * 2 * I), act(B * I);
+  rms_into(yp, ln2.data_ptr<float>(), h.data(), B, E, eps);
+  dense_into(h.data(), w_gate_up, nullptr, gu.data(), B);
+  silu_mul_into(gu.data(), act.data(), B, I);
+  dense_into(act.data(), w_down, nullptr, o.data(), B);
+  for (int64_t i = 0; i < B * E; ++i) yp[i] += o[i];
   return y;
 }
 """
@@ -407,7 +486,7 @@ def kernels():
             ext = cpp_extension.load_inline(
                 name="adaptive_inference_cpu_" + ("avx2" if has_avx2() else "generic"),
                 cpp_sources=_SRC, functions=["w8_linear", "w4_linear", "dense_linear", "decode_attention", "silu_mul",
-                                                "rms_norm_rows", "set_dense_layout"], extra_cflags=flags,
+                                                "rms_norm_rows", "decode_layer", "set_dense_layout"], extra_cflags=flags,
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ADAPTIVE_INFERENCE_VERBOSE_BUILD")))
         except (RuntimeError, OSError) as e:  # compiler, ninja or headers missing
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -445,7 +524,12 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
 
-def dense_ok(x: torch.Tensor, w) -> bool:
-    """Whether dense_linear takes this (x, w): few rows, a contiguous fp32 / bf16 CPU weight."""
+def dense_weight(w) -> bool:
+    """Whether dense_linear (and decode_layer) read this weight: a contiguous fp32 / bf16 CPU matrix."""
     return (isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and w.dim() == 2 and w.is_contiguous() and x.numel() <= DENSE_ROWS * x.shape[-1])
+            and w.dim() == 2 and w.is_contiguous())
+
+
+def dense_ok(x: torch.Tensor, w) -> bool:
+    """Whether dense_linear takes this (x, w): few rows, a dense_weight."""
+    return dense_weight(w) and x.numel() <= DENSE_ROWS * x.shape[-1]
