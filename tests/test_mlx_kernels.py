@@ -114,3 +114,39 @@ def test_compiled_kernel_blocks_match_plain(pair):
 def test_unknown_cpu_matmul_is_refused(tiny):
     with pytest.raises(UserError, match="cpu_matmul 'gemv'"):
         MLXLM.load(tiny[1], cpu_matmul="gemv")
+
+
+IDS = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
+
+
+def test_fused_block_matches_mlx_ops(tiny, monkeypatch):
+    """decode_layer (a whole fp32 block as one graph node) gives MLX's own ops' logits and cache on each tiny
+    shape (Qwen2's q/k/v bias included), for one row and a batch, under plans that skip a layer, zero an MLP
+    and blend; every block that runs is one node, and the per-op path makes none."""
+    from adaptive_inference.plan import StepPlan
+
+    fused, per_op = MLXLM.load(tiny[1]), MLXLM.load(tiny[1])
+    per_op.fused_layers = False
+    real, calls = mlx_kernels.decode_layer, []
+    monkeypatch.setattr(mlx_kernels, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0}), blend=((2, 0.5),))]
+    L, steps = fused.cfg.num_hidden_layers, len(IDS) - 4
+
+    def decode(lm, batch):
+        cache = lm.new_cache(batch, len(IDS))
+        lm.forward(mx.array([IDS[:4]] * batch), cache)
+        logits = [np.array(lm.decode_one_token(mx.array([t] * batch), cache, plans[s % 3]).out.logits)
+                  for s, t in enumerate(IDS[4:])]
+        return np.stack(logits), np.array(mx.stack(cache.k)), np.array(mx.stack(cache.v)), np.array(cache.written)
+
+    assert fused.fused_layers
+    for batch in (1, 3):
+        calls.clear()
+        got = decode(fused, batch)
+        assert len(calls) == sum(L - len(plans[s % 3].skip_layers) for s in range(steps))
+        calls.clear()
+        want = decode(per_op, batch)
+        assert not calls
+        for g, w in zip(got[:3], want[:3], strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[3], want[3])  # the same slots written (a skipped layer's hole stays)

@@ -119,6 +119,145 @@ void set_dense_layout(int64_t layout) { g_dense_layout = int(layout); }
 }  // namespace
 """
 
+# The rest of an fp32 decode block, shared by both extensions (each defines ai_parallel_for(n, grain, f), f(i0, i1),
+# before this source, on its own threads): RMSNorm, SiLU gate, RoPE + cache write + attention over a static
+# cache, and decode_layer_into, a whole block over a caller's matmul.
+LAYER_SOURCE = r"""
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// RMSNorm of each row of x [M, K] times w [K], fp32 (torch's rms_norm arithmetic: mean of squares in fp32).
+void rms_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t K, double eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += xp[m * K + k] * xp[m * K + k];
+    const float r = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xp[m * K + k] * r * wp[k];
+  }
+}
+
+// silu(a) * b for x = [a | b] along the last dim: [M, 2I] -> [M, I], fp32.
+void silu_mul_into(const float* xp, float* yp, int64_t M, int64_t I) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = xp[m * 2 * I + i];
+      yp[m * I + i] = a / (1.f + std::exp(-a)) * xp[m * 2 * I + I + i];
+    }
+}
+
+// q . k over D floats: 8-wide FMA lanes, then their sum (a scalar loop without AVX2 or when D % 8 != 0)
+inline float dot(const float* q, const float* k, int64_t D) {
+#ifdef AI_AVX2
+  if (D % 8 == 0) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+    return hsum(a);
+  }
+#endif
+  float t = 0.f;
+  for (int64_t d = 0; d < D; ++d) t += q[d] * k[d];
+  return t;
+}
+
+// o += e v over D floats
+inline void axpy(float e, const float* v, float* o, int64_t D) {
+  int64_t d = 0;
+#ifdef AI_AVX2
+  const __m256 ev = _mm256_set1_ps(e);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+#endif
+  for (; d < D; ++d) o[d] += e * v[d];
+}
+
+// a slot's mask: an additive bias (-inf: never written) or a written flag
+inline bool open_slot(float b) { return !(std::isinf(b) && b < 0); }
+inline float slot_bias(float b) { return b; }
+inline bool open_slot(bool w) { return w; }
+inline float slot_bias(bool) { return 0.f; }
+
+// One decode step of attention for one layer, fp32: RoPE on q and k, k and v written into the static cache
+// at `pos`, then softmax(q k^T / sqrt(D) + bias) v over the open slots of mask [B, S] (the caller opens pos).
+// x = qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D]; cos, sin [D] at pos; o [B, H D]. The unfused ops' math.
+template <typename Mask>
+void attention_into(const float* x, float* kp, float* vp, const Mask* mask, const float* c, const float* sn,
+                    float* o, int64_t B, int64_t S, int64_t D, int64_t pos, int64_t H, int64_t Hkv) {
+  const int64_t half = D / 2, G = H / Hkv, row = (H + 2 * Hkv) * D;
+  auto rope = [&](const float* in, float* dst) {
+    for (int64_t i = 0; i < half; ++i) {
+      dst[i] = in[i] * c[i] - in[i + half] * sn[i];
+      dst[i + half] = in[i + half] * c[i + half] + in[i] * sn[i + half];
+    }
+  };
+  for (int64_t b = 0; b < B; ++b)  // the write: k (rotated) and v into slot pos of every kv head
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const float* kin = x + b * row + H * D + g * D;
+      rope(kin, kp + ((b * Hkv + g) * S + pos) * D);
+      std::memcpy(vp + ((b * Hkv + g) * S + pos) * D, kin + Hkv * D, D * sizeof(float));
+    }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));  // tiny steps stay on one thread
+  ai_parallel_for(B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(D), p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / G;
+      rope(x + b * row + h * D, q.data());
+      const float* kb = kp + (b * Hkv + g) * S * D;
+      const float* vb = vp + (b * Hkv + g) * S * D;
+      const Mask* mb = mask + b * S;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!open_slot(mb[s])) { p[s] = -INFINITY; continue; }
+        p[s] = dot(q.data(), kb + s * D, D) * scale + slot_bias(mb[s]);
+        mx = std::max(mx, p[s]);
+      }
+      float* oh = o + b * H * D + h * D;
+      std::fill(oh, oh + D, 0.f);
+      float sum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == -INFINITY) continue;
+        const float e = std::exp(p[s] - mx);
+        sum += e;
+        axpy(e, vb + s * D, oh, D);
+      }
+      for (int64_t d = 0; d < D; ++d) oh[d] /= sum;
+    }
+  });
+}
+
+struct Block {  // one decode block's shapes and scalars
+  int64_t B, E, H, Hkv, D, S, I, pos;
+  double eps;
+  bool mlp;
+};
+
+// One block of an fp32 decode step (one position per row, B <= 8): rms, q/k/v (mm 0, bias included),
+// attention (the caller opened slot pos in mask), o (mm 1), the residual add, and when the MLP runs rms,
+// gate/up (mm 2), the SiLU gate, down (mm 3), the add: the per-op path's order and arithmetic.
+// mm(which, x [B, K], y [B, N]) multiplies by the block's matrix `which`.
+template <typename Mask, typename MM>
+void decode_layer_into(const Block& d, const float* x, const float* ln1, const float* ln2, float* kp, float* vp,
+                       const Mask* mask, const float* c, const float* sn, float* y, const MM& mm) {
+  const int64_t B = d.B, E = d.E;
+  std::vector<float> h(B * E), qkv(B * (d.H + 2 * d.Hkv) * d.D), att(B * d.H * d.D), o(B * E);
+  rms_into(x, ln1, h.data(), B, E, d.eps);
+  mm(0, h.data(), qkv.data());
+  attention_into(qkv.data(), kp, vp, mask, c, sn, att.data(), B, d.S, d.D, d.pos, d.H, d.Hkv);
+  mm(1, att.data(), o.data());
+  for (int64_t i = 0; i < B * E; ++i) y[i] = x[i] + o[i];
+  if (!d.mlp) return;
+  std::vector<float> gu(B * 2 * d.I), act(B * d.I);
+  rms_into(y, ln2, h.data(), B, E, d.eps);
+  mm(2, h.data(), gu.data());
+  silu_mul_into(gu.data(), act.data(), B, d.I);
+  mm(3, act.data(), o.data());
+  for (int64_t i = 0; i < B * E; ++i) y[i] += o[i];
+}
+
+}  // namespace
+"""
+
 LAYOUTS = {"rows4": 0, "sequential": 1}  # four rows side by side | one row after another
 LAYOUT_NAMES = {"rows4": "rows side by side", "sequential": "one row after another"}
 TUNE_SHAPE = (65536, 512)  # 128 MiB of fp32 weights: past the last-level cache of the CPUs this runs on

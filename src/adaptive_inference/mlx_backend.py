@@ -19,7 +19,7 @@ import numpy as np
 from . import mlx_kernels
 from .blas import import_mlx
 from .cpu_gemv_source import kernel_name
-from .decoder import Decoder, Layer
+from .decoder import LINEARS, Decoder, Layer
 from .errors import UserError
 from .model_config import ModelConfig
 
@@ -124,6 +124,7 @@ class MLXLM(Decoder):
         if self.dense_kernel:
             mlx_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self._mm, self._plain = (mm_kernel, KERNEL) if self.dense_kernel else (mm, PLAIN)
+        self.fused_layers = self.dense_kernel and dtype == mx.float32  # fp32 decode: a block per graph node
         layout = (lambda w: w) if self.dense_kernel else fast_layout  # the kernel reads row-major [N, K]
         self.embed = layout(weights["model.embed_tokens.weight"])
         self.norm = weights["model.norm.weight"]
@@ -199,6 +200,18 @@ class MLXLM(Decoder):
         out = mx.fast.scaled_dot_product_attention(q, cache.k[layer][:, :, :end], cache.v[layer][:, :, :end],
                                                    scale=self.scale, mask=mask)
         return out_proj(out, lw.wo)
+
+    def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
+        if rows is None and observe is None and self.fused_layers and x.shape[1] == 1 \
+                and x.shape[0] <= mlx_kernels.MAX_ROWS and all(mlx_kernels.dense_ok(x, getattr(lw, n)) for n in LINEARS):
+            # the whole block as one graph node (the kernel writes k, v; the written mask is marked here)
+            start, _ = positions
+            cache.written[i, :, start] = True
+            y, cache.k[i], cache.v[i] = mlx_kernels.decode_layer(
+                x, lw, cache.k[i], cache.v[i], cache.written[i], rope[0], rope[1], start, self.cfg.num_attention_heads,
+                self.cfg.num_key_value_heads, self.cfg.rms_norm_eps, mlp)
+            return y if alpha == 1.0 else x + alpha * (y - x)
+        return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
 
     def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         B, T, _ = x.shape

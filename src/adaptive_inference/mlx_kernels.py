@@ -1,6 +1,8 @@
 """MLX CPU kernels: one C++ extension (an MLX custom primitive, bound with nanobind) built at first use into
 a cache folder, keyed by its source, flags and the mlx / nanobind / Python versions.
 
+- decode_layer: a whole fp32 decode block as one graph node (cpu_gemv_source.LAYER_SOURCE, the torch
+  extension's code): ~15 fewer MLX ops per block to build and evaluate.
 - dense_linear: x @ w.T for full-precision (fp32 / bf16) weights [N, K] and at most 8 input rows: the decode
   matmul, the same AVX2 gemv as torch_kernels.dense_linear (cpu_gemv_source), on OpenMP threads. MLX's CPU
   matmul goes to BLAS, whose gemv reads 11-19 GB/s here where this one reads 33-42 (measured in the session
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from . import cpu_gemv_source
 from .blas import import_mlx
-from .cpu_gemv_source import SOURCE
+from .cpu_gemv_source import LAYER_SOURCE, SOURCE
 from .errors import UserError
 
 mx = import_mlx()
@@ -38,6 +40,8 @@ CACHE_ENV = "ADAPTIVE_INFERENCE_MLX_EXTENSIONS"
 
 _EXT_SRC = r"""
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
 #include <omp.h>
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
@@ -108,10 +112,117 @@ array dense_linear(const array& x_in, const array& w) {
   shape.back() = N;
   return astype(reshape(y, shape, s), x_in.dtype(), s);
 }
+// items [0, n) in contiguous chunks of at least `grain` over the OpenMP threads (what at::parallel_for does)
+template <typename F>
+void ai_parallel_for(int64_t n, int64_t grain, const F& f) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / std::max<int64_t>(1, grain)));
+  if (T == 1) {
+    f(0, n);
+    return;
+  }
+#pragma omp parallel num_threads(T)
+  {
+    const int64_t t = omp_get_thread_num(), chunk = (n + T - 1) / T;
+    const int64_t i0 = std::min(n, t * chunk), i1 = std::min(n, i0 + chunk);
+    if (i0 < i1) f(i0, i1);
+  }
+}
+}  // namespace
+""" + LAYER_SOURCE + r"""
+namespace {
+
+// One fp32 decode block (decode_layer_into) as a graph node: inputs x [B, E], ln1, wqkv, wo, ln2, w_gate_up,
+// w_down, k, v [B, Hkv, S, D], written [B, S] (slot pos already marked), cos, sin [D] (, bqkv); outputs the
+// block's output [B, E] and the cache k, v with slot pos written (in the input's buffer when it is donated).
+class DecodeLayer : public Primitive {
+ public:
+  DecodeLayer(Stream s, int64_t pos, int64_t H, int64_t Hkv, double eps, bool mlp)
+      : Primitive(s), pos_(pos), H_(H), Hkv_(Hkv), eps_(eps), mlp_(mlp) {}
+  void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
+    for (const array& a : in)
+      if (!a.flags().row_contiguous) throw std::runtime_error("decode_layer: inputs are not row-contiguous");
+    out[0].set_data(allocator::malloc(out[0].nbytes()));
+    bool copy[2];
+    for (int j = 0; j < 2; ++j) {
+      copy[j] = !in[7 + j].is_donatable();
+      if (copy[j]) out[1 + j].set_data(allocator::malloc(out[1 + j].nbytes()));
+      else out[1 + j].copy_shared_buffer(in[7 + j]);
+    }
+    auto& enc = cpu::get_command_encoder(stream());
+    for (const array& a : in) enc.set_input_array(a);
+    for (array& a : out) enc.set_output_array(a);
+    const Block d{in[0].shape(0), in[0].shape(1), H_, Hkv_, in[10].shape(0), in[7].shape(2), in[6].shape(1), pos_,
+                  eps_, mlp_};
+    const float *x = in[0].data<float>(), *ln1 = in[1].data<float>(), *ln2 = in[4].data<float>(),
+                *c = in[10].data<float>(), *sn = in[11].data<float>(), *bq = in.size() > 12 ? in[12].data<float>() : nullptr;
+    const float *k_in = in[7].data<float>(), *v_in = in[8].data<float>();
+    const bool* mask = in[9].data<bool>();
+    float *y = out[0].data<float>(), *kp = out[1].data<float>(), *vp = out[2].data<float>();
+    const size_t kv_bytes = in[7].nbytes();
+    const void* w[4];
+    bool bf16[4];
+    int64_t wn[4], wk[4];
+    for (int j = 0; j < 4; ++j) {
+      const array& a = in[j == 0 ? 2 : j == 1 ? 3 : j + 3];
+      bf16[j] = a.dtype() == bfloat16;
+      w[j] = bf16[j] ? static_cast<const void*>(a.data<bfloat16_t>()) : static_cast<const void*>(a.data<float>());
+      wn[j] = a.shape(0);
+      wk[j] = a.shape(1);
+    }
+    const bool copy_k = copy[0], copy_v = copy[1];
+    enc.dispatch([=]() {
+      if (copy_k) std::memcpy(kp, k_in, kv_bytes);
+      if (copy_v) std::memcpy(vp, v_in, kv_bytes);
+      decode_layer_into(d, x, ln1, ln2, kp, vp, mask, c, sn, y, [&](int j, const float* xi, float* yi) {
+        if (bf16[j]) dense(xi, static_cast<const uint16_t*>(w[j]), yi, d.B, wk[j], wn[j]);
+        else dense(xi, static_cast<const float*>(w[j]), yi, d.B, wk[j], wn[j]);
+        if (j == 0 && bq)
+          for (int64_t b = 0; b < d.B; ++b)
+            for (int64_t n = 0; n < wn[0]; ++n) yi[b * wn[0] + n] += bq[n];
+      });
+    });
+  }
+  void eval_gpu(const std::vector<array>&, std::vector<array>&) override {
+    throw std::runtime_error("decode_layer: a CPU kernel");
+  }
+  const char* name() const override { return "AdaptiveInferenceDecodeLayer"; }
+  bool is_equivalent(const Primitive& other) const override {
+    const auto& o = static_cast<const DecodeLayer&>(other);
+    return pos_ == o.pos_ && H_ == o.H_ && Hkv_ == o.Hkv_ && eps_ == o.eps_ && mlp_ == o.mlp_;
+  }
+
+ private:
+  int64_t pos_, H_, Hkv_;
+  double eps_;
+  bool mlp_;
+};
+
+std::tuple<array, array, array> decode_layer(const array& x, const array& ln1, const array& wqkv,
+                                             std::optional<array> bqkv, const array& wo, const array& ln2,
+                                             const array& w_gate_up, const array& w_down, const array& k,
+                                             const array& v, const array& written, const array& cos,
+                                             const array& sin, int64_t pos, int64_t H, int64_t Hkv, double eps,
+                                             bool mlp) {
+  const auto s = default_stream(Device::cpu);
+  const int E = x.shape(-1);
+  auto c = [&](const array& a) { return contiguous(a, false, s); };
+  std::vector<array> in = {c(reshape(x, {-1, E}, s)), c(ln1), c(wqkv), c(wo), c(ln2), c(w_gate_up), c(w_down),
+                           k, v, c(written), c(reshape(cos, {-1}, s)), c(reshape(sin, {-1}, s))};
+  if (bqkv) in.push_back(c(*bqkv));
+  for (int j : {0, 1, 4, 7, 8, 10, 11})
+    if (in[j].dtype() != float32) throw std::invalid_argument("decode_layer: x, norms, cache and RoPE must be float32");
+  const int B = in[0].shape(0);
+  if (B < 1 || B > 8 || written.dtype() != bool_ || k.ndim() != 4 || pos >= k.shape(2))
+    throw std::invalid_argument("decode_layer: 1 to 8 rows, a bool written mask, a [B, Hkv, S, D] cache");
+  auto outs = array::make_arrays({in[0].shape(), k.shape(), v.shape()}, {float32, float32, float32},
+                                 std::make_shared<DecodeLayer>(s, pos, H, Hkv, eps, mlp), in);
+  return {reshape(outs[0], x.shape(), s), outs[1], outs[2]};
+}
 }  // namespace
 
 NB_MODULE(adaptive_inference_mlx_cpu, m) {
   m.def("dense_linear", &dense_linear, nanobind::arg("x"), nanobind::arg("w"));
+  m.def("decode_layer", &decode_layer);
   m.def("set_dense_layout", &set_dense_layout, nanobind::arg("layout"));
 }
 """
@@ -222,3 +333,10 @@ def dense_linear(x, w):
     """x @ w.T for x [..., K] with at most MAX_ROWS rows and w [N, K] fp32 / bf16 (accumulated in fp32;
     returns x's dtype). A row-contiguous w is read in place; any other layout is copied first."""
     return kernels().dense_linear(x, w)
+
+
+def decode_layer(x, lw, k, v, written, cos, sin, pos: int, n_heads: int, n_kv_heads: int, eps: float, mlp: bool):
+    """One fp32 decode block (x [B, 1, hidden], B <= MAX_ROWS) in one graph node: the block's output and the
+    cache's k, v with slot pos written (the caller marks it in written [B, S] first)."""
+    return kernels().decode_layer(x, lw.ln1, lw.wqkv, lw.bqkv, lw.wo, lw.ln2, lw.w_gate_up, lw.w_down, k, v, written,
+                                  cos, sin, pos, n_heads, n_kv_heads, eps, mlp)

@@ -20,7 +20,7 @@ import os
 import torch
 
 from . import cpu_gemv_source
-from .cpu_gemv_source import SOURCE
+from .cpu_gemv_source import LAYER_SOURCE, SOURCE
 from .errors import UserError
 
 _SRC = r"""
@@ -312,110 +312,22 @@ torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w) {
 }
 
 namespace {
-
-// RMSNorm of each row of x [M, K] times w [K], fp32 (torch's rms_norm arithmetic: mean of squares in fp32).
-void rms_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t K, double eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    float ss = 0.f;
-    for (int64_t k = 0; k < K; ++k) ss += xp[m * K + k] * xp[m * K + k];
-    const float r = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
-    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = xp[m * K + k] * r * wp[k];
-  }
-}
-
-// silu(a) * b for x = [a | b] along the last dim: [M, 2I] -> [M, I], fp32.
-void silu_mul_into(const float* xp, float* yp, int64_t M, int64_t I) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float a = xp[m * 2 * I + i];
-      yp[m * I + i] = a / (1.f + std::exp(-a)) * xp[m * 2 * I + I + i];
-    }
-}
-
-// q . k over D floats: 8-wide FMA lanes, then their sum (a scalar loop without AVX2 or when D % 8 != 0)
-inline float dot(const float* q, const float* k, int64_t D) {
-#ifdef AI_AVX2
-  if (D % 8 == 0) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
-    return hsum(a);
-  }
-#endif
-  float t = 0.f;
-  for (int64_t d = 0; d < D; ++d) t += q[d] * k[d];
-  return t;
-}
-
-// o += e v over D floats
-inline void axpy(float e, const float* v, float* o, int64_t D) {
-  int64_t d = 0;
-#ifdef AI_AVX2
-  const __m256 ev = _mm256_set1_ps(e);
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
-#endif
-  for (; d < D; ++d) o[d] += e * v[d];
-}
-
-// One decode step of attention for one layer, fp32: RoPE on q and k, k and v written into the static cache
-// at `pos` (the slot marked written in bias), then softmax(q k^T / sqrt(D) + bias) v over all S slots
-// (unwritten slots hold -inf in bias and are skipped). x = qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D];
-// bias [B, S]; cos, sin [D] at pos; o [B, H D]. The same arithmetic as the unfused ops in fp32.
-void attention_into(const float* x, float* kp, float* vp, float* bp, const float* c, const float* sn, float* o,
-                    int64_t B, int64_t S, int64_t D, int64_t pos, int64_t H, int64_t Hkv) {
-  const int64_t half = D / 2, G = H / Hkv, row = (H + 2 * Hkv) * D;
-  auto rope = [&](const float* in, float* dst) {
-    for (int64_t i = 0; i < half; ++i) {
-      dst[i] = in[i] * c[i] - in[i + half] * sn[i];
-      dst[i + half] = in[i + half] * c[i + half] + in[i] * sn[i + half];
-    }
-  };
-  for (int64_t b = 0; b < B; ++b) {  // the write: k (rotated) and v into slot pos of every kv head
-    for (int64_t g = 0; g < Hkv; ++g) {
-      const float* kin = x + b * row + H * D + g * D;
-      rope(kin, kp + ((b * Hkv + g) * S + pos) * D);
-      std::memcpy(vp + ((b * Hkv + g) * S + pos) * D, kin + Hkv * D, D * sizeof(float));
-    }
-    bp[b * S + pos] = 0.f;
-  }
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));  // tiny steps stay on one thread
-  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(D), p(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / G;
-      rope(x + b * row + h * D, q.data());
-      const float* kb = kp + (b * Hkv + g) * S * D;
-      const float* vb = vp + (b * Hkv + g) * S * D;
-      const float* bb = bp + b * S;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        if (std::isinf(bb[s]) && bb[s] < 0) { p[s] = -INFINITY; continue; }
-        p[s] = dot(q.data(), kb + s * D, D) * scale + bb[s];
-        mx = std::max(mx, p[s]);
-      }
-      float* oh = o + b * H * D + h * D;
-      std::fill(oh, oh + D, 0.f);
-      float sum = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        if (p[s] == -INFINITY) continue;
-        const float e = std::exp(p[s] - mx);
-        sum += e;
-        axpy(e, vb + s * D, oh, D);
-      }
-      for (int64_t d = 0; d < D; ++d) oh[d] /= sum;
-    }
-  });
-}
-
+template <typename F>
+void ai_parallel_for(int64_t n, int64_t grain, const F& f) { at::parallel_for(0, n, grain, f); }
 }  // namespace
+""" + LAYER_SOURCE + r"""
 
+// decode_attention: qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D]; bias [B, S] (0 written, -inf a hole: slot pos
+// is marked written here); cos, sin [D] at pos -> [B, H D]
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, torch::Tensor bias,
                                torch::Tensor cos, torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv) {
   const int64_t B = qkv.size(0), D = cos.size(0), S = kc.size(2);
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
               "decode_attention: shapes");
   auto out = torch::empty({B, H * D}, qkv.options());
-  attention_into(qkv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), bias.data_ptr<float>(),
+  float* bp = bias.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) bp[b * S + pos] = 0.f;
+  attention_into(qkv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), static_cast<const float*>(bp),
                  cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>(), B, S, D, pos, H, Hkv);
   return out;
 }
@@ -432,37 +344,26 @@ torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-// One block of an fp32 decode step (one position per row, B <= 8) in one call: the ops the per-op path
-// calls (rms_norm_rows, dense_linear + bias, decode_attention, dense_linear, the residual add, and when the
-// MLP runs rms_norm_rows, dense_linear, silu_mul, dense_linear, the add), in the same order with the same
-// arithmetic, so the output is the per-op path's bit for bit. x [B, hidden] -> the block's output.
+// One block of an fp32 decode step in one call (decode_layer_into: the per-op calls' order and arithmetic,
+// so the per-op path's output bit for bit). x [B, hidden], B <= 8 -> the block's output.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor wqkv, c10::optional<torch::Tensor> bqkv,
                            torch::Tensor wo, torch::Tensor ln2, torch::Tensor w_gate_up, torch::Tensor w_down,
                            torch::Tensor kc, torch::Tensor vc, torch::Tensor bias, torch::Tensor cos,
                            torch::Tensor sin, int64_t pos, int64_t H, int64_t Hkv, double eps, bool mlp) {
-  const int64_t B = x.size(0), E = x.size(1), D = cos.size(0), S = kc.size(2), NQ = wqkv.size(0);
-  TORCH_CHECK(B >= 1 && B <= 8 && x.is_contiguous() && NQ == (H + 2 * Hkv) * D && wqkv.size(1) == E &&
-              wo.size(0) == E && wo.size(1) == H * D && kc.size(1) == Hkv && kc.size(3) == D && pos < S,
-              "decode_layer: shapes");
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> h(B * E), qkv(B * NQ), att(B * H * D), o(B * E);
-  rms_into(xp, ln1.data_ptr<float>(), h.data(), B, E, eps);
-  dense_into(h.data(), wqkv, bqkv ? bqkv->data_ptr<float>() : nullptr, qkv.data(), B);
-  attention_into(qkv.data(), kc.data_ptr<float>(), vc.data_ptr<float>(), bias.data_ptr<float>(),
-                 cos.data_ptr<float>(), sin.data_ptr<float>(), att.data(), B, S, D, pos, H, Hkv);
-  dense_into(att.data(), wo, nullptr, o.data(), B);
+  const Block d{x.size(0), x.size(1), H, Hkv, cos.size(0), kc.size(2), w_down.size(1), pos, eps, mlp};
+  TORCH_CHECK(d.B >= 1 && d.B <= 8 && x.is_contiguous() && wqkv.size(0) == (H + 2 * Hkv) * d.D &&
+              wqkv.size(1) == d.E && wo.size(0) == d.E && wo.size(1) == H * d.D && kc.size(1) == Hkv &&
+              kc.size(3) == d.D && pos < d.S && w_gate_up.size(0) == 2 * d.I && w_gate_up.size(1) == d.E &&
+              w_down.size(0) == d.E, "decode_layer: shapes");
   auto y = torch::empty_like(x);
-  float* yp = y.data_ptr<float>();
-  for (int64_t i = 0; i < B * E; ++i) yp[i] = xp[i] + o[i];
-  if (!mlp) return y;
-  const int64_t I = w_down.size(1);
-  TORCH_CHECK(w_gate_up.size(0) == 2 * I && w_gate_up.size(1) == E && w_down.size(0) == E, "decode_layer: MLP shapes");
-  std::vector<float> gu(B * 2 * I), act(B * I);
-  rms_into(yp, ln2.data_ptr<float>(), h.data(), B, E, eps);
-  dense_into(h.data(), w_gate_up, nullptr, gu.data(), B);
-  silu_mul_into(gu.data(), act.data(), B, I);
-  dense_into(act.data(), w_down, nullptr, o.data(), B);
-  for (int64_t i = 0; i < B * E; ++i) yp[i] += o[i];
+  float* bp = bias.data_ptr<float>();
+  for (int64_t b = 0; b < d.B; ++b) bp[b * d.S + pos] = 0.f;
+  const torch::Tensor* w[4] = {&wqkv, &wo, &w_gate_up, &w_down};
+  const float* bq = bqkv ? bqkv->data_ptr<float>() : nullptr;
+  decode_layer_into(d, x.data_ptr<float>(), ln1.data_ptr<float>(), ln2.data_ptr<float>(), kc.data_ptr<float>(),
+                    vc.data_ptr<float>(), static_cast<const float*>(bp), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                    y.data_ptr<float>(),
+                    [&](int which, const float* in, float* out) { dense_into(in, *w[which], which ? nullptr : bq, out, d.B); });
   return y;
 }
 """
