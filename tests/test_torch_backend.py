@@ -230,3 +230,27 @@ def test_per_block_graphs_give_the_eager_step(tiny_llama, monkeypatch):
     kinds = {k[0] if isinstance(k[0], str) else k[0][0] if isinstance(k[0], tuple) else "step" for k in graphs.graphs}
     assert kinds == {"step", "io", "block", "kv", "segment"}  # whole steps, blocks, K/V-only writes, head parts
     assert set(heads) == {"full", "common", "mixed"}, heads
+
+
+def test_compiled_per_block_graphs_serve_every_layer(tiny_llama, monkeypatch):
+    """With compile on, a token gate's per-block graphs run compiled block functions: the eager step's logits
+    (within 1e-5) and executed layers, from one compiled function per kind of block (run with its MLP, K/V
+    write only) shared by every layer: a layer's weights and cache slice are arguments, so layers never
+    recompile."""
+    monkeypatch.setattr(TorchLM, "_capture", _emulated_capture)
+    torch._dynamo.reset()
+    eager = TorchLM.load(tiny_llama[1], cpu_matmul="library")
+    graphs = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=True)
+    graphs.cuda_graphs = graphs.reuse_caches = True
+    plan = StepPlan(gate=_gate(eager, True))
+    caches = {id(lm): lm.new_cache(1, len(IDS)) for lm in (eager, graphs)}
+    for lm in (eager, graphs):
+        lm.forward(torch.tensor([IDS[:4]]), caches[id(lm)])
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for t in IDS[4:]:
+        want = eager.decode_one_token(torch.tensor([t]), caches[id(eager)], plan)
+        got = graphs.decode_one_token(torch.tensor([t]), caches[id(graphs)], plan)
+        np.testing.assert_allclose(got.out.logits.numpy(), want.out.logits.numpy(), atol=1e-5)
+        assert got.executed == want.executed
+    assert set(graphs._layer_fns) == {("block", True, 1.0), ("kv", True, 1.0)}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 2

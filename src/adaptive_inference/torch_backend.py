@@ -48,6 +48,16 @@ def default_device() -> str:
     return "cpu"
 
 
+@dataclasses.dataclass
+class _LayerCache:
+    """One layer of a KVCache as a one-layer cache (k, v [1, B, Hkv, S, D], bias [1, B, S]: views, written in
+    place), so a per-block function compiled once serves every layer."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor
+
+
 class KVCache:
     """k, v [L, B, Hkv, max_len, D] allocated up front. bias [L, B, max_len]: the additive attention mask,
     0 where a slot holds a key, -inf elsewhere (SDPA on CPU runs 2-3x faster with an additive mask than with
@@ -92,6 +102,7 @@ class TorchLM(Decoder):
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
         self._free_caches: dict = {}  # (batch, max_len) -> storages of dropped caches
         self._layer_graphs = None  # the cache of a decode step now replaying per-block graphs
+        self._layer_fns: dict = {}  # ("block", mlp, alpha) | ("kv", ...) -> the per-block function (_layer_fn)
         self._segments = False  # inside a decode step under cuda_graphs
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
@@ -252,13 +263,32 @@ class TorchLM(Decoder):
         if self._layer_graphs is not cache or rows is not None or observe is not None:
             return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
         return self._layer_replay(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
-                                  lambda x, r, p: super(TorchLM, self)._block(x, lw, i, cache, r, p, None, mlp, alpha))
+                                  self._layer_fn(("block", mlp, alpha), lw, i, cache))
 
     def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         if self._layer_graphs is not cache:
             return self._write_kv(x, lw, layer, cache, rope, positions)
         self._layer_replay(("kv", id(lw), layer), x, rope, positions, cache,
-                           lambda x, r, p: self._write_kv(x, lw, layer, cache, r, p), writes_x=False)
+                           self._layer_fn(("kv", True, 1.0), lw, layer, cache), writes_x=False)
+
+    def _layer_fn(self, kind: tuple, lw: Layer, i: int, cache: KVCache):
+        """fn(x, rope, positions) for one block (kind ("block", mlp, alpha)) or its K/V write (("kv", ...)) of a
+        decode step, for _layer_replay to capture. With compile on, one compiled function per kind serves every
+        layer: the layer's weights and its cache slice are arguments, not constants."""
+        one = _LayerCache(cache.k[i:i + 1], cache.v[i:i + 1], cache.bias[i:i + 1])
+        fn = self._layer_fns.get(kind)
+        if fn is None:
+            what, mlp, alpha = kind
+            if what == "block":
+                def fn(x, lw, one, rope, positions):
+                    return Decoder._block(self, x, lw, 0, one, rope, positions, None, mlp, alpha)
+            else:
+                def fn(x, lw, one, rope, positions):
+                    return self._write_kv(x, lw, 0, one, rope, positions)
+            if self.compile:
+                fn = torch.compile(fn, dynamic=False, fullgraph=True)
+            self._layer_fns[kind] = fn
+        return lambda x, r, p: fn(x, lw, one, r, p)
 
     def _layer_replay(self, tag, x, rope, positions, cache: KVCache, fn, writes_x: bool = True):
         """One block (or K/V write) of a decode step as a graph captured per (block, input buffer, batch, cache
