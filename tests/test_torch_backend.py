@@ -3,9 +3,10 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
-from adaptive_inference import torch_kernels
+from adaptive_inference import torch_backend, torch_kernels
 from adaptive_inference.plan import StepPlan
 from adaptive_inference.torch_backend import TorchLM
 
@@ -189,12 +190,14 @@ def _head(lm, threshold: float):
 
 
 def test_per_block_graphs_give_the_eager_step(tiny_llama, monkeypatch):
-    """A plan that decides inside the forward (a token gate) replays one graph per block under cuda_graphs,
-    chosen by the host after the decision; gate-free plans replay one graph per step, a gated head (the vocab
-    router) its router and common-head segments on either side of the host's decision. With capture emulated
-    (replay = rerun on the captured buffers), every step gives the eager logits and executed steps: batch 1 (whole blocks
-    kept or skipped) and batch 3 (rows disagree: a mixed block runs eagerly and blends with the untouched
-    input buffer), K/V written for skipped blocks or left as holes, two caches interleaved."""
+    """A plan that decides inside the forward (a token gate) replays graphs under cuda_graphs, chosen by the host
+    after the decision: the blocks before it one by one, the rest of the step as one graph per sequence of
+    blocks and K/V writes when every row decided alike, block by block when rows disagree; gate-free plans
+    replay one graph per step, a gated head (the vocab router) its router and common-head segments on either
+    side of the host's decision. With capture emulated (replay = rerun on the captured buffers), every step
+    gives the eager logits and executed steps: batch 1 (whole blocks kept or skipped) and batch 3 (rows
+    disagree: a mixed block runs eagerly and blends with the untouched input buffer), K/V written for skipped
+    blocks or left as holes, two caches interleaved."""
     monkeypatch.setattr(TorchLM, "_capture", _emulated_capture)
     eager = TorchLM.load(tiny_llama[1], cpu_matmul="library")
     graphs = TorchLM.load(tiny_llama[1], cpu_matmul="library")
@@ -228,16 +231,22 @@ def test_per_block_graphs_give_the_eager_step(tiny_llama, monkeypatch):
         if batch > 1:
             assert mixed, "rows never disagreed: the blend with the input buffer went untested"
     kinds = {k[0] if isinstance(k[0], str) else k[0][0] if isinstance(k[0], tuple) else "step" for k in graphs.graphs}
-    assert kinds == {"step", "io", "block", "kv", "segment"}  # whole steps, blocks, K/V-only writes, head parts
+    # whole steps, blocks (rows that disagree), sequences of blocks and K/V-only writes once a gate decided
+    # for every row, head parts
+    assert kinds == {"step", "io", "block", "run", "segment"}
+    runs = [k[0][1] for k in graphs.graphs if isinstance(k[0], tuple) and k[0][0] == "run"]
+    assert any(kind == "kv" for r in runs for _, kind, _, _ in r) and any(len(r) > 1 for r in runs)
     assert set(heads) == {"full", "common", "mixed"}, heads
 
 
-def test_compiled_per_block_graphs_serve_every_layer(tiny_llama, monkeypatch):
-    """With compile on, a token gate's per-block graphs run compiled block functions: the eager step's logits
-    (within 1e-5) and executed layers, from one compiled function per kind of block (run with its MLP, K/V
-    write only) shared by every layer: a layer's weights and cache slice are arguments, so layers never
-    recompile."""
+@pytest.mark.parametrize("run_graphs", [64, 0])
+def test_compiled_per_block_graphs_serve_every_layer(tiny_llama, monkeypatch, run_graphs):
+    """With compile on, a token gate's graphs run compiled block functions: the eager step's logits (within
+    1e-5) and executed layers, from one compiled function per kind of block (run with its MLP, K/V write only)
+    shared by every layer: a layer's weights and cache slice are arguments, so layers never recompile. With no
+    room for sequence graphs (RUN_GRAPHS 0) the same steps replay block by block."""
     monkeypatch.setattr(TorchLM, "_capture", _emulated_capture)
+    monkeypatch.setattr(torch_backend, "RUN_GRAPHS", run_graphs)
     torch._dynamo.reset()
     eager = TorchLM.load(tiny_llama[1], cpu_matmul="library")
     graphs = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=True)
@@ -253,4 +262,5 @@ def test_compiled_per_block_graphs_serve_every_layer(tiny_llama, monkeypatch):
         np.testing.assert_allclose(got.out.logits.numpy(), want.out.logits.numpy(), atol=1e-5)
         assert got.executed == want.executed
     assert set(graphs._layer_fns) == {("block", True, 1.0), ("kv", True, 1.0)}
+    assert any(isinstance(k[0], tuple) and k[0][0] == "run" for k in graphs.graphs) == (run_graphs > 0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 2

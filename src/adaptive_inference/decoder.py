@@ -194,6 +194,26 @@ class Decoder(abc.ABC):
                 decision = gate.decide(x, self)
                 keep, info = decision.keep, decision.info
                 blend.update(decision.blend)
+                if observe_mlp is None and not any(j >= i for j in capture or ()) \
+                        and all(keep[:, :, j].all() or not keep[:, :, j].any() for j in range(i, len(layers))):
+                    # every row takes the same decision for every later layer (always at batch 1): the rest
+                    # of the step is one known sequence the backend may run as a unit
+                    actions = []
+                    for j in range(i, len(layers)):
+                        if j in plan.skip_layers:
+                            continue
+                        if not keep[:, :, j].any():
+                            if writes_kv:
+                                actions.append((j, "kv", False, 1.0))
+                                kv_only.add(j)
+                            continue
+                        run.add(j)
+                        if j not in plan.zero_mlp:
+                            mlps.add(j)
+                        actions.append((j, "block", j not in plan.zero_mlp, blend.get(j, 1.0)))
+                    ran += sum(kind == "block" for _, kind, _, _ in actions)
+                    x = self.run_layers(x, layers, tuple(actions), cache, rope, pos)
+                    break
             if capture and i in capture:
                 captured[i] = x
             if i in plan.skip_layers:
@@ -221,6 +241,17 @@ class Decoder(abc.ABC):
                         row_layer_share=float(ran.mean() / len(layers)), kv_only_layers=frozenset(kv_only),
                         info=info)
         return self.final_norm(x), captured, executed
+
+    def run_layers(self, x, layers: list[Layer], actions: tuple, cache, rope, positions):
+        """Layers whose decisions are all known, in order: (i, "block", mlp runs, blend alpha) runs block i on
+        every row, (i, "kv", ...) writes only its K/V. Returns the residual after them. A backend may run
+        them as one unit (CUDA: one captured graph per sequence)."""
+        for i, kind, mlp, alpha in actions:
+            if kind == "kv":
+                self.write_kv(x, layers[i], i, cache, rope, positions)
+            else:
+                x = self._block(x, layers[i], i, cache, rope, positions, None, mlp, alpha)
+        return x
 
     def static_blocks(self, ids, positions, cache, layers: list[Layer], run: tuple) -> object:
         """The blocks of a gate-free plan as a pure function of arrays (what a backend may compile): run is

@@ -37,6 +37,7 @@ from .plan import FULL, StepPlan, weights_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_MATMULS = ("kernel", "library")
+RUN_GRAPHS = 64  # captured block sequences per KV cache storage (TorchLM.run_layers)
 CACHE_BUCKET = 128  # compiled decode: cache lengths rounded up to this (one graph per bucket and batch size)
 
 
@@ -270,6 +271,30 @@ class TorchLM(Decoder):
             return self._write_kv(x, lw, layer, cache, rope, positions)
         self._layer_replay(("kv", id(lw), layer), x, rope, positions, cache,
                            self._layer_fn(("kv", True, 1.0), lw, layer, cache), writes_x=False)
+
+    def run_layers(self, x, layers: list[Layer], actions: tuple, cache, rope, positions):
+        """Under per-block graphs, a known sequence of blocks and K/V writes (the rest of a step after its gate
+        decided) replays as one graph, captured once per (sequence, weight set, input buffer, batch, cache
+        storage): one launch instead of one per block. At most RUN_GRAPHS sequences per storage; others
+        replay block by block."""
+        if self._layer_graphs is not cache or not actions:
+            return super().run_layers(x, layers, actions, cache, rope, positions)
+        tag = ("run", actions, id(layers))
+        known = self.__dict__.setdefault("_run_graphs", {}).setdefault(id(cache.k), set())
+        if tag not in known and len(known) >= RUN_GRAPHS:
+            return super().run_layers(x, layers, actions, cache, rope, positions)
+        known.add(tag)
+
+        def run(x, r, p):  # called only to capture
+            for i, kind, mlp, alpha in actions:
+                if kind == "kv":
+                    self._layer_fn(("kv", True, 1.0), layers[i], i, cache)(x, r, p)
+                else:
+                    x = self._layer_fn((kind, mlp, alpha), layers[i], i, cache)(x, r, p)
+            return x
+
+        blocks = any(kind == "block" for _, kind, _, _ in actions)
+        return self._layer_replay(tag, x, rope, positions, cache, run, writes_x=blocks)
 
     def _layer_fn(self, kind: tuple, lw: Layer, i: int, cache: KVCache):
         """fn(x, rope, positions) for one block (kind ("block", mlp, alpha)) or its K/V write (("kv", ...)) of a
