@@ -304,6 +304,28 @@ def profile(shape: str, a) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
+def profile_configs(shape: str, a) -> None:
+    """Per configuration in --configs (and the baseline), compiled + graphs as measured: the wall time of a
+    decode step against the GPU time of its kernels (torch.profiler over 16 tokens), so a configuration's
+    steps show whether they lose time on the GPU or to host work the GPU waits for; then its kernels."""
+    lm = build(shape, a.dtype, a.device, "compiled")
+    configs = {"baseline": lambda: StaticPolicy(),
+               **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}}
+    prompt = list(range(1, 1 + a.prompt_tokens))
+    for name, policy in configs.items():
+        generate(lm, prompt, max_new_tokens=a.new_tokens, policy=policy())  # warm-up: compile, capture
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            res = generate(lm, prompt, max_new_tokens=17, policy=policy())
+            torch.cuda.synchronize()
+        steps = res.token_latencies_s[1:]
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_ms = sum(e.device_time for e in kernels) / 1e3 / (len(steps) + 1)
+        print(f"{shape} {name}: step {1e3 * sum(steps) / len(steps):.3f} ms wall, {gpu_ms:.3f} ms of kernels a "
+              f"token ({len(kernels) / (len(steps) + 1):.0f} kernels a token)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=80))
+
+
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
     lm = build(shape, a.dtype, a.device, mode)
@@ -391,7 +413,8 @@ def main() -> None:
     ap.add_argument("--batch-repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--profile", action="store_true", help="print the kernels of a compiled step per shape")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the kernels of a compiled step per shape (with --configs: wall vs kernel time of each)")
     a = ap.parse_args()
     known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "skip-25", "token-gate", *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:
@@ -400,7 +423,7 @@ def main() -> None:
         sys.exit("cuda_techniques: no CUDA device")
     if a.profile:
         for shape in a.shapes:
-            profile(shape, a)
+            profile_configs(shape, a) if a.configs else profile(shape, a)
         return
     results = []
     for shape in a.shapes:
