@@ -107,7 +107,9 @@ array dense_linear(const array& x_in, const array& w) {
   const int K = w.shape(1), N = w.shape(0);
   array x = contiguous(astype(reshape(x_in, {-1, K}, s), float32, s), false, s);
   if (x.shape(0) < 1 || x.shape(0) > 8) throw std::invalid_argument("dense_linear: 1 to 8 rows");
-  array y(Shape{x.shape(0), N}, float32, std::make_shared<DenseLinear>(s), {x, contiguous(w, false, s)});
+  // an evaluated row-contiguous weight (every loaded one) goes in as it is: no graph node on every call
+  const array wc = w.is_available() && w.flags().row_contiguous ? w : contiguous(w, false, s);
+  array y(Shape{x.shape(0), N}, float32, std::make_shared<DenseLinear>(s), {x, wc});
   Shape shape = x_in.shape();
   shape.back() = N;
   return astype(reshape(y, shape, s), x_in.dtype(), s);
@@ -151,7 +153,8 @@ class DecodeLayer : public Primitive {
     auto& enc = cpu::get_command_encoder(stream());
     for (const array& a : in) enc.set_input_array(a);
     for (array& a : out) enc.set_output_array(a);
-    const Block d{in[0].shape(0), in[0].shape(1), H_, Hkv_, in[10].shape(0), in[7].shape(2), in[6].shape(1), pos_,
+    const int64_t E = in[0].shape(-1);
+    const Block d{int64_t(in[0].size()) / E, E, H_, Hkv_, in[10].shape(-1), in[7].shape(2), in[6].shape(1), pos_,
                   eps_, mlp_};
     const float *x = in[0].data<float>(), *ln1 = in[1].data<float>(), *ln2 = in[4].data<float>(),
                 *c = in[10].data<float>(), *sn = in[11].data<float>(), *bq = in.size() > 12 ? in[12].data<float>() : nullptr;
@@ -204,19 +207,21 @@ std::tuple<array, array, array> decode_layer(const array& x, const array& ln1, c
                                              const array& sin, int64_t pos, int64_t H, int64_t Hkv, double eps,
                                              bool mlp) {
   const auto s = default_stream(Device::cpu);
-  const int E = x.shape(-1);
-  auto c = [&](const array& a) { return contiguous(a, false, s); };
-  std::vector<array> in = {c(reshape(x, {-1, E}, s)), c(ln1), c(wqkv), c(wo), c(ln2), c(w_gate_up), c(w_down),
-                           k, v, c(written), c(reshape(cos, {-1}, s)), c(reshape(sin, {-1}, s))};
+  // a node per input costs graph time on every step: evaluated inputs (weights, the cache) go in as they are
+  // when row-contiguous, copied otherwise; pending ones (x, RoPE, the mask slice) are row-contiguous when built
+  // as the backend builds them, and eval_cpu refuses any that is not
+  auto c = [&](const array& a) { return !a.is_available() || a.flags().row_contiguous ? a : contiguous(a, false, s); };
+  std::vector<array> in = {c(x), c(ln1), c(wqkv), c(wo), c(ln2), c(w_gate_up), c(w_down), c(k), c(v), c(written),
+                           c(cos), c(sin)};
   if (bqkv) in.push_back(c(*bqkv));
   for (int j : {0, 1, 4, 7, 8, 10, 11})
     if (in[j].dtype() != float32) throw std::invalid_argument("decode_layer: x, norms, cache and RoPE must be float32");
-  const int B = in[0].shape(0);
+  const int64_t B = int64_t(x.size()) / x.shape(-1);
   if (B < 1 || B > 8 || written.dtype() != bool_ || k.ndim() != 4 || pos >= k.shape(2))
     throw std::invalid_argument("decode_layer: 1 to 8 rows, a bool written mask, a [B, Hkv, S, D] cache");
-  auto outs = array::make_arrays({in[0].shape(), k.shape(), v.shape()}, {float32, float32, float32},
+  auto outs = array::make_arrays({x.shape(), k.shape(), v.shape()}, {float32, float32, float32},
                                  std::make_shared<DecodeLayer>(s, pos, H, Hkv, eps, mlp), in);
-  return {reshape(outs[0], x.shape(), s), outs[1], outs[2]};
+  return {outs[0], outs[1], outs[2]};
 }
 }  // namespace
 
