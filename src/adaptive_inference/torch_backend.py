@@ -300,20 +300,21 @@ class TorchLM(Decoder):
         """fn(x, rope, positions) for one block (kind ("block", mlp, alpha)) or its K/V write (("kv", ...)) of a
         decode step, for _layer_replay to capture. With compile on, one compiled function per kind serves every
         layer: the layer's weights and its cache slice are arguments, not constants."""
-        one = _LayerCache(cache.k[i:i + 1], cache.v[i:i + 1], cache.bias[i:i + 1])
-        fn = self._layer_fns.get(kind)
-        if fn is None:
-            what, mlp, alpha = kind
-            if what == "block":
-                def fn(x, lw, one, rope, positions):
-                    return Decoder._block(self, x, lw, 0, one, rope, positions, None, mlp, alpha)
-            else:
-                def fn(x, lw, one, rope, positions):
-                    return self._write_kv(x, lw, 0, one, rope, positions)
-            if self.compile:
-                fn = torch.compile(fn, dynamic=False, fullgraph=True)
-            self._layer_fns[kind] = fn
-        return lambda x, r, p: fn(x, lw, one, r, p)
+        def call(x, r, p):  # runs only to capture: a replay needs none of this
+            fn = self._layer_fns.get(kind)
+            if fn is None:
+                what, mlp, alpha = kind
+                if what == "block":
+                    def fn(x, lw, one, rope, positions):
+                        return Decoder._block(self, x, lw, 0, one, rope, positions, None, mlp, alpha)
+                else:
+                    def fn(x, lw, one, rope, positions):
+                        return self._write_kv(x, lw, 0, one, rope, positions)
+                if self.compile:
+                    fn = torch.compile(fn, dynamic=False, fullgraph=True)
+                self._layer_fns[kind] = fn
+            return fn(x, lw, _LayerCache(cache.k[i:i + 1], cache.v[i:i + 1], cache.bias[i:i + 1]), r, p)
+        return call
 
     def _layer_replay(self, tag, x, rope, positions, cache: KVCache, fn, writes_x: bool = True):
         """One block (or K/V write) of a decode step as a graph captured per (block, input buffer, batch, cache
