@@ -150,3 +150,19 @@ def test_fused_block_matches_mlx_ops(tiny, monkeypatch):
         for g, w in zip(got[:3], want[:3], strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got[3], want[3])  # the same slots written (a skipped layer's hole stays)
+
+
+def test_fused_block_writes_the_cache_in_place(tiny_llama):
+    """The fused decode writes each new K/V slot into the cache's own buffer (a slice update that gets the
+    buffer donated): a step that copied the cache would cost its whole size per layer, growing with max_len."""
+    lm = MLXLM.load(tiny_llama[1])
+    cache = lm.new_cache(1, 64)
+    lm.forward(mx.array([IDS[:4]]), cache)
+    addresses = set()
+    for t in IDS[4:]:
+        out = lm.decode_one_token(mx.array([t]), cache)
+        mx.eval(out.out.logits, cache.k, cache.v)
+        view = np.asarray(cache.k[0])
+        addresses.add(view.__array_interface__["data"][0])
+        del view
+    assert len(addresses) == 1 and lm.fused_layers

@@ -177,12 +177,15 @@ inline float slot_bias(float b) { return b; }
 inline bool open_slot(bool w) { return w; }
 inline float slot_bias(bool) { return 0.f; }
 
-// One decode step of attention for one layer, fp32: RoPE on q and k, k and v written into the static cache
-// at `pos`, then softmax(q k^T / sqrt(D) + bias) v over the open slots of mask [B, S] (the caller opens pos).
-// x = qkv [B, (H + 2 Hkv) D]; k, v [B, Hkv, S, D]; cos, sin [D] at pos; o [B, H D]. The unfused ops' math.
+// One decode step of attention for one layer, fp32: RoPE on q and k; the new slot's k (rotated) and v go to
+// knew, vnew [B, Hkv, D] (the caller writes them into its cache at pos), then softmax(q k^T / sqrt(D) + bias) v
+// over the open slots of mask [B, S] (the caller opens pos), slot pos read from knew / vnew and the others from
+// the cache k, v [B, Hkv, S, D]. x = qkv [B, (H + 2 Hkv) D]; cos, sin [D] at pos; o [B, H D]. The unfused ops'
+// math.
 template <typename Mask>
-void attention_into(const float* x, float* kp, float* vp, const Mask* mask, const float* c, const float* sn,
-                    float* o, int64_t B, int64_t S, int64_t D, int64_t pos, int64_t H, int64_t Hkv) {
+void attention_into(const float* x, const float* kp, const float* vp, float* knew, float* vnew, const Mask* mask,
+                    const float* c, const float* sn, float* o, int64_t B, int64_t S, int64_t D, int64_t pos,
+                    int64_t H, int64_t Hkv) {
   const int64_t half = D / 2, G = H / Hkv, row = (H + 2 * Hkv) * D;
   auto rope = [&](const float* in, float* dst) {
     for (int64_t i = 0; i < half; ++i) {
@@ -190,11 +193,11 @@ void attention_into(const float* x, float* kp, float* vp, const Mask* mask, cons
       dst[i + half] = in[i + half] * c[i + half] + in[i] * sn[i + half];
     }
   };
-  for (int64_t b = 0; b < B; ++b)  // the write: k (rotated) and v into slot pos of every kv head
+  for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < Hkv; ++g) {
       const float* kin = x + b * row + H * D + g * D;
-      rope(kin, kp + ((b * Hkv + g) * S + pos) * D);
-      std::memcpy(vp + ((b * Hkv + g) * S + pos) * D, kin + Hkv * D, D * sizeof(float));
+      rope(kin, knew + (b * Hkv + g) * D);
+      std::memcpy(vnew + (b * Hkv + g) * D, kin + Hkv * D, D * sizeof(float));
     }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));  // tiny steps stay on one thread
@@ -205,11 +208,12 @@ void attention_into(const float* x, float* kp, float* vp, const Mask* mask, cons
       rope(x + b * row + h * D, q.data());
       const float* kb = kp + (b * Hkv + g) * S * D;
       const float* vb = vp + (b * Hkv + g) * S * D;
+      const float *kn = knew + (b * Hkv + g) * D, *vn = vnew + (b * Hkv + g) * D;
       const Mask* mb = mask + b * S;
       float mx = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         if (!open_slot(mb[s])) { p[s] = -INFINITY; continue; }
-        p[s] = dot(q.data(), kb + s * D, D) * scale + slot_bias(mb[s]);
+        p[s] = dot(q.data(), s == pos ? kn : kb + s * D, D) * scale + slot_bias(mb[s]);
         mx = std::max(mx, p[s]);
       }
       float* oh = o + b * H * D + h * D;
@@ -219,11 +223,20 @@ void attention_into(const float* x, float* kp, float* vp, const Mask* mask, cons
         if (p[s] == -INFINITY) continue;
         const float e = std::exp(p[s] - mx);
         sum += e;
-        axpy(e, vb + s * D, oh, D);
+        axpy(e, s == pos ? vn : vb + s * D, oh, D);
       }
       for (int64_t d = 0; d < D; ++d) oh[d] /= sum;
     }
   });
+}
+
+// knew, vnew [B, Hkv, D] into slot pos of a cache k, v [B, Hkv, S, D]
+inline void write_slot(float* kp, float* vp, const float* knew, const float* vnew, int64_t B, int64_t Hkv, int64_t S,
+                       int64_t D, int64_t pos) {
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) {
+    std::memcpy(kp + (bg * S + pos) * D, knew + bg * D, D * sizeof(float));
+    std::memcpy(vp + (bg * S + pos) * D, vnew + bg * D, D * sizeof(float));
+  }
 }
 
 struct Block {  // one decode block's shapes and scalars
@@ -233,17 +246,18 @@ struct Block {  // one decode block's shapes and scalars
 };
 
 // One block of an fp32 decode step (one position per row, B <= 8): rms, q/k/v (mm 0, bias included),
-// attention (the caller opened slot pos in mask), o (mm 1), the residual add, and when the MLP runs rms,
+// attention (the caller opened slot pos in mask; the new slot's k, v into knew, vnew), o (mm 1), the residual add, and when the MLP runs rms,
 // gate/up (mm 2), the SiLU gate, down (mm 3), the add: the per-op path's order and arithmetic.
 // mm(which, x [B, K], y [B, N]) multiplies by the block's matrix `which`.
 template <typename Mask, typename MM>
-void decode_layer_into(const Block& d, const float* x, const float* ln1, const float* ln2, float* kp, float* vp,
-                       const Mask* mask, const float* c, const float* sn, float* y, const MM& mm) {
+void decode_layer_into(const Block& d, const float* x, const float* ln1, const float* ln2, const float* kp,
+                       const float* vp, float* knew, float* vnew, const Mask* mask, const float* c, const float* sn,
+                       float* y, const MM& mm) {
   const int64_t B = d.B, E = d.E;
   std::vector<float> h(B * E), qkv(B * (d.H + 2 * d.Hkv) * d.D), att(B * d.H * d.D), o(B * E);
   rms_into(x, ln1, h.data(), B, E, d.eps);
   mm(0, h.data(), qkv.data());
-  attention_into(qkv.data(), kp, vp, mask, c, sn, att.data(), B, d.S, d.D, d.pos, d.H, d.Hkv);
+  attention_into(qkv.data(), kp, vp, knew, vnew, mask, c, sn, att.data(), B, d.S, d.D, d.pos, d.H, d.Hkv);
   mm(1, att.data(), o.data());
   for (int64_t i = 0; i < B * E; ++i) y[i] = x[i] + o[i];
   if (!d.mlp) return;

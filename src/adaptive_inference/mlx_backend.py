@@ -204,12 +204,14 @@ class MLXLM(Decoder):
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
         if rows is None and observe is None and self.fused_layers and x.shape[1] == 1 \
                 and x.shape[0] <= mlx_kernels.MAX_ROWS and all(mlx_kernels.dense_ok(x, getattr(lw, n)) for n in LINEARS):
-            # the whole block as one graph node (the kernel writes k, v; the written mask is marked here)
+            # the whole block as one graph node; the new slot's k, v go into the cache as _write puts them
             start, _ = positions
             cache.written[i, :, start] = True
-            y, cache.k[i], cache.v[i] = mlx_kernels.decode_layer(
+            y, k, v = mlx_kernels.decode_layer(
                 x, lw, cache.k[i], cache.v[i], cache.written[i], rope[0], rope[1], start, self.cfg.num_attention_heads,
                 self.cfg.num_key_value_heads, self.cfg.rms_norm_eps, mlp)
+            cache.k[i][:, :, start:start + 1] = k
+            cache.v[i][:, :, start:start + 1] = v
             return y if alpha == 1.0 else x + alpha * (y - x)
         return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
 

@@ -2,7 +2,9 @@
 a cache folder, keyed by its source, flags and the mlx / nanobind / Python versions.
 
 - decode_layer: a whole fp32 decode block as one graph node (cpu_gemv_source.LAYER_SOURCE, the torch
-  extension's code): ~15 fewer MLX ops per block to build and evaluate.
+  extension's code): ~15 fewer MLX ops per block to build and evaluate. It returns the new cache slot's k, v
+  rather than the cache: the caller's slice update then writes them in place (a node with several outputs
+  never gets its input's buffer donated, so returning the cache would copy it every step).
 - dense_linear: x @ w.T for full-precision (fp32 / bf16) weights [N, K] and at most 8 input rows: the decode
   matmul, the same AVX2 gemv as torch_kernels.dense_linear (cpu_gemv_source), on OpenMP threads. MLX's CPU
   matmul goes to BLAS, whose gemv reads 11-19 GB/s here where this one reads 33-42 (measured in the session
@@ -133,9 +135,10 @@ void ai_parallel_for(int64_t n, int64_t grain, const F& f) {
 """ + LAYER_SOURCE + r"""
 namespace {
 
-// One fp32 decode block (decode_layer_into) as a graph node: inputs x [B, E], ln1, wqkv, wo, ln2, w_gate_up,
-// w_down, k, v [B, Hkv, S, D], written [B, S] (slot pos already marked), cos, sin [D] (, bqkv); outputs the
-// block's output [B, E] and the cache k, v with slot pos written (in the input's buffer when it is donated).
+// One fp32 decode block (decode_layer_into) as a graph node: inputs x [..., E] (B rows), ln1, wqkv, wo, ln2,
+// w_gate_up, w_down, the cache k, v [B, Hkv, S, D] (read only), written [B, S] (slot pos already marked), cos,
+// sin [D] (, bqkv); outputs the block's output (x's shape) and the new slot's k, v [B, Hkv, 1, D], which the
+// caller writes into the cache (a slice update, in place when the cache holds the only reference).
 class DecodeLayer : public Primitive {
  public:
   DecodeLayer(Stream s, int64_t pos, int64_t H, int64_t Hkv, double eps, bool mlp)
@@ -143,13 +146,7 @@ class DecodeLayer : public Primitive {
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
     for (const array& a : in)
       if (!a.flags().row_contiguous) throw std::runtime_error("decode_layer: inputs are not row-contiguous");
-    out[0].set_data(allocator::malloc(out[0].nbytes()));
-    bool copy[2];
-    for (int j = 0; j < 2; ++j) {
-      copy[j] = !in[7 + j].is_donatable();
-      if (copy[j]) out[1 + j].set_data(allocator::malloc(out[1 + j].nbytes()));
-      else out[1 + j].copy_shared_buffer(in[7 + j]);
-    }
+    for (array& a : out) a.set_data(allocator::malloc(a.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     for (const array& a : in) enc.set_input_array(a);
     for (array& a : out) enc.set_output_array(a);
@@ -158,10 +155,9 @@ class DecodeLayer : public Primitive {
                   eps_, mlp_};
     const float *x = in[0].data<float>(), *ln1 = in[1].data<float>(), *ln2 = in[4].data<float>(),
                 *c = in[10].data<float>(), *sn = in[11].data<float>(), *bq = in.size() > 12 ? in[12].data<float>() : nullptr;
-    const float *k_in = in[7].data<float>(), *v_in = in[8].data<float>();
+    const float *kp = in[7].data<float>(), *vp = in[8].data<float>();
     const bool* mask = in[9].data<bool>();
-    float *y = out[0].data<float>(), *kp = out[1].data<float>(), *vp = out[2].data<float>();
-    const size_t kv_bytes = in[7].nbytes();
+    float *y = out[0].data<float>(), *knew = out[1].data<float>(), *vnew = out[2].data<float>();
     const void* w[4];
     bool bf16[4];
     int64_t wn[4], wk[4];
@@ -172,11 +168,8 @@ class DecodeLayer : public Primitive {
       wn[j] = a.shape(0);
       wk[j] = a.shape(1);
     }
-    const bool copy_k = copy[0], copy_v = copy[1];
     enc.dispatch([=]() {
-      if (copy_k) std::memcpy(kp, k_in, kv_bytes);
-      if (copy_v) std::memcpy(vp, v_in, kv_bytes);
-      decode_layer_into(d, x, ln1, ln2, kp, vp, mask, c, sn, y, [&](int j, const float* xi, float* yi) {
+      decode_layer_into(d, x, ln1, ln2, kp, vp, knew, vnew, mask, c, sn, y, [&](int j, const float* xi, float* yi) {
         if (bf16[j]) dense(xi, static_cast<const uint16_t*>(w[j]), yi, d.B, wk[j], wn[j]);
         else dense(xi, static_cast<const float*>(w[j]), yi, d.B, wk[j], wn[j]);
         if (j == 0 && bq)
@@ -207,9 +200,9 @@ std::tuple<array, array, array> decode_layer(const array& x, const array& ln1, c
                                              const array& sin, int64_t pos, int64_t H, int64_t Hkv, double eps,
                                              bool mlp) {
   const auto s = default_stream(Device::cpu);
-  // a node per input costs graph time on every step: evaluated inputs (weights, the cache) go in as they are
-  // when row-contiguous, copied otherwise; pending ones (x, RoPE, the mask slice) are row-contiguous when built
-  // as the backend builds them, and eval_cpu refuses any that is not
+  // a node per input costs graph time on every step: evaluated inputs (weights) go in as they are when
+  // row-contiguous, copied otherwise; pending ones (x, RoPE, the cache, the mask slice) are row-contiguous as the
+  // backend builds them, and eval_cpu refuses any that is not
   auto c = [&](const array& a) { return !a.is_available() || a.flags().row_contiguous ? a : contiguous(a, false, s); };
   std::vector<array> in = {c(x), c(ln1), c(wqkv), c(wo), c(ln2), c(w_gate_up), c(w_down), c(k), c(v), c(written),
                            c(cos), c(sin)};
@@ -219,7 +212,8 @@ std::tuple<array, array, array> decode_layer(const array& x, const array& ln1, c
   const int64_t B = int64_t(x.size()) / x.shape(-1);
   if (B < 1 || B > 8 || written.dtype() != bool_ || k.ndim() != 4 || pos >= k.shape(2))
     throw std::invalid_argument("decode_layer: 1 to 8 rows, a bool written mask, a [B, Hkv, S, D] cache");
-  auto outs = array::make_arrays({x.shape(), k.shape(), v.shape()}, {float32, float32, float32},
+  const Shape slot{k.shape(0), k.shape(1), 1, k.shape(3)};
+  auto outs = array::make_arrays({x.shape(), slot, slot}, {float32, float32, float32},
                                  std::make_shared<DecodeLayer>(s, pos, H, Hkv, eps, mlp), in);
   return {outs[0], outs[1], outs[2]};
 }
@@ -341,7 +335,8 @@ def dense_linear(x, w):
 
 
 def decode_layer(x, lw, k, v, written, cos, sin, pos: int, n_heads: int, n_kv_heads: int, eps: float, mlp: bool):
-    """One fp32 decode block (x [B, 1, hidden], B <= MAX_ROWS) in one graph node: the block's output and the
-    cache's k, v with slot pos written (the caller marks it in written [B, S] first)."""
+    """One fp32 decode block (x [B, 1, hidden], B <= MAX_ROWS) in one graph node, attending over the cache k, v
+    [B, Hkv, S, D] with slot pos open in written [B, S] (the caller marks it first): the block's output and the
+    new slot's k, v [B, Hkv, 1, D] for the caller to write into its cache at pos."""
     return kernels().decode_layer(x, lw.ln1, lw.wqkv, lw.bqkv, lw.wo, lw.ln2, lw.w_gate_up, lw.w_down, k, v, written,
                                   cos, sin, pos, n_heads, n_kv_heads, eps, mlp)

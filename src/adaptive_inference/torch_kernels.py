@@ -327,8 +327,11 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor kc, torch::Tenso
   auto out = torch::empty({B, H * D}, qkv.options());
   float* bp = bias.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) bp[b * S + pos] = 0.f;
-  attention_into(qkv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), static_cast<const float*>(bp),
-                 cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>(), B, S, D, pos, H, Hkv);
+  std::vector<float> knew(B * Hkv * D), vnew(B * Hkv * D);
+  attention_into(qkv.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), knew.data(), vnew.data(),
+                 static_cast<const float*>(bp), cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>(), B,
+                 S, D, pos, H, Hkv);
+  write_slot(kc.data_ptr<float>(), vc.data_ptr<float>(), knew.data(), vnew.data(), B, Hkv, S, D, pos);
   return out;
 }
 
@@ -360,10 +363,12 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor wqk
   for (int64_t b = 0; b < d.B; ++b) bp[b * d.S + pos] = 0.f;
   const torch::Tensor* w[4] = {&wqkv, &wo, &w_gate_up, &w_down};
   const float* bq = bqkv ? bqkv->data_ptr<float>() : nullptr;
+  std::vector<float> knew(d.B * Hkv * d.D), vnew(d.B * Hkv * d.D);
   decode_layer_into(d, x.data_ptr<float>(), ln1.data_ptr<float>(), ln2.data_ptr<float>(), kc.data_ptr<float>(),
-                    vc.data_ptr<float>(), static_cast<const float*>(bp), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                    y.data_ptr<float>(),
+                    vc.data_ptr<float>(), knew.data(), vnew.data(), static_cast<const float*>(bp), cos.data_ptr<float>(),
+                    sin.data_ptr<float>(), y.data_ptr<float>(),
                     [&](int which, const float* in, float* out) { dense_into(in, *w[which], which ? nullptr : bq, out, d.B); });
+  write_slot(kc.data_ptr<float>(), vc.data_ptr<float>(), knew.data(), vnew.data(), d.B, Hkv, d.S, d.D, pos);
   return y;
 }
 """
