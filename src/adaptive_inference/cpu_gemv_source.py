@@ -1,7 +1,8 @@
 """C++ of the CPU decode matmul, shared by the torch extension (torch_kernels) and the MLX one (mlx_kernels):
 dense fp32 / bf16 weights [N, K] times 1-8 fp32 rows, split by output rows (each caller brings its threads).
 Without AVX2+FMA+F16C the same source builds plain loops with the same arithmetic. The row order of
-single-row decode is timed on first use (choose_layout)."""
+single-row decode is timed on first use (choose_layout). LAYER_SOURCE: the rest of an fp32 decode block
+(norms, SiLU gate, attention over a static cache, a whole block over a caller's matmul), also shared."""
 
 from __future__ import annotations
 

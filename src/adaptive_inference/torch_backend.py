@@ -253,7 +253,7 @@ class TorchLM(Decoder):
         return h
 
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
-        if rows is None and observe is None and self._fused(x) and self._plain(lw):
+        if rows is None and observe is None and self._fused(x) and self._dense_block(lw):
             # the whole block in one kernel call: the per-op path's arithmetic without its ~15 dispatches
             B = x.shape[0]
             y = torch_kernels.kernels().decode_layer(
@@ -382,7 +382,7 @@ class TorchLM(Decoder):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _plain(self, lw: Layer) -> bool:
+    def _dense_block(self, lw: Layer) -> bool:
         """Whether a block's matrices are all ones decode_layer reads (dense fp32 / bf16 CPU tensors)."""
         return self.fused_layers and all(torch_kernels.dense_weight(getattr(lw, n)) for n in LINEARS)
 
