@@ -154,15 +154,19 @@ def test_fused_block_matches_mlx_ops(tiny, monkeypatch):
 
 def test_fused_block_writes_the_cache_in_place(tiny_llama):
     """The fused decode writes each new K/V slot into the cache's own buffer (a slice update that gets the
-    buffer donated): a step that copied the cache would cost its whole size per layer, growing with max_len."""
+    buffer donated): a step that copied the cache would cost its whole size per layer, growing with max_len.
+    MLX donates only when nothing else holds the array at that moment, which its asynchronous scheduler does
+    not promise every step (here 11-31 of 39 steps kept the buffer), so the test asks for several kept steps;
+    a kernel node that returned the cache copied it on every step and kept none."""
     lm = MLXLM.load(tiny_llama[1])
     cache = lm.new_cache(1, 64)
     lm.forward(mx.array([IDS[:4]]), cache)
-    addresses = set()
-    for t in IDS[4:]:
+    addresses = []
+    for t in IDS * 3:
         out = lm.decode_one_token(mx.array([t]), cache)
         mx.eval(out.out.logits, cache.k, cache.v)
         view = np.asarray(cache.k[0])
-        addresses.add(view.__array_interface__["data"][0])
-        del view
-    assert len(addresses) == 1 and lm.fused_layers
+        addresses.append(view.__array_interface__["data"][0])
+        del view, out
+    kept = sum(a == b for a, b in zip(addresses, addresses[1:], strict=False))
+    assert lm.fused_layers and kept >= 3, addresses
