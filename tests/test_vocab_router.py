@@ -109,3 +109,59 @@ def test_batched_rows_decide_alone(lm):
     assert (rows[:, 0] != rows[:, 1]).any(), "the test needs a step whose rows take different heads"
     for row, prompt in zip(batched, prompts, strict=True):
         assert row.tolist() == generate(lm, prompt.tolist(), max_new_tokens=8, policy=StaticPolicy(plan)).tokens
+
+
+def device_decides(lm) -> bool:
+    return lm.gated_linear(lm.asarray(np.zeros((1, lm.cfg.hidden_size))), lm.lm_head, lm.lm_head,
+                           lm.asarray(np.zeros(1, bool))) is not None
+
+
+def decode_steps(lm, plan, prompts, n: int, host: bool):
+    """Per step: (tokens, logits, executed) of a greedy decode; host=True makes the head decide on the host."""
+    if host:
+        lm.gated_linear = lambda *a: None
+    try:
+        ids = lm.ids_array(np.asarray(prompts))
+        cache, state, out = lm.new_cache(ids.shape[0], ids.shape[1] + n), lm.sampler_state(0), []
+        for step in range(n):
+            fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
+            ids, state = lm.next_tokens(fwd.out, 0.0, state)
+            out.append((lm.to_numpy(ids), lm.to_numpy(fwd.out.logits), fwd.executed))
+        return out
+    finally:
+        vars(lm).pop("gated_linear", None)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("decides", ["common", "full", "mixed"])
+def test_device_decision_equals_host_decision(tiny_llama, batch, decides):
+    """MLX decides on the device (one graph runs the chosen head); its tokens, logits and what it reports
+    running equal the host decision's exactly, whichever head the steps take."""
+    lm = load_backend("mlx", tiny_llama[1], "float32")
+    if not device_decides(lm):
+        pytest.skip("the MLX CPU kernel is not available here")
+    prompts = [IDS[:5], IDS[5:10]][:batch]
+    threshold = {"common": 2.0, "full": -1.0, "mixed": median_p_rare(lm, IDS[:5], 10)}[decides]
+    plan = StepPlan(head=head_for(lm, threshold))
+    device, host = decode_steps(lm, plan, prompts, 10, False), decode_steps(lm, plan, prompts, 10, True)
+    heads = [e.head for _, _, e in device]
+    assert set(heads) <= {"common", "full", "mixed"} and (decides == "mixed") == (len(set(heads)) > 1), heads
+    for (tok_d, log_d, ex_d), (tok_h, log_h, ex_h) in zip(device, host, strict=True):
+        assert np.array_equal(tok_d, tok_h) and np.array_equal(log_d, log_h) and ex_d == ex_h
+
+
+def test_device_decision_reads_nothing_while_the_step_is_built(tiny_llama, monkeypatch):
+    """Building a decode step under the router reads no array on the host (the host path reads P(rare));
+    its decision is read once the token is."""
+    lm = load_backend("mlx", tiny_llama[1], "float32")
+    plan = StepPlan(head=head_for(lm, median_p_rare(lm, IDS[:5], 10)))
+    cache = lm.new_cache(1, 16)
+    lm.to_numpy(lm.next_tokens(lm.prefill(lm.ids_array(np.asarray([IDS[:5]])), cache, plan).out, 0.0, None)[0])
+    reads = []
+    real = lm.to_numpy
+    monkeypatch.setattr(lm, "to_numpy", lambda x: reads.append(x.shape) or real(x))
+    fwd = lm.decode_one_token(lm.ids_array(np.asarray([3])), cache, plan)
+    ids, _ = lm.next_tokens(fwd.out, 0.0, None)
+    assert reads == ([] if device_decides(lm) else [(1,)])
+    lm.to_numpy(ids)
+    assert fwd.executed.head in ("common", "full") and len(fwd.executed.info["p_rare"]) == 1

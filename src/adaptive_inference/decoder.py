@@ -9,6 +9,7 @@ the baseline ops.
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -38,12 +39,20 @@ PART = {"wqkv": "attention", "wo": "attention", "w_gate_up": "mlp", "w_down": "m
 
 @dataclass
 class Forward:
-    """One forward: the head's output, the final-normed hidden, captured layer inputs, what ran."""
+    """One forward: the head's output, the final-normed hidden, captured layer inputs, and what the blocks ran
+    (ExecutedStep's fields but the head's)."""
 
     out: HeadOutput
     hidden: object
     captured: dict
-    executed: ExecutedStep
+    blocks: dict
+
+    @functools.cached_property
+    def executed(self) -> ExecutedStep:
+        """What ran. A head that decided on the device is read here: after the step's tokens, at no cost."""
+        out, blocks = self.out.settled(), dict(self.blocks)
+        info = {**blocks.pop("info"), **out.info}
+        return ExecutedStep(**blocks, head=out.name, head_params=out.params_read, info=info)
 
 
 class Decoder(abc.ABC):
@@ -105,8 +114,15 @@ class Decoder(abc.ABC):
     def weight_shape(self, w) -> tuple[int, int]: ...
 
     @abc.abstractmethod
-    def where_rows(self, mask: np.ndarray, a, b):
-        """a where mask [...] else b, mask broadcast over the last axis of a and b."""
+    def where_rows(self, mask, a, b):
+        """a where mask [...] else b, mask (numpy or a backend bool array) broadcast over the last axis."""
+
+    def gated_linear(self, x, w_no, w_yes, take):
+        """float32 (x @ w_no.T, x @ w_yes.T), each computed only if some row needs it (take [...]: a backend bool
+        array per row, True = w_yes; the other output's values are unspecified): a choice made on the device,
+        which the host never reads. None (this default) when the backend cannot for these arrays: the caller
+        then reads the decision on the host and runs what it chose."""
+        return None
 
     @abc.abstractmethod
     def asarray(self, a: np.ndarray, dtype: str | None = None):
@@ -353,9 +369,7 @@ class Decoder(abc.ABC):
             out = HeadOutput(self.logits32(h, w), "full", self.cfg.vocab_size * self.cfg.hidden_size)
         else:
             out = plan.head.apply(h, self)
-        info = {**executed.pop("info"), **out.info}
-        return Forward(out, h, captured, ExecutedStep(**executed, head=out.name, head_params=out.params_read,
-                                                      info=info))
+        return Forward(out, h, captured, executed)
 
     def logits(self, ids, plan: StepPlan = FULL, *, resume=None) -> np.ndarray:
         """Teacher-forced logits [T, vocab] float32 for one sequence under one plan (resume: see hidden)."""
@@ -374,5 +388,13 @@ class Decoder(abc.ABC):
 
     def next_tokens(self, out: HeadOutput, temperature: float, state):
         """Next ids [B] from a step's head output (from its narrower pick logits when it offers them)."""
-        idx, state = self.pick(out.logits if out.pick is None else out.pick, temperature, state)
-        return (idx if out.pick_ids is None else self.take(out.pick_ids, idx)), state
+        ids, state = self._pick_ids(out.logits if out.pick is None else out.pick, out.pick_ids, temperature, state)
+        if out.pick_alt is not None:
+            rows, logits, alt_ids = out.pick_alt
+            alt, state = self._pick_ids(logits, alt_ids, temperature, state)
+            ids = self.where_rows(rows, alt[..., None], ids[..., None])[..., 0]
+        return ids, state
+
+    def _pick_ids(self, logits, ids, temperature: float, state):
+        idx, state = self.pick(logits, temperature, state)
+        return (idx if ids is None else self.take(ids, idx)), state

@@ -35,9 +35,9 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
         t0 = time.perf_counter()
         plan = policy.plan(step)
         fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
-        policy.observe(fwd.executed, fwd.out.logits)
         ids, state = lm.next_tokens(fwd.out, temperature, state)
         out = lm.to_numpy(ids)  # the host needs the token: this evaluates the step
+        policy.observe(fwd.executed, fwd.out.logits)  # after: what ran may be known only once evaluated
         yield Step(out, time.perf_counter() - t0, fwd.executed)
 
 

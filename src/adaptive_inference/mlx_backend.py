@@ -138,6 +138,7 @@ class MLXLM(Decoder):
         self.weight_sets = {"full": layers}
         self.inv_freq = mx.array(cfg.rope_inv_freq().astype(np.float32))
         self.scale = cfg.head_dim ** -0.5
+        self._segments = {}  # key -> mx.compile'd segment
         mx.eval(self.embed, self.norm, self.lm_head, self.inv_freq, [list(vars(lw).values()) for lw in layers])
 
     @property
@@ -165,6 +166,16 @@ class MLXLM(Decoder):
             return cls(cfg, weights, DTYPES[dtype], cpu_matmul=cpu_matmul)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
+
+    def segment(self, key, fn, *arrays):
+        """A decode-sized segment (<= MAX_ROWS rows) runs mx.compile'd, one compiled function per key: its
+        elementwise chains fused into single ops (each op of a step costs graph and evaluation time)."""
+        if any(a.size > mlx_kernels.MAX_ROWS * a.shape[-1] for a in arrays):
+            return fn(*arrays)
+        compiled = self._segments.get(key)
+        if compiled is None:
+            compiled = self._segments[key] = mx.compile(fn)
+        return compiled(*arrays)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype)
@@ -266,8 +277,13 @@ class MLXLM(Decoder):
     def weight_shape(self, w) -> tuple[int, int]:
         return tuple(w.shape)
 
-    def where_rows(self, mask: np.ndarray, a, b):
-        return mx.where(mx.array(mask)[..., None], a, b)
+    def where_rows(self, mask, a, b):
+        return mx.where((mask if isinstance(mask, mx.array) else mx.array(mask))[..., None], a, b)
+
+    def gated_linear(self, x, w_no, w_yes, take):
+        if self.dense_kernel and mlx_kernels.dense_ok(x, w_no) and mlx_kernels.dense_ok(x, w_yes):
+            return mlx_kernels.gated_linear(x, w_no, w_yes, take)
+        return None
 
     def asarray(self, a: np.ndarray, dtype: str | None = None):
         a = np.asarray(a)

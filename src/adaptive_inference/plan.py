@@ -12,6 +12,7 @@ A plan can say what every seed needs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,15 +69,27 @@ class Head(Protocol):
 class HeadOutput:
     """logits: the full-vocab log-distribution [..., vocab] (teacher-forced quality; may stay lazy on MLX);
     pick: what decode picks the next token from (None = logits), with pick_ids mapping its columns back to
-    vocab ids (None = they are vocab ids); name: what ran ('full', 'common', 'mixed'); params_read: weight
-    elements the head read; info: per-row facts for the decision log."""
+    vocab ids (None = they are vocab ids), and pick_alt (rows, logits, ids): rows [...] (a backend bool array)
+    that pick from these logits instead (ids as pick_ids); name: what ran ('full', 'common', 'mixed'); params_read: weight
+    elements the head read; info: per-row facts for the decision log. A head that decides on the device leaves
+    those three to `settle`, a callable giving (name, params_read, info) once the step is evaluated (reading
+    the decision earlier would cost a second evaluation per step)."""
 
     logits: Any
     name: str
     params_read: int
     pick: Any = None
     pick_ids: Any = None
+    pick_alt: tuple | None = None
     info: dict = field(default_factory=dict)
+    settle: Callable[[], tuple[str, int, dict]] | None = None
+
+    def settled(self) -> HeadOutput:
+        """This output with name, params_read and info known."""
+        if self.settle is not None:
+            self.name, self.params_read, self.info = self.settle()
+            self.settle = None
+        return self
 
 
 @dataclass(frozen=True)

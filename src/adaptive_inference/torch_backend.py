@@ -481,7 +481,7 @@ class TorchLM(Decoder):
     def weight_shape(self, w) -> tuple[int, int]:
         return tuple(w.shape)
 
-    def where_rows(self, mask: np.ndarray, a, b):
+    def where_rows(self, mask, a, b):
         return torch.where(torch.as_tensor(mask, device=self.device)[..., None], a, b)
 
     def asarray(self, a: np.ndarray, dtype: str | None = None):

@@ -46,37 +46,69 @@ class GatedHead:
         return self._arrays[key]
 
     def p_rare(self, lm, h):
-        """P(rare) per position, float32 [...]."""
+        """(P(rare) float32 [...], whether it is above the threshold: the rows that need the full head)."""
         w = self._on(lm)
-        return lm.sigmoid(lm.logits32(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"]) + w["b2"])[..., 0]
+        p = lm.sigmoid(lm.logits32(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"]) + w["b2"])[..., 0]
+        return p, p > self.cut
+
+    @functools.cached_property
+    def cut(self) -> float:
+        """The largest float32 at or below the threshold: for a float32 P(rare) p, p > cut exactly when p >
+        threshold, so a decision taken on the device in float32 equals the host's in float64."""
+        t = np.float32(self.threshold)
+        return float(np.nextafter(t, np.float32(-np.inf)) if t > self.threshold else t)
 
     def common_out(self, lm, h, p):
-        """(log-probs over the common ids [..., C], the full-vocab spread [..., V]): common ids get
-        (1 - p) softmax(common logits), the rest share p evenly."""
-        w, V, C = self._on(lm), lm.cfg.vocab_size, len(self.common_ids)
-        lc = lm.log_softmax(lm.logits32(h, w["head"])) + lm.log(1 - p)[..., None]
-        return lc, lm.spread(lc, w["ids"], lm.log(p) - math.log(max(V - C, 1)), V)
+        """(the common head's logits z on h [..., C], their full-vocab spread)."""
+        z = lm.logits32(h, self._on(lm)["head"])
+        return z, self.spread(lm, z, p)
 
-    def apply(self, h, lm) -> HeadOutput:
-        # both device parts run as backend segments (captured and replayed under CUDA graphs); between them
-        # the host reads P(rare), the one sync of the decision
-        w = self._on(lm)
-        V, H, C = lm.cfg.vocab_size, lm.cfg.hidden_size, len(self.common_ids)
-        p_dev = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
-        p = lm.to_numpy(p_dev).astype(np.float64)
+    def spread(self, lm, z, p):
+        """The distribution over every id [..., V] from the common logits z: common ids get (1 - p) softmax(z),
+        the rest share p evenly."""
+        w, V, C = self._on(lm), lm.cfg.vocab_size, len(self.common_ids)
+        lc = lm.log_softmax(z) + lm.log(1 - p)[..., None]
+        return lm.spread(lc, w["ids"], lm.log(p) - math.log(max(V - C, 1)), V)
+
+    def common_pick(self, lm, z):
+        """What a common row picks from, over every id: its common logits z, -inf at the other ids."""
+        never = lm.asarray(np.full(tuple(z.shape[:-1]), -np.inf), "float32")
+        return lm.spread(z, self._on(lm)["ids"], never, lm.cfg.vocab_size)
+
+    def decision(self, cfg, p: np.ndarray) -> tuple[str, int, dict]:
+        """(head name, weight elements read, info) of P(rare) p per row: common rows at or below the threshold."""
+        V, H, C = cfg.vocab_size, cfg.hidden_size, len(self.common_ids)
         common = p <= self.threshold
         info = {"p_rare": p.ravel().tolist(), "common_head": common.ravel().tolist()}
         full = V * H + self.router_params
         if not common.any():
-            return HeadOutput(lm.logits32(h, lm.lm_head), "full", full, info=info)
-        lc, spread = lm.segment(("common", id(self)), functools.partial(self.common_out, lm), h, p_dev)
+            return "full", full, info
         if common.all():
-            return HeadOutput(spread, "common", C * H + self.router_params, pick=lc, pick_ids=w["ids"], info=info)
-        # rows of a batch decide alone; a common row still picks among the common ids only
+            return "common", C * H + self.router_params, info
+        return "mixed", full + C * H, info
+
+    def apply(self, h, lm) -> HeadOutput:
+        w = self._on(lm)
+        p_dev, rare = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
+        both = lm.gated_linear(h, w["head"], lm.lm_head, rare)
+        if both is not None:
+            # decided on the device: one graph runs the chosen head (no host read), the decision is read after
+            zc, zf = both
+            return HeadOutput(lm.where_rows(rare, zf, self.spread(lm, zc, p_dev)), "", 0, pick=zc, pick_ids=w["ids"],
+                              pick_alt=(rare, zf, None), settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
+        # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
+        # graphs); between them the host reads P(rare), the one sync of the decision
+        name, params, info = self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64))
+        if name == "full":
+            return HeadOutput(lm.logits32(h, lm.lm_head), name, params, info=info)
+        zc, spread = lm.segment(("common", id(self)), functools.partial(self.common_out, lm), h, p_dev)
+        if name == "common":
+            return HeadOutput(spread, name, params, pick=zc, pick_ids=w["ids"], info=info)
+        # rows of a batch decide alone
+        common = np.asarray(info["common_head"]).reshape(tuple(h.shape[:-1]))
         full_logits = lm.logits32(h, lm.lm_head)
-        only_common = lm.spread(lc, w["ids"], lm.asarray(np.full(p.shape, -np.inf), "float32"), V)
-        return HeadOutput(lm.where_rows(common, spread, full_logits), "mixed", full + C * H,
-                          pick=lm.where_rows(common, only_common, full_logits), info=info)
+        return HeadOutput(lm.where_rows(common, spread, full_logits), name, params,
+                          pick=lm.where_rows(common, self.common_pick(lm, zc), full_logits), info=info)
 
 
 @functools.lru_cache(maxsize=8)
