@@ -9,8 +9,10 @@ steps (a trained router's decisions on random weights would mean nothing); the c
 25% skip set (layers 12-14, 16-18, 25, 26 of 30, scaled); a token gate that skips that set on a set share of
 the steps, writing the skipped layers' K/V (the token router's default policy; its decision needs the
 residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan replays one graph
-per block, picked by the host after the decision, and a gated head its router and common-head parts as graphs
-on either side of the P(rare) read. Timing is paired per repeat
+per block, picked by the host after the decision; the gated head decides on the device (router MLP and a Triton
+gated_linear that reads only the head a row needs, one captured segment, no host read), and router-host /
+stacked-host measure the earlier host decision (router and common-head segments on either side of the P(rare)
+read) beside it. Timing is paired per repeat
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
 (cost.structural).
 
@@ -155,14 +157,26 @@ def step_bytes(cfg: ModelConfig, item: int, context: int) -> tuple[int, int]:
     return wb["layers"] + wb["lm_head"], 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * item
 
 
-def heads(lm: TorchLM, common_share: float) -> tuple[GatedHead, GatedHead]:
+class HostDecidedHead(GatedHead):
+    """The gated head with its decision read on the host between two captured segments (the path before
+    Decoder.gated_linear), measured beside the device decision."""
+
+    def apply(self, h, lm):
+        lm.gated_linear_ok = lambda *a: False
+        try:
+            return super().apply(h, lm)
+        finally:
+            del lm.gated_linear_ok
+
+
+def heads(lm: TorchLM, common_share: float, cls=GatedHead) -> tuple[GatedHead, GatedHead]:
     rng = np.random.default_rng(0)
     H, V = lm.cfg.hidden_size, lm.cfg.vocab_size
     ids = np.sort(rng.choice(V, int(common_share * V), replace=False)).astype(np.int64)
     w = dict(w1=rng.normal(size=(256, H)).astype(np.float32) * 0.05, b1=np.zeros(256, np.float32),
              w2=rng.normal(size=(1, 256)).astype(np.float32) * 0.05, b2=np.zeros(1, np.float32))
     shared: dict = {}  # both share the converted weights, as one head would
-    return GatedHead(ids, **w, threshold=2.0, _arrays=shared), GatedHead(ids, **w, threshold=-1.0, _arrays=shared)
+    return cls(ids, **w, threshold=2.0, _arrays=shared), cls(ids, **w, threshold=-1.0, _arrays=shared)
 
 
 PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None = quant_cuda's choice)
@@ -234,6 +248,7 @@ def technique_configs(lm: TorchLM, a) -> dict:
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
+    host_common, host_full = heads(lm, a.common_share, HostDecidedHead)
     wanted = lambda n: not a.configs or n in a.configs  # noqa: E731
     gear_sets = [s for g, sets in GEAR_SETS.items() if wanted(g) for s in sets]
     for name in dict.fromkeys([n for n in a.packed if wanted(n)] + gear_sets):
@@ -244,6 +259,8 @@ def technique_configs(lm: TorchLM, a) -> dict:
             "router": lambda: RatePolicy(common, full, a.common_rate),
             "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
             "router_all_common": lambda: RatePolicy(common, full, 1.0),
+            "router-host": lambda: RatePolicy(host_common, host_full, a.common_rate),
+            "stacked-host": lambda: RatePolicy(host_common, host_full, a.common_rate, cut),
             "skip-25": lambda: StaticPolicy(StepPlan(skip_layers=skip)),
             "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate))}
 
@@ -416,7 +433,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of a compiled step per shape (with --configs: wall vs kernel time of each)")
     a = ap.parse_args()
-    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "skip-25", "token-gate", *GEAR_SETS}
+    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25", "token-gate", *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:
         sys.exit(f"cuda_techniques: unknown --configs {sorted(set(a.configs) - known)} (known: {sorted(known)})")
     if not torch.cuda.is_available():

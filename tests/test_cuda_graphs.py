@@ -119,3 +119,48 @@ def test_gear_monitor_entropy_on_the_device_is_the_host_one():
 
     logits = torch.randn(3, 50000, device="cuda") * 4
     np.testing.assert_allclose(monitor.entropy_bits(logits), monitor.entropy_bits(logits.cpu().numpy()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("take", [[False], [True], [False, False, False], [True, True, True], [True, False, True]])
+def test_gated_linear_kernel_reads_the_weight_some_row_needs(take):
+    from adaptive_inference import triton_kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(len(take), 1, 576, device="cuda", generator=gen).bfloat16()
+    w_no = torch.randn(300, 576, device="cuda", generator=gen).bfloat16()
+    w_yes = torch.randn(5000, 576, device="cuda", generator=gen).bfloat16()
+    y_no, y_yes = triton_kernels.gated_linear(x, w_no, w_yes, torch.tensor(take, device="cuda")[:, None])
+    assert y_no.shape == (len(take), 1, 300) and y_yes.shape == (len(take), 1, 5000) and y_no.dtype == torch.float32
+    for y, w, needed in ((y_no, w_no, not all(take)), (y_yes, w_yes, any(take))):
+        want = x.float() @ w.float().T if needed else torch.zeros_like(y)
+        torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("threshold", [2.0, -1.0, 0.5])
+def test_router_decides_on_the_device_under_graphs(tiny_llama, batch, threshold):
+    """bf16 on CUDA: the gated head decides on the device (Triton gated_linear inside its captured segment) and
+    gives the host decision's logits and reported heads, step by step, on replays too."""
+    from test_vocab_router import head_for
+
+    lm = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16")
+    host = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16")
+    host.gated_linear_ok = lambda *a: False
+    assert lm.gated_linear_ok(torch.zeros(batch, lm.cfg.hidden_size, device="cuda"), lm.lm_head, lm.lm_head)
+    plan = StepPlan(head=head_for(lm, threshold))
+    heads = set()
+    for _ in range(2):  # the second pass replays what the first captured
+        caches = [m.new_cache(batch, len(IDS)) for m in (lm, host)]
+        for m, c in zip((lm, host), caches, strict=True):
+            m.forward(torch.tensor([[t + r for t in IDS[:4]] for r in range(batch)], device="cuda"), c)
+        for t in IDS[4:]:
+            tok = torch.tensor([t + 3 * r for r in range(batch)], device="cuda")
+            got, want = (m.decode_one_token(tok, c, plan) for m, c in zip((lm, host), caches, strict=True))
+            np.testing.assert_allclose(got.out.logits.float().cpu().numpy(), want.out.logits.float().cpu().numpy(),
+                                       rtol=2e-2, atol=2e-2)
+            assert np.array_equal(lm.next_tokens(got.out, 0.0, None)[0].cpu().numpy(),
+                                  host.next_tokens(want.out, 0.0, None)[0].cpu().numpy())
+            assert got.executed.head == want.executed.head and got.executed.head_params == want.executed.head_params
+            heads.add(got.executed.head)
+    assert heads == {2.0: {"common"}, -1.0: {"full"}}.get(threshold, heads)
+    assert any(k[1][0] == "decide" for k in lm.graphs if k[0] == "segment")

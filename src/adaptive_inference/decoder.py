@@ -117,12 +117,15 @@ class Decoder(abc.ABC):
     def where_rows(self, mask, a, b):
         """a where mask [...] else b, mask (numpy or a backend bool array) broadcast over the last axis."""
 
+    def gated_linear_ok(self, x, w_no, w_yes) -> bool:
+        """Whether gated_linear runs for these arrays (by default it does not: the caller decides on the host)."""
+        return False
+
     def gated_linear(self, x, w_no, w_yes, take):
         """float32 (x @ w_no.T, x @ w_yes.T), each computed only if some row needs it (take [...]: a backend bool
-        array per row, True = w_yes; the other output's values are unspecified): a choice made on the device,
-        which the host never reads. None (this default) when the backend cannot for these arrays: the caller
-        then reads the decision on the host and runs what it chose."""
-        return None
+        array per row, True = w_yes; rows that do not need an output get zeros there): a choice made on the
+        device, which the host never reads, so the step stays one graph. Only where gated_linear_ok."""
+        raise NotImplementedError(f"{type(self).__name__}.gated_linear")
 
     @abc.abstractmethod
     def asarray(self, a: np.ndarray, dtype: str | None = None):

@@ -226,3 +226,49 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scal
 @w4_linear.register_fake
 def _(x, codes, residual, scale, minv, group_size, nested):
     return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K"])
+@triton.jit
+def _gated_kernel(x_ptr, w_ptr, take_ptr, y_ptr, M, N, K, WANT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x @ w.T in fp32 if some row m < M has take[m] == WANT, else zeros (no weight read): each program
+    reads the decision first, so a choice made on the device skips the unneeded weight's bytes."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    take = tl.load(take_ptr + rm, mask=rm < M, other=0)
+    needed = tl.sum(tl.where((rm < M) & ((take != 0) == (WANT != 0)), 1, 0), axis=0) > 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if needed:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+GATED_ROWS = 16  # the most rows of x gated_linear takes (one tensor-core tile)
+_gated_tuned: set = set()
+
+
+def gated_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
+    """fp32 (x @ w_no.T, x @ w_yes.T) for x [..., K] (at most GATED_ROWS rows) and bf16 weights [N, K]: the
+    first only if some row has take False, the second only if some row has take True (zeros otherwise).
+    take [...] bool is read by the kernels, never by the host, so this runs inside a captured graph."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    flags = take.reshape(-1).view(torch.uint8)
+    out = []
+    for w, want in ((w_no, 0), (w_yes, 1)):
+        n = w.shape[0]
+        y = torch.empty((m, n), device=x.device, dtype=torch.float32)
+        grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        if (n, k) not in _gated_tuned:  # autotune with the weight read (a skipped launch times nothing)
+            _gated_kernel[grid](x2, w, torch.ones_like(flags), y, m, n, k, WANT=1, BLOCK_M=GATED_ROWS)
+            _gated_tuned.add((n, k))
+        _gated_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=GATED_ROWS)
+        out.append(y.reshape(*x.shape[:-1], n))
+    return tuple(out)

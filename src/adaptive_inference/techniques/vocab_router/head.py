@@ -4,6 +4,12 @@ Per position the router MLP gives P(rare); at or below the threshold the step mu
 common head only. The output stays a distribution over every id: common ids get (1 - p) softmax(common
 logits), the rest share p evenly, so KL and perplexity stay finite. Decode picks among the common logits
 and maps back to vocab ids; the 49k-wide spread is only built when read (lazy on MLX).
+
+Where the backend can (Decoder.gated_linear: MLX's CPU kernel, a Triton kernel on CUDA with bf16 weights), the
+decision is taken on the device: the router and a matmul that reads only the head each row needs run in the
+same graph as the blocks, and the host reads P(rare) only after the token (one evaluation per step, nothing
+to wait for in between). Elsewhere (torch on CPU, prefill and teacher-forced texts) the host reads P(rare)
+first and runs the head it chose. Both take the same decisions (on MLX with bit-identical logits; tests).
 """
 
 from __future__ import annotations
@@ -87,15 +93,22 @@ class GatedHead:
             return "common", C * H + self.router_params, info
         return "mixed", full + C * H, info
 
+    def decide(self, lm, h):
+        """(P(rare), rare, common logits, full logits) in one piece of the step: the head a row needs is chosen
+        on the device (Decoder.gated_linear)."""
+        w = self._on(lm)
+        p, rare = self.p_rare(lm, h)
+        return (p, rare, *lm.gated_linear(h, w["head"], lm.lm_head, rare))
+
     def apply(self, h, lm) -> HeadOutput:
         w = self._on(lm)
-        p_dev, rare = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
-        both = lm.gated_linear(h, w["head"], lm.lm_head, rare)
-        if both is not None:
-            # decided on the device: one graph runs the chosen head (no host read), the decision is read after
-            zc, zf = both
+        if lm.gated_linear_ok(h, w["head"], lm.lm_head):
+            # one graph runs the chosen head, no host read; the decision is read once the step is evaluated
+            p_dev, rare, zc, zf = lm.segment(("decide", id(self)), functools.partial(self.decide, lm), h)
             return HeadOutput(lm.where_rows(rare, zf, self.spread(lm, zc, p_dev)), "", 0, pick=zc, pick_ids=w["ids"],
-                              pick_alt=(rare, zf, None), settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
+                              pick_alt=(rare, zf, None),
+                              settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
+        p_dev, _ = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
         # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
         # graphs); between them the host reads P(rare), the one sync of the decision
         name, params, info = self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64))
