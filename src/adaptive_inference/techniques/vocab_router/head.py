@@ -94,19 +94,19 @@ class GatedHead:
         return "mixed", full + C * H, info
 
     def decide(self, lm, h):
-        """(P(rare), rare, common logits, full logits) in one piece of the step: the head a row needs is chosen
-        on the device (Decoder.gated_linear)."""
+        """(P(rare), rare, common logits, full logits, the distribution over every id) in one piece of the step:
+        the head a row needs is chosen on the device (Decoder.gated_linear)."""
         w = self._on(lm)
         p, rare = self.p_rare(lm, h)
-        return (p, rare, *lm.gated_linear(h, w["head"], lm.lm_head, rare))
+        zc, zf = lm.gated_linear(h, w["head"], lm.lm_head, rare)
+        return p, rare, zc, zf, lm.where_rows(rare, zf, self.spread(lm, zc, p))
 
     def apply(self, h, lm) -> HeadOutput:
         w = self._on(lm)
         if lm.gated_linear_ok(h, w["head"], lm.lm_head):
             # one graph runs the chosen head, no host read; the decision is read once the step is evaluated
-            p_dev, rare, zc, zf = lm.segment(("decide", id(self)), functools.partial(self.decide, lm), h)
-            return HeadOutput(lm.where_rows(rare, zf, self.spread(lm, zc, p_dev)), "", 0, pick=zc, pick_ids=w["ids"],
-                              pick_alt=(rare, zf, None),
+            p_dev, rare, zc, zf, logits = lm.segment(("decide", id(self)), functools.partial(self.decide, lm), h)
+            return HeadOutput(logits, "", 0, pick=zc, pick_ids=w["ids"], pick_alt=(rare, zf, None),
                               settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
         p_dev, _ = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
         # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
