@@ -137,6 +137,18 @@ void ai_parallel_for(int64_t n, int64_t grain, const F& f) {
 """ + LAYER_SOURCE + r"""
 namespace {
 
+// The start of a multi-output primitive's eval_cpu: inputs checked row-contiguous, outputs allocated, both
+// registered with the stream's command encoder (which then keeps them alive for the dispatched work).
+cpu::CommandEncoder& begin_eval(const Stream& s, const std::vector<array>& in, std::vector<array>& out, const char* what) {
+  for (const array& a : in)
+    if (!a.flags().row_contiguous) throw std::runtime_error(std::string(what) + ": inputs are not row-contiguous");
+  for (array& a : out) a.set_data(allocator::malloc(a.nbytes()));
+  auto& enc = cpu::get_command_encoder(s);
+  for (const array& a : in) enc.set_input_array(a);
+  for (array& a : out) enc.set_output_array(a);
+  return enc;
+}
+
 // One fp32 decode block (decode_layer_into) as a graph node: inputs x [..., E] (B rows), ln1, wqkv, wo, ln2,
 // w_gate_up, w_down, the cache k, v [B, Hkv, S, D] (read only), written [B, S] (slot pos already marked), cos,
 // sin [D] (, bqkv); outputs the block's output (x's shape) and the new slot's k, v [B, Hkv, 1, D], which the
@@ -146,12 +158,7 @@ class DecodeLayer : public Primitive {
   DecodeLayer(Stream s, int64_t pos, int64_t H, int64_t Hkv, double eps, bool mlp)
       : Primitive(s), pos_(pos), H_(H), Hkv_(Hkv), eps_(eps), mlp_(mlp) {}
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
-    for (const array& a : in)
-      if (!a.flags().row_contiguous) throw std::runtime_error("decode_layer: inputs are not row-contiguous");
-    for (array& a : out) a.set_data(allocator::malloc(a.nbytes()));
-    auto& enc = cpu::get_command_encoder(stream());
-    for (const array& a : in) enc.set_input_array(a);
-    for (array& a : out) enc.set_output_array(a);
+    auto& enc = begin_eval(stream(), in, out, "decode_layer");
     const int64_t E = in[0].shape(-1);
     const Block d{int64_t(in[0].size()) / E, E, H_, Hkv_, in[10].shape(-1), in[7].shape(2), in[6].shape(1), pos_,
                   eps_, mlp_};
@@ -227,12 +234,7 @@ class GatedLinear : public Primitive {
  public:
   explicit GatedLinear(Stream s) : Primitive(s) {}
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
-    for (const array& a : in)
-      if (!a.flags().row_contiguous) throw std::runtime_error("gated_linear: inputs are not row-contiguous");
-    for (array& a : out) a.set_data(allocator::malloc(a.nbytes()));
-    auto& enc = cpu::get_command_encoder(stream());
-    for (const array& a : in) enc.set_input_array(a);
-    for (array& a : out) enc.set_output_array(a);
+    auto& enc = begin_eval(stream(), in, out, "gated_linear");
     const int64_t M = in[0].shape(0), K = in[0].shape(1);
     const float* x = in[0].data<float>();
     const bool* take = in[3].data<bool>();
