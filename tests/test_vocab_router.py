@@ -164,3 +164,17 @@ def test_device_decision_reads_nothing_while_the_step_is_built(tiny_llama, monke
     assert reads == ([] if device_decides(lm) else [(1,)])
     lm.to_numpy(ids)
     assert fwd.executed.head in ("common", "full") and len(fwd.executed.info["p_rare"]) == 1
+
+
+def test_each_head_runs_its_own_segments(lm):
+    """Heads made and dropped one after another (a new object may reuse a dropped one's id) each run their own
+    router and threshold: captured / compiled segments are keyed by the head, not by its id."""
+    ids = lm.ids_array(np.asarray([IDS[:5]]))
+    for threshold in (2.0, -1.0) * 4:
+        plan = StepPlan(head=head_for(lm, threshold, seed=int(threshold > 0)))
+        cache = lm.new_cache(1, 8)
+        fwd = lm.prefill(ids, cache, plan)
+        fwd = lm.decode_one_token(lm.next_tokens(fwd.out, 0.0, None)[0], cache, plan)
+        lm.to_numpy(lm.next_tokens(fwd.out, 0.0, None)[0])
+        assert fwd.executed.head == ("common" if threshold > 0 else "full")
+        del plan, fwd

@@ -172,7 +172,8 @@ class Decoder(abc.ABC):
     def segment(self, key, fn, *arrays):
         """fn(*arrays) -> an array or a tuple of arrays: a piece of a decode step that is a pure function of its
         arrays and of state at fixed addresses (weights). A backend may capture it once per (key, shapes) and
-        replay it (CUDA graphs); by default it just runs."""
+        replay it (CUDA graphs, mx.compile); by default it just runs. key holds the owner of that state (not its
+        id(), which a later object may reuse): the backend keeps it alive with the capture."""
         return fn(*arrays)
 
     @abc.abstractmethod

@@ -69,11 +69,11 @@ class Head(Protocol):
 class HeadOutput:
     """logits: the full-vocab log-distribution [..., vocab] (teacher-forced quality; may stay lazy on MLX);
     pick: what decode picks the next token from (None = logits), with pick_ids mapping its columns back to
-    vocab ids (None = they are vocab ids), and pick_alt (rows, logits, ids): rows [...] (a backend bool array)
-    that pick from these logits instead (ids as pick_ids); name: what ran ('full', 'common', 'mixed'); params_read: weight
-    elements the head read; info: per-row facts for the decision log. A head that decides on the device leaves
-    those three to `settle`, a callable giving (name, params_read, info) once the step is evaluated (reading
-    the decision earlier would cost a second evaluation per step)."""
+    vocab ids (None = they are vocab ids); pick_alt (rows, logits, ids): rows [...] (a backend bool array)
+    that pick from those logits instead (ids as pick_ids); name: what ran ('full', 'common', 'mixed');
+    params_read: weight elements the head read; info: per-row facts for the decision log. A head that decides
+    on the device leaves those three to `settle`, a callable giving (name, params_read, info) once the step
+    is evaluated (reading the decision earlier would cost a second evaluation per step)."""
 
     logits: Any
     name: str

@@ -105,16 +105,16 @@ class GatedHead:
         w = self._on(lm)
         if lm.gated_linear_ok(h, w["head"], lm.lm_head):
             # one graph runs the chosen head, no host read; the decision is read once the step is evaluated
-            p_dev, rare, zc, zf, logits = lm.segment(("decide", id(self)), functools.partial(self.decide, lm), h)
+            p_dev, rare, zc, zf, logits = lm.segment(("decide", self), functools.partial(self.decide, lm), h)
             return HeadOutput(logits, "", 0, pick=zc, pick_ids=w["ids"], pick_alt=(rare, zf, None),
                               settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
-        p_dev, _ = lm.segment(("p_rare", id(self)), functools.partial(self.p_rare, lm), h)
+        p_dev, _ = lm.segment(("p_rare", self), functools.partial(self.p_rare, lm), h)
         # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
         # graphs); between them the host reads P(rare), the one sync of the decision
         name, params, info = self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64))
         if name == "full":
             return HeadOutput(lm.logits32(h, lm.lm_head), name, params, info=info)
-        zc, spread = lm.segment(("common", id(self)), functools.partial(self.common_out, lm), h, p_dev)
+        zc, spread = lm.segment(("common", self), functools.partial(self.common_out, lm), h, p_dev)
         if name == "common":
             return HeadOutput(spread, name, params, pick=zc, pick_ids=w["ids"], info=info)
         # rows of a batch decide alone
