@@ -52,10 +52,9 @@ class GatedHead:
         return self._arrays[key]
 
     def p_rare(self, lm, h):
-        """(P(rare) float32 [...], whether it is above the threshold: the rows that need the full head)."""
+        """P(rare) per position, float32 [...]."""
         w = self._on(lm)
-        p = lm.sigmoid(lm.logits32(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"]) + w["b2"])[..., 0]
-        return p, p > self.cut
+        return lm.sigmoid(lm.logits32(lm.silu(lm.linear(h, w["w1"], w["b1"])), w["w2"]) + w["b2"])[..., 0]
 
     @functools.cached_property
     def cut(self) -> float:
@@ -97,7 +96,8 @@ class GatedHead:
         """(P(rare), rare, common logits, full logits, the distribution over every id) in one piece of the step:
         the head a row needs is chosen on the device (Decoder.gated_linear)."""
         w = self._on(lm)
-        p, rare = self.p_rare(lm, h)
+        p = self.p_rare(lm, h)
+        rare = p > self.cut  # the rows that need the full head
         zc, zf = lm.gated_linear(h, w["head"], lm.lm_head, rare)
         return p, rare, zc, zf, lm.where_rows(rare, zf, self.spread(lm, zc, p))
 
@@ -108,7 +108,7 @@ class GatedHead:
             p_dev, rare, zc, zf, logits = lm.segment(("decide", self), functools.partial(self.decide, lm), h)
             return HeadOutput(logits, "", 0, pick=zc, pick_ids=w["ids"], pick_alt=(rare, zf, None),
                               settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
-        p_dev, _ = lm.segment(("p_rare", self), functools.partial(self.p_rare, lm), h)
+        p_dev = lm.segment(("p_rare", self), functools.partial(self.p_rare, lm), h)
         # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
         # graphs); between them the host reads P(rare), the one sync of the decision
         name, params, info = self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64))
