@@ -10,7 +10,7 @@ steps (a trained router's decisions on random weights would mean nothing); the c
 the steps, writing the skipped layers' K/V (the token router's default policy; its decision needs the
 residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan replays one graph
 per block, picked by the host after the decision; the gated head decides on the device (router MLP and a Triton
-gated_linear that reads only the head a row needs, one captured segment, no host read), and router-host /
+select_linear that reads only the head a row needs, one captured segment, no host read), and router-host /
 stacked-host measure the earlier host decision (router and common-head segments on either side of the P(rare)
 read) beside it. Timing is paired per repeat
 as in the benchmark stage (bench.stats.paired_speedup); the bound comes from what the decoder executed
@@ -159,14 +159,14 @@ def step_bytes(cfg: ModelConfig, item: int, context: int) -> tuple[int, int]:
 
 class HostDecidedHead(GatedHead):
     """The gated head with its decision read on the host between two captured segments (the path before
-    Decoder.gated_linear), measured beside the device decision."""
+    Decoder.select_linear), measured beside the device decision."""
 
     def apply(self, h, lm):
-        lm.gated_linear_ok = lambda *a: False
+        lm.select_linear_ok = lambda *a: False
         try:
             return super().apply(h, lm)
         finally:
-            del lm.gated_linear_ok
+            del lm.select_linear_ok
 
 
 def heads(lm: TorchLM, common_share: float, cls=GatedHead) -> tuple[GatedHead, GatedHead]:

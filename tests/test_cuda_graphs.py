@@ -122,14 +122,14 @@ def test_gear_monitor_entropy_on_the_device_is_the_host_one():
 
 
 @pytest.mark.parametrize("take", [[False], [True], [False, False, False], [True, True, True], [True, False, True]])
-def test_gated_linear_kernel_reads_the_weight_some_row_needs(take):
+def test_select_linear_kernel_reads_the_weight_some_row_needs(take):
     from adaptive_inference import triton_kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(len(take), 1, 576, device="cuda", generator=gen).bfloat16()
     w_no = torch.randn(300, 576, device="cuda", generator=gen).bfloat16()
     w_yes = torch.randn(5000, 576, device="cuda", generator=gen).bfloat16()
-    y_no, y_yes = triton_kernels.gated_linear(x, w_no, w_yes, torch.tensor(take, device="cuda")[:, None])
+    y_no, y_yes = triton_kernels.select_linear(x, w_no, w_yes, torch.tensor(take, device="cuda")[:, None])
     assert y_no.shape == (len(take), 1, 300) and y_yes.shape == (len(take), 1, 5000) and y_no.dtype == torch.float32
     for y, w, needed in ((y_no, w_no, not all(take)), (y_yes, w_yes, any(take))):
         want = x.float() @ w.float().T if needed else torch.zeros_like(y)
@@ -139,14 +139,14 @@ def test_gated_linear_kernel_reads_the_weight_some_row_needs(take):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("threshold", [2.0, -1.0, 0.5])
 def test_router_decides_on_the_device_under_graphs(tiny_llama, batch, threshold):
-    """bf16 on CUDA: the gated head decides on the device (Triton gated_linear inside its captured segment) and
+    """bf16 on CUDA: the gated head decides on the device (Triton select_linear inside its captured segment) and
     gives the host decision's logits and reported heads, step by step, on replays too."""
     from test_vocab_router import head_for
 
     lm = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16")
     host = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16")
-    host.gated_linear_ok = lambda *a: False
-    assert lm.gated_linear_ok(torch.zeros(batch, lm.cfg.hidden_size, device="cuda"), lm.lm_head, lm.lm_head)
+    host.select_linear_ok = lambda *a: False
+    assert lm.select_linear_ok(torch.zeros(batch, lm.cfg.hidden_size, device="cuda"), lm.lm_head, lm.lm_head)
     plan = StepPlan(head=head_for(lm, threshold))
     heads = set()
     for _ in range(2):  # the second pass replays what the first captured

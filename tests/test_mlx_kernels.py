@@ -67,40 +67,40 @@ def test_dense_linear_refuses_bad_input():
 
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("take", [[False], [True], [False, False, False], [True, True, True], [True, False, True]])
-def test_gated_linear_computes_what_some_row_needs(wdtype, take):
+def test_select_linear_computes_what_some_row_needs(wdtype, take):
     """Each output equals dense_linear exactly where some row needs it, and is zeros where none does."""
     w_no, w_yes = rand(37, 64, seed=1).astype(getattr(mx, wdtype)), rand(300, 64, seed=2).astype(getattr(mx, wdtype))
     x = rand(len(take), 1, 64, seed=3)
-    y_no, y_yes = mlx_kernels.gated_linear(x, w_no, w_yes, mx.array(take)[:, None])
+    y_no, y_yes = mlx_kernels.select_linear(x, w_no, w_yes, mx.array(take)[:, None])
     assert y_no.shape == (len(take), 1, 37) and y_yes.shape == (len(take), 1, 300) and y_no.dtype == mx.float32
     for y, w, needed in ((y_no, w_no, not all(take)), (y_yes, w_yes, any(take))):
         ref = np.array(mlx_kernels.dense_linear(x, w)) if needed else np.zeros(y.shape, np.float32)
         assert np.array_equal(np.array(y), ref)
 
 
-def test_gated_linear_decides_inside_the_graph():
+def test_select_linear_decides_inside_the_graph():
     """take computed lazily in the same graph (never read by the host) picks the weight."""
     w_no, w_yes = rand(16, 64, seed=5), rand(48, 64, seed=6)
     x = mx.concatenate([mx.array([[1.0], [-1.0]]), rand(2, 63, seed=4)], axis=1)
     take = x[:, 0] > 0  # one row each way
-    f = mx.compile(lambda a: mlx_kernels.gated_linear(a, w_no, w_yes, a[:, 0] > 0))
-    for y_no, y_yes in (mlx_kernels.gated_linear(x, w_no, w_yes, take), f(x)):
+    f = mx.compile(lambda a: mlx_kernels.select_linear(a, w_no, w_yes, a[:, 0] > 0))
+    for y_no, y_yes in (mlx_kernels.select_linear(x, w_no, w_yes, take), f(x)):
         np.testing.assert_allclose(np.array(y_no), np.array(x @ w_no.T), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.array(y_yes), np.array(x @ w_yes.T), rtol=1e-5, atol=1e-5)
 
 
-def test_gated_linear_refuses_bad_input():
+def test_select_linear_refuses_bad_input():
     w = rand(16, 32)
     with pytest.raises(ValueError, match="1 to 8 rows"):
-        mlx_kernels.gated_linear(rand(9, 32), w, w, mx.zeros((9,), dtype=mx.bool_))
+        mlx_kernels.select_linear(rand(9, 32), w, w, mx.zeros((9,), dtype=mx.bool_))
     with pytest.raises(ValueError, match="bool, one per row"):
-        mlx_kernels.gated_linear(rand(2, 32), w, w, mx.zeros((3,), dtype=mx.bool_))
+        mlx_kernels.select_linear(rand(2, 32), w, w, mx.zeros((3,), dtype=mx.bool_))
     with pytest.raises(ValueError, match="bool, one per row"):
-        mlx_kernels.gated_linear(rand(2, 32), w, w, mx.zeros((2,)))
+        mlx_kernels.select_linear(rand(2, 32), w, w, mx.zeros((2,)))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        mlx_kernels.gated_linear(rand(1, 32), w, w.astype(mx.float16), mx.zeros((1,), dtype=mx.bool_))
+        mlx_kernels.select_linear(rand(1, 32), w, w.astype(mx.float16), mx.zeros((1,), dtype=mx.bool_))
     with pytest.raises(ValueError, match=r"x \[..., K\] and weights \[N, K\]"):
-        mlx_kernels.gated_linear(rand(1, 32), w, rand(16, 31), mx.zeros((1,), dtype=mx.bool_))
+        mlx_kernels.select_linear(rand(1, 32), w, rand(16, 31), mx.zeros((1,), dtype=mx.bool_))
 
 
 def test_build_failure_is_one_line_and_writes_nothing(tmp_path, monkeypatch):

@@ -112,13 +112,13 @@ def test_batched_rows_decide_alone(lm):
 
 
 def device_decides(lm) -> bool:
-    return lm.gated_linear_ok(lm.asarray(np.zeros((1, lm.cfg.hidden_size))), lm.lm_head, lm.lm_head)
+    return lm.select_linear_ok(lm.asarray(np.zeros((1, lm.cfg.hidden_size))), lm.lm_head, lm.lm_head)
 
 
 def decode_steps(lm, plan, prompts, n: int, host: bool):
     """Per step: (tokens, logits, executed) of a greedy decode; host=True makes the head decide on the host."""
     if host:
-        lm.gated_linear_ok = lambda *a: False
+        lm.select_linear_ok = lambda *a: False
     try:
         ids = lm.ids_array(np.asarray(prompts))
         cache, state, out = lm.new_cache(ids.shape[0], ids.shape[1] + n), lm.sampler_state(0), []
@@ -128,7 +128,7 @@ def decode_steps(lm, plan, prompts, n: int, host: bool):
             out.append((lm.to_numpy(ids), lm.to_numpy(fwd.out.logits), fwd.executed))
         return out
     finally:
-        vars(lm).pop("gated_linear_ok", None)
+        vars(lm).pop("select_linear_ok", None)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -117,15 +117,16 @@ class Decoder(abc.ABC):
     def where_rows(self, mask, a, b):
         """a where mask [...] else b, mask (numpy or a backend bool array) broadcast over the last axis."""
 
-    def gated_linear_ok(self, x, w_no, w_yes) -> bool:
-        """Whether gated_linear runs for these arrays (by default it does not: the caller decides on the host)."""
+    def select_linear_ok(self, x, w_no, w_yes) -> bool:
+        """Whether select_linear skips the weight no row needs for these arrays (by default it does not, so a
+        caller that wants the saving decides on the host instead)."""
         return False
 
-    def gated_linear(self, x, w_no, w_yes, take):
-        """float32 (x @ w_no.T, x @ w_yes.T), each computed only if some row needs it (take [...]: a backend bool
-        array per row, True = w_yes; rows that do not need an output get zeros there): a choice made on the
-        device, which the host never reads, so the step stays one graph. Only where gated_linear_ok."""
-        raise NotImplementedError(f"{type(self).__name__}.gated_linear")
+    def select_linear(self, x, w_no, w_yes, take):
+        """float32 (x @ w_no.T, x @ w_yes.T) for take [...] (a backend bool array per row, True = w_yes): each
+        exact where some row needs it. Where select_linear_ok, an output no row needs is not computed (zeros) and
+        the choice is made on the device, which the host never reads; this default computes both."""
+        return self.logits32(x, w_no), self.logits32(x, w_yes)
 
     @abc.abstractmethod
     def asarray(self, a: np.ndarray, dtype: str | None = None):

@@ -280,11 +280,11 @@ class MLXLM(Decoder):
     def where_rows(self, mask, a, b):
         return mx.where((mask if isinstance(mask, mx.array) else mx.array(mask))[..., None], a, b)
 
-    def gated_linear_ok(self, x, w_no, w_yes) -> bool:
+    def select_linear_ok(self, x, w_no, w_yes) -> bool:
         return self.dense_kernel and mlx_kernels.dense_ok(x, w_no) and mlx_kernels.dense_ok(x, w_yes)
 
-    def gated_linear(self, x, w_no, w_yes, take):
-        return mlx_kernels.gated_linear(x, w_no, w_yes, take)
+    def select_linear(self, x, w_no, w_yes, take):
+        return mlx_kernels.select_linear(x, w_no, w_yes, take)
 
     def asarray(self, a: np.ndarray, dtype: str | None = None):
         a = np.asarray(a)

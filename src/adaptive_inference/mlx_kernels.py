@@ -5,7 +5,7 @@ a cache folder, keyed by its source, flags and the mlx / nanobind / Python versi
   extension's code): ~15 fewer MLX ops per block to build and evaluate. It returns the new cache slot's k, v
   rather than the cache: the caller's slice update then writes them in place (a node with several outputs
   never gets its input's buffer donated, so returning the cache would copy it every step).
-- gated_linear: two dense_linears of which only the needed ones run, chosen by a bool per row computed
+- select_linear: two dense_linears of which only the needed ones run, chosen by a bool per row computed
   in the same graph (a decision on the device: one evaluation per step, no host read).
 - dense_linear: x @ w.T for full-precision (fp32 / bf16) weights [N, K] and at most 8 input rows: the decode
   matmul, the same AVX2 gemv as torch_kernels.dense_linear (cpu_gemv_source), on OpenMP threads. MLX's CPU
@@ -230,11 +230,11 @@ std::tuple<array, array, array> decode_layer(const array& x, const array& ln1, c
 // y_no = x @ w_no.T if some row of x does not take, y_yes = x @ w_yes.T if some row takes (zeros otherwise):
 // a choice between two weights decided on the device (take is computed in the same graph), so one evaluation
 // runs the whole step and only the chosen weight is read. x [M, K] fp32, take [M] bool.
-class GatedLinear : public Primitive {
+class SelectLinear : public Primitive {
  public:
-  explicit GatedLinear(Stream s) : Primitive(s) {}
+  explicit SelectLinear(Stream s) : Primitive(s) {}
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
-    auto& enc = begin_eval(stream(), in, out, "gated_linear");
+    auto& enc = begin_eval(stream(), in, out, "select_linear");
     const int64_t M = in[0].shape(0), K = in[0].shape(1);
     const float* x = in[0].data<float>();
     const bool* take = in[3].data<bool>();
@@ -255,31 +255,31 @@ class GatedLinear : public Primitive {
     }
   }
   void eval_gpu(const std::vector<array>&, std::vector<array>&) override {
-    throw std::runtime_error("gated_linear: a CPU kernel");
+    throw std::runtime_error("select_linear: a CPU kernel");
   }
-  const char* name() const override { return "AdaptiveInferenceGatedLinear"; }
+  const char* name() const override { return "AdaptiveInferenceSelectLinear"; }
   bool is_equivalent(const Primitive&) const override { return true; }
 };
 
 // x [..., K] (any float dtype), w_no [C, K], w_yes [N, K] fp32 / bf16, take [...] bool (one per row of x, at
 // most 8 rows) -> float32 (x @ w_no.T [..., C], x @ w_yes.T [..., N]), each computed only where a row needs it
-std::tuple<array, array> gated_linear(const array& x_in, const array& w_no, const array& w_yes, const array& take_in) {
+std::tuple<array, array> select_linear(const array& x_in, const array& w_no, const array& w_yes, const array& take_in) {
   for (const array* w : {&w_no, &w_yes}) {
     if (w->ndim() != 2 || x_in.ndim() < 1 || x_in.shape(-1) != w->shape(1))
-      throw std::invalid_argument("gated_linear: expected x [..., K] and weights [N, K]");
+      throw std::invalid_argument("select_linear: expected x [..., K] and weights [N, K]");
     if (w->dtype() != float32 && w->dtype() != bfloat16)
-      throw std::invalid_argument("gated_linear: weights must be float32 or bfloat16");
+      throw std::invalid_argument("select_linear: weights must be float32 or bfloat16");
   }
   const auto s = default_stream(Device::cpu);
   const int K = x_in.shape(-1);
   array x = contiguous(astype(reshape(x_in, {-1, K}, s), float32, s), false, s);
-  if (x.shape(0) < 1 || x.shape(0) > 8) throw std::invalid_argument("gated_linear: 1 to 8 rows");
+  if (x.shape(0) < 1 || x.shape(0) > 8) throw std::invalid_argument("select_linear: 1 to 8 rows");
   if (take_in.dtype() != bool_ || int64_t(take_in.size()) != x.shape(0))
-    throw std::invalid_argument("gated_linear: take must be bool, one per row of x");
+    throw std::invalid_argument("select_linear: take must be bool, one per row of x");
   const array take = contiguous(reshape(take_in, {-1}, s), false, s);
   auto c = [&](const array& w) { return w.is_available() && w.flags().row_contiguous ? w : contiguous(w, false, s); };
   auto outs = array::make_arrays({{x.shape(0), w_no.shape(0)}, {x.shape(0), w_yes.shape(0)}}, {float32, float32},
-                                 std::make_shared<GatedLinear>(s), {x, c(w_no), c(w_yes), take});
+                                 std::make_shared<SelectLinear>(s), {x, c(w_no), c(w_yes), take});
   Shape s_no = x_in.shape(), s_yes = x_in.shape();
   s_no.back() = w_no.shape(0);
   s_yes.back() = w_yes.shape(0);
@@ -290,7 +290,7 @@ std::tuple<array, array> gated_linear(const array& x_in, const array& w_no, cons
 NB_MODULE(adaptive_inference_mlx_cpu, m) {
   m.def("dense_linear", &dense_linear, nanobind::arg("x"), nanobind::arg("w"));
   m.def("decode_layer", &decode_layer);
-  m.def("gated_linear", &gated_linear);
+  m.def("select_linear", &select_linear);
   m.def("set_dense_layout", &set_dense_layout, nanobind::arg("layout"));
 }
 """
@@ -411,8 +411,8 @@ def decode_layer(x, lw, k, v, written, cos, sin, pos: int, n_heads: int, n_kv_he
                                   cos, sin, pos, n_heads, n_kv_heads, eps, mlp)
 
 
-def gated_linear(x, w_no, w_yes, take):
+def select_linear(x, w_no, w_yes, take):
     """float32 (x @ w_no.T, x @ w_yes.T) for x [..., K] with at most MAX_ROWS rows and take [...] bool (one per
     row): the first is computed only if some row does not take, the second only if some row takes (zeros
     otherwise), so a decision made in the same graph picks the weight read without the host reading it."""
-    return kernels().gated_linear(x, w_no, w_yes, take)
+    return kernels().select_linear(x, w_no, w_yes, take)

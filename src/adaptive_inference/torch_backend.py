@@ -481,19 +481,19 @@ class TorchLM(Decoder):
     def weight_shape(self, w) -> tuple[int, int]:
         return tuple(w.shape)
 
-    def gated_linear_ok(self, x, w_no, w_yes) -> bool:
+    def select_linear_ok(self, x, w_no, w_yes) -> bool:
         # CUDA: a Triton kernel (bf16 weights). On CPU torch runs eagerly: the host reads a decision at no cost
         if torch.device(self.device).type != "cuda":
             return False
         from . import triton_kernels
 
-        return (x.numel() <= triton_kernels.GATED_ROWS * x.shape[-1]
+        return (x.numel() <= triton_kernels.SELECT_ROWS * x.shape[-1]
                 and all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 for w in (w_no, w_yes)))
 
-    def gated_linear(self, x, w_no, w_yes, take):
+    def select_linear(self, x, w_no, w_yes, take):
         from . import triton_kernels
 
-        return triton_kernels.gated_linear(x, w_no, w_yes, take)
+        return triton_kernels.select_linear(x, w_no, w_yes, take)
 
     def where_rows(self, mask, a, b):
         return torch.where(torch.as_tensor(mask, device=self.device)[..., None], a, b)

@@ -230,7 +230,7 @@ def _(x, codes, residual, scale, minv, group_size, nested):
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
-def _gated_kernel(x_ptr, w_ptr, take_ptr, y_ptr, M, N, K, WANT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _select_kernel(x_ptr, w_ptr, take_ptr, y_ptr, M, N, K, WANT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = x @ w.T in fp32 if some row m < M has take[m] == WANT, else zeros (no weight read): each program
     reads the decision first, so a choice made on the device skips the unneeded weight's bytes."""
@@ -249,12 +249,12 @@ def _gated_kernel(x_ptr, w_ptr, take_ptr, y_ptr, M, N, K, WANT: tl.constexpr, BL
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-GATED_ROWS = 16  # the most rows of x gated_linear takes (one tensor-core tile)
-_gated_tuned: set = set()
+SELECT_ROWS = 16  # the most rows of x select_linear takes (one tensor-core tile)
+_select_tuned: set = set()
 
 
-def gated_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
-    """fp32 (x @ w_no.T, x @ w_yes.T) for x [..., K] (at most GATED_ROWS rows) and bf16 weights [N, K]: the
+def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
+    """fp32 (x @ w_no.T, x @ w_yes.T) for x [..., K] (at most SELECT_ROWS rows) and bf16 weights [N, K]: the
     first only if some row has take False, the second only if some row has take True (zeros otherwise).
     take [...] bool is read by the kernels, never by the host, so this runs inside a captured graph."""
     k = x.shape[-1]
@@ -266,9 +266,9 @@ def gated_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take:
         n = w.shape[0]
         y = torch.empty((m, n), device=x.device, dtype=torch.float32)
         grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        if (n, k) not in _gated_tuned:  # autotune with the weight read (a skipped launch times nothing)
-            _gated_kernel[grid](x2, w, torch.ones_like(flags), y, m, n, k, WANT=1, BLOCK_M=GATED_ROWS)
-            _gated_tuned.add((n, k))
-        _gated_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=GATED_ROWS)
+        if (n, k) not in _select_tuned:  # autotune with the weight read (a skipped launch times nothing)
+            _select_kernel[grid](x2, w, torch.ones_like(flags), y, m, n, k, WANT=1, BLOCK_M=SELECT_ROWS)
+            _select_tuned.add((n, k))
+        _select_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=SELECT_ROWS)
         out.append(y.reshape(*x.shape[:-1], n))
     return tuple(out)

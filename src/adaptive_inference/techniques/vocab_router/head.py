@@ -5,7 +5,7 @@ common head only. The output stays a distribution over every id: common ids get 
 logits), the rest share p evenly, so KL and perplexity stay finite. Decode picks among the common logits
 and maps back to vocab ids; the 49k-wide spread is only built when read (lazy on MLX).
 
-Where the backend can (Decoder.gated_linear: MLX's CPU kernel, a Triton kernel on CUDA with bf16 weights), the
+Where the backend can (Decoder.select_linear: MLX's CPU kernel, a Triton kernel on CUDA with bf16 weights), the
 decision is taken on the device: the router and a matmul that reads only the head each row needs run in the
 same graph as the blocks, and the host reads P(rare) only after the token (one evaluation per step, nothing
 to wait for in between). Elsewhere (torch on CPU, prefill and teacher-forced texts) the host reads P(rare)
@@ -94,16 +94,16 @@ class GatedHead:
 
     def decide(self, lm, h):
         """(P(rare), rare, common logits, full logits, the distribution over every id) in one piece of the step:
-        the head a row needs is chosen on the device (Decoder.gated_linear)."""
+        the head a row needs is chosen on the device (Decoder.select_linear)."""
         w = self._on(lm)
         p = self.p_rare(lm, h)
         rare = p > self.cut  # the rows that need the full head
-        zc, zf = lm.gated_linear(h, w["head"], lm.lm_head, rare)
+        zc, zf = lm.select_linear(h, w["head"], lm.lm_head, rare)
         return p, rare, zc, zf, lm.where_rows(rare, zf, self.spread(lm, zc, p))
 
     def apply(self, h, lm) -> HeadOutput:
         w = self._on(lm)
-        if lm.gated_linear_ok(h, w["head"], lm.lm_head):
+        if lm.select_linear_ok(h, w["head"], lm.lm_head):
             # one graph runs the chosen head, no host read; the decision is read once the step is evaluated
             p_dev, rare, zc, zf, logits = lm.segment(("decide", self), functools.partial(self.decide, lm), h)
             return HeadOutput(logits, "", 0, pick=zc, pick_ids=w["ids"], pick_alt=(rare, zf, None),
