@@ -50,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, SMOLLM2_135M["vocab_size"], a.prompt_tokens).tolist() for _ in range(a.prompts)]
-    read = bandwidth.Reader()
+    read = bandwidth.Reader(threads=a.threads)
     gbs = [read()]
     with tempfile.TemporaryDirectory() as tmp:
         LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(tmp)

@@ -173,3 +173,18 @@ def test_backends_outside_quality_backends_score_the_first_texts(tmp_path):
     check = prepare(p, root / "model", root / "corpus", gsm8k=False, gpqa=False, all_texts=False)
     assert len(full["eval"]) == 6 and check["eval"] == full["eval"][:3]
     assert check["eval_categories"] == full["eval_categories"][:3] and len(set(check["eval_categories"])) == 2
+
+
+def test_bandwidth_probe_runs_no_torch_thread_pool():
+    """The probe must not start torch's OpenMP team: once it exists, libgomp throttles the spinning of the
+    OpenMP kernels MLX runs on its stream thread and MLX decode in the same process slows by ~30% (bandwidth.py).
+    Run in a fresh process so an earlier test's torch import cannot hide it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from adaptive_inference.bench import bandwidth as b; before = 'torch' in sys.modules; "
+            "r = b.Reader(8 * 2**20, threads=2); g = r(2); r.close(); d = b.read_gbs(8 * 2**20, 2); "
+            "print(before, 'torch' in sys.modules, g > 0, d['read_gbs'] > 0, d['threads'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:4] == [out[0], "True", "True"] and int(out[4]) >= 1
+    assert out[0] == "False"  # importing the probe loads no torch either

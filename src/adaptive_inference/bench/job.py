@@ -115,7 +115,7 @@ def build(params: dict, backend: str, config: str, model_dir: Path, corpus_dir: 
     bw_samples = [bandwidth.read_gbs()]  # read bandwidth on a shared VM moves by up to ~1.8x within seconds:
     reader = bandwidth.Reader()  # sampled before each decode pair (the limit of that pair), around and after
     decode = _phase(f"{backend}/{config}: decode", measure.decode_pairs, lm, data, policies, p["decode"], reader)
-    del reader
+    reader.close()
     bw_samples.append(bandwidth.read_gbs())
     mine = decode["baseline" if is_base else "config"]
     batch = _phase(f"{backend}/{config}: batch", measure.batch_speed, lm, data, new_config, p["batch"])
