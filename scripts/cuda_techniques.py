@@ -111,8 +111,9 @@ class GatePolicy(StaticPolicy):
         super().__init__(StepPlan(gate=gate))
 
 
-def build(shape: str, dtype: str, device: str, mode: str) -> TorchLM:
-    """Random weights of the shape, made on the device (an 8B model never passes through the host)."""
+def build(shape: str, dtype: str, device: str, mode: str, attention: str = "sdpa") -> TorchLM:
+    """Random weights of the shape, made on the device (an 8B model never passes through the host); attention:
+    "sdpa" (RoPE, cache writes and SDPA as ops) or "kernel" (the Triton decode attention where it applies)."""
     cfg = ModelConfig.from_dict(SHAPES[shape])
     g = torch.Generator(device=device).manual_seed(0)
     H, inter, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
@@ -132,7 +133,7 @@ def build(shape: str, dtype: str, device: str, mode: str) -> TorchLM:
               q + "mlp.up_proj.weight": rand(inter, H), q + "mlp.down_proj.weight": rand(H, inter),
               q + "input_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype]),
               q + "post_attention_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype])}
-    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode])
+    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode], cuda_attention=attention)
     del w
     return lm
 
@@ -306,7 +307,7 @@ def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
 def profile(shape: str, a) -> None:
     """Prints the CUDA kernels of one compiled batch-1 baseline step (run without graph capture, so the
     profiler sees each kernel), by total time: what the captured step spends its time on."""
-    lm = build(shape, a.dtype, a.device, "compiled")
+    lm = build(shape, a.dtype, a.device, "compiled", a.attention)
     lm.cuda_graphs = False
     cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
     lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
@@ -318,14 +319,14 @@ def profile(shape: str, a) -> None:
         for _ in range(5):
             lm.decode_one_token(tok, cache)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.profile_rows, max_name_column_width=150))
 
 
 def profile_configs(shape: str, a) -> None:
     """Per configuration in --configs (and the baseline), compiled + graphs as measured: the wall time of a
     decode step against the GPU time of its kernels (torch.profiler over 16 tokens), so a configuration's
     steps show whether they lose time on the GPU or to host work the GPU waits for; then its kernels."""
-    lm = build(shape, a.dtype, a.device, "compiled")
+    lm = build(shape, a.dtype, a.device, "compiled", a.attention)
     configs = {"baseline": lambda: StaticPolicy(),
                **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}}
     prompt = list(range(1, 1 + a.prompt_tokens))
@@ -345,7 +346,7 @@ def profile_configs(shape: str, a) -> None:
 
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
-    lm = build(shape, a.dtype, a.device, mode)
+    lm = build(shape, a.dtype, a.device, mode, a.attention)
     chosen = {k: v for k, v in (technique_configs(lm, a) if techniques else {}).items()
               if not a.configs or k in a.configs}
     configs = {"baseline": lambda: StaticPolicy(), **chosen}
@@ -399,7 +400,7 @@ def measure(shape: str, a) -> dict:
     out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "read_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
            "limit_tps_batch1": bw / weights, "prompt_tokens": a.prompt_tokens,
-           "new_tokens": a.new_tokens, "repeats": a.repeats, "modes": {}}
+           "new_tokens": a.new_tokens, "repeats": a.repeats, "attention": a.attention, "modes": {}}
     for mode in a.modes:
         techniques = mode in (a.technique_modes or a.modes[-1:]) and not a.baseline_only
         out["modes"][mode] = measure_mode(shape, mode, techniques, bw, a)
@@ -432,6 +433,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of a compiled step per shape (with --configs: wall vs kernel time of each)")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "kernel"],
+                    help="CUDA decode attention: RoPE, cache writes and SDPA as ops, or the Triton kernel")
+    ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     a = ap.parse_args()
     known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25", "token-gate", *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:

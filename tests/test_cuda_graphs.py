@@ -164,3 +164,51 @@ def test_router_decides_on_the_device_under_graphs(tiny_llama, batch, threshold)
             heads.add(got.executed.head)
     assert heads == {2.0: {"common"}, -1.0: {"full"}}.get(threshold, heads)
     assert any(k[1][0] == "decide" for k in lm.graphs if k[0] == "segment")
+
+
+@pytest.mark.parametrize("B, H, Hkv, D, S, pos", [(1, 32, 8, 128, 128, 70), (3, 6, 2, 64, 40, 0), (2, 4, 4, 16, 90, 89)])
+def test_decode_attention_kernel_equals_rope_write_and_sdpa(B, H, Hkv, D, S, pos):
+    """The Triton kernel against the ops it replaces: RoPE, index_copy into the caches, the bias slot marked
+    written, SDPA over the whole static cache (a hole in row 0 stays masked)."""
+    import torch.nn.functional as F
+
+    from adaptive_inference import triton_kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g, **bf)
+    kc, vc = torch.randn(B, Hkv, S, D, generator=g, **bf), torch.randn(B, Hkv, S, D, generator=g, **bf)
+    bias = torch.full((B, S), float("-inf"), **bf)
+    bias[:, :pos] = 0
+    if pos > 3:
+        bias[0, 2] = float("-inf")
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    emb = torch.cat([pos * inv, pos * inv])[None]
+    cos, sin, p = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16), torch.tensor([pos], device="cuda")
+    rk, rv, rb = kc.clone(), vc.clone(), bias.clone()
+    q, k, v = qkv.view(B, 1, -1).split((H * D, Hkv * D, Hkv * D), dim=-1)
+    q, k, v = (t.reshape(B, 1, n, D).transpose(1, 2) for t, n in ((q, H), (k, Hkv), (v, Hkv)))
+    rk.index_copy_(2, p, TorchLM._apply_rope(k, cos, sin))
+    rv.index_copy_(2, p, v)
+    rb.index_fill_(1, p, 0.0)
+    want = F.scaled_dot_product_attention(TorchLM._apply_rope(q, cos, sin).float(), rk.float(), rv.float(),
+                                          attn_mask=rb.float()[:, None, None, :], enable_gqa=True)
+    got = triton_kernels.decode_attention(qkv, kc, vc, bias, cos, sin, p, H, Hkv)
+    torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, -1), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kc.float(), rk.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(vc, rv) and torch.equal(bias, rb)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_attention_kernel_in_the_bf16_step(tiny_llama, compile):
+    """bf16 decode with the attention kernel (eager, or compiled and replayed with plans switching) against
+    the SDPA path of the same weights: the same greedy tokens, logits within bf16 rounding."""
+    sdpa = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
+    kernel = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile, cuda_attention="kernel")
+    assert kernel.attention_kernel and not sdpa.attention_kernel
+    want = _two_interleaved(sdpa, 2)
+    for _ in range(2):
+        got = _two_interleaved(kernel, 2)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.03 * scale)
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95

@@ -264,3 +264,11 @@ def test_compiled_per_block_graphs_serve_every_layer(tiny_llama, monkeypatch, ru
     assert set(graphs._layer_fns) == {("block", True, 1.0), ("kv", True, 1.0)}
     assert any(isinstance(k[0], tuple) and k[0][0] == "run" for k in graphs.graphs) == (run_graphs > 0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 2
+
+
+def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):
+    from adaptive_inference.errors import UserError
+
+    with pytest.raises(UserError, match="cuda_attention 'flash'"):
+        TorchLM.load(tiny[1], cuda_attention="flash")
+    assert not TorchLM.load(tiny[1], cuda_attention="kernel").attention_kernel  # the Triton kernel is CUDA only

@@ -37,6 +37,9 @@ from .plan import FULL, StepPlan, weights_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_MATMULS = ("kernel", "library")
+# CUDA decode attention: RoPE, cache writes and SDPA as ops, or one Triton kernel a layer (kernel: tested on
+# tiny models, not yet timed on a GPU, so not the default)
+CUDA_ATTENTION = ("sdpa", "kernel")
 RUN_GRAPHS = 64  # captured block sequences per KV cache storage (TorchLM.run_layers)
 CACHE_BUCKET = 128  # compiled decode: cache lengths rounded up to this (one graph per bucket and batch size)
 
@@ -82,13 +85,22 @@ class KVCache:
         return self.bias == 0
 
 
+def _triton_attention_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
+    from . import triton_kernels
+
+    return triton_kernels.decode_attention_ok(cfg, dtype)
+
+
 class TorchLM(Decoder):
     name = "torch"
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype, *,
-                 cpu_matmul: str = "kernel", compile: bool = False, cuda_graphs: bool = True):
+                 cpu_matmul: str = "kernel", compile: bool = False, cuda_graphs: bool = True,
+                 cuda_attention: str = "sdpa"):
         if cpu_matmul not in CPU_MATMULS:
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
+        if cuda_attention not in CUDA_ATTENTION:
+            raise UserError(f"cuda_attention {cuda_attention!r}: expected one of {', '.join(CUDA_ATTENTION)}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.dense_kernel = cpu_matmul == "kernel" and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
         # the same extension runs the rest of an fp32 eager decode step in few calls (norms, attention, SiLU)
@@ -98,6 +110,8 @@ class TorchLM(Decoder):
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
         self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
+        self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
+                                 and _triton_attention_ok(cfg, dtype))
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
@@ -123,7 +137,7 @@ class TorchLM(Decoder):
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", cpu_matmul: str = "kernel",
-             compile: bool = False, cuda_graphs: bool = True) -> TorchLM:
+             compile: bool = False, cuda_graphs: bool = True, cuda_attention: str = "sdpa") -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -136,7 +150,7 @@ class TorchLM(Decoder):
                     weights[k] = sf.get_tensor(k).to(device=device, dtype=DTYPES[dtype])
         try:
             return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile,
-                       cuda_graphs=cuda_graphs)
+                       cuda_graphs=cuda_graphs, cuda_attention=cuda_attention)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 
@@ -404,6 +418,13 @@ class TorchLM(Decoder):
             out = torch_kernels.kernels().decode_attention(
                 qkv.reshape(B, -1).contiguous(), cache.k[layer], cache.v[layer], cache.bias[layer], rope[0][0],
                 rope[1][0], cache.length, cfg.num_attention_heads, cfg.num_key_value_heads)
+            return self.linear(out.view(B, 1, -1), lw.wo)
+        if rows is None and T == 1 and self.attention_kernel:  # the same in one Triton kernel (CUDA decode)
+            from . import triton_kernels
+
+            out = triton_kernels.decode_attention(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], cache.bias[layer],
+                                                  rope[0], rope[1], positions, cfg.num_attention_heads,
+                                                  cfg.num_key_value_heads)
             return self.linear(out.view(B, 1, -1), lw.wo)
         q, k, v = qkv.split(self._split, dim=-1)
         q = q.view(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]

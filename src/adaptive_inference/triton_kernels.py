@@ -272,3 +272,91 @@ def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take
         _select_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=SELECT_ROWS)
         out.append(y.reshape(*x.shape[:-1], n))
     return tuple(out)
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S, scale,
+                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+                             BLOCK_S: tl.constexpr, DOT: tl.constexpr):
+    """One (row, kv head): RoPE on the new k and the group's q heads, k / v written at slot pos of the cache (the
+    row's bias slot marked written by kv head 0), then attention of the group's q heads over the whole static
+    cache under its bias (online softmax, fp32), slot pos taken from registers (another program's write of
+    the bias may land later)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    HALF: tl.constexpr = D // 2
+    pos = tl.load(pos_ptr)
+    rd = tl.arange(0, D)
+    rot = (rd + HALF) % D  # rotate-half partner: [-x2, x1]
+    sign = tl.where(rd < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + rd).to(tl.float32)
+    sin = tl.load(sin_ptr + rd).to(tl.float32)
+    row = qkv_ptr + b * (H + 2 * HKV) * D
+    kin = row + (H + h) * D
+    k_new = (tl.load(kin + rd).to(tl.float32) * cos + sign * tl.load(kin + rot).to(tl.float32) * sin).to(
+        k_ptr.dtype.element_ty)
+    v_new = tl.load(row + (H + HKV + h) * D + rd)
+    base = (b * HKV + h) * S * D
+    tl.store(k_ptr + base + pos * D + rd, k_new)
+    tl.store(v_ptr + base + pos * D + rd, v_new)
+    if h == 0:
+        tl.store(bias_ptr + b * S + pos, 0.0)
+    rg = tl.arange(0, G_PAD)
+    gm = rg < G
+    qin = row + (h * G + rg)[:, None] * D
+    q = tl.load(qin + rd[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * cos[None, :] \
+        + sign[None, :] * tl.load(qin + rot[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * sin[None, :]
+    q = q.to(k_ptr.dtype.element_ty)
+    m_i = tl.full((G_PAD,), -1e30, tl.float32)  # finite: a block of unwritten slots gives exp(-inf) = 0, not nan
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, D), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)
+        sm = rs < S
+        new = rs == pos
+        kb = tl.load(k_ptr + base + rs[:, None] * D + rd[None, :], mask=sm[:, None], other=0.0)
+        kb = tl.where(new[:, None], k_new[None, :], kb)
+        bias = tl.load(bias_ptr + b * S + rs, mask=sm, other=float("-inf")).to(tl.float32)
+        bias = tl.where(new, 0.0, bias)
+        scores = tl.dot(q.to(DOT), tl.trans(kb.to(DOT))) * scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(v_ptr + base + rs[:, None] * D + rd[None, :], mask=sm[:, None], other=0.0)
+        vb = tl.where(new[:, None], v_new[None, :], vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), vb.to(DOT))
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + b * H * D + (h * G + rg)[:, None] * D + rd[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=gm[:, None])
+
+
+def decode_attention_ok(cfg, dtype: torch.dtype) -> bool:
+    """Shapes and dtypes decode_attention takes: a power-of-two head_dim >= 16, 16-bit activations."""
+    d = cfg.head_dim
+    return dtype in (torch.bfloat16, torch.float16) and d >= 16 and d & (d - 1) == 0 and \
+        cfg.num_attention_heads % cfg.num_key_value_heads == 0
+
+
+@torch.library.custom_op("adaptive_inference::decode_attention", mutates_args=("k_cache", "v_cache", "bias"))
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, heads: int,
+                     kv_heads: int) -> torch.Tensor:
+    """One decode step's attention for every row: qkv [B, (H + 2 Hkv) D] (before RoPE); k / v caches
+    [B, Hkv, S, D] and bias [B, S] (0 written, -inf not) of one layer, written at slot positions[0] here;
+    cos / sin [.., D] at that position. Returns [B, H D]: what RoPE, the cache write and SDPA over the static
+    cache give, in one kernel per (row, kv head) instead of ~5 (the step's attention was ~10 us a layer)."""
+    b, s, d = qkv.shape[0], k_cache.shape[2], k_cache.shape[3]
+    out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
+    g_pad = max(16, triton.next_power_of_2(heads // kv_heads))
+    _decode_attention_kernel[(b, kv_heads)](
+        qkv.contiguous(), k_cache, v_cache, bias, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
+        positions, out, s, d ** -0.5, H=heads, HKV=kv_heads, D=d, G_PAD=g_pad, BLOCK_S=64 if d <= 128 else 32,
+        DOT=DOT_DTYPE, num_warps=4)
+    return out
+
+
+@decode_attention.register_fake
+def _(qkv, k_cache, v_cache, bias, cos, sin, positions, heads, kv_heads):
+    return qkv.new_empty((qkv.shape[0], heads * k_cache.shape[3]))
