@@ -172,7 +172,7 @@ def test_decode_attention_kernel_equals_rope_write_and_sdpa(B, H, Hkv, D, S, pos
     written, SDPA over the whole static cache (a hole in row 0 stays masked)."""
     import torch.nn.functional as F
 
-    from adaptive_inference import triton_kernels
+    from adaptive_inference import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -193,7 +193,7 @@ def test_decode_attention_kernel_equals_rope_write_and_sdpa(B, H, Hkv, D, S, pos
     rb.index_fill_(1, p, 0.0)
     want = F.scaled_dot_product_attention(TorchLM._apply_rope(q, cos, sin).float(), rk.float(), rv.float(),
                                           attn_mask=rb.float()[:, None, None, :], enable_gqa=True)
-    got = triton_kernels.decode_attention(qkv, kc, vc, bias, cos, sin, p, H, Hkv)
+    got = torch.ops.adaptive_inference.decode_attention(qkv, kc, vc, bias, cos, sin, p, H, Hkv)  # the CUDA kernel
     torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(B, -1), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(kc.float(), rk.float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(vc, rv) and torch.equal(bias, rb)

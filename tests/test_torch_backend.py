@@ -272,3 +272,23 @@ def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):
     with pytest.raises(UserError, match="cuda_attention 'flash'"):
         TorchLM.load(tiny[1], cuda_attention="flash")
     assert not TorchLM.load(tiny[1], cuda_attention="kernel").attention_kernel  # the Triton kernel is CUDA only
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_attention_op_in_the_step_equals_the_ops(tiny_llama, compile):
+    """The one-op decode attention (here its torch implementation; on CUDA the Triton kernel) inside the step,
+    eager and under torch.compile (which calls it on the caches in place), against the step's own ops: the same
+    logits at batch 2 with plans that skip a layer (its slot stays a masked hole) switching step by step."""
+    ids = [5, 17, 99, 3, 64, 12, 7, 120, 33, 2, 41, 8]
+    plans = [StepPlan(), StepPlan(skip_layers=frozenset({1})), StepPlan(zero_mlp=frozenset({0}))]
+
+    def run(lm):
+        cache = lm.new_cache(2, len(ids))
+        lm.forward(torch.tensor([ids[:4], ids[1:5]]), cache)
+        return np.stack([lm.decode_one_token(torch.tensor([t, t + 1]), cache, plans[s % 3]).out.logits.numpy()
+                         for s, t in enumerate(ids[4:])])
+
+    want = run(TorchLM.load(tiny_llama[1], cpu_matmul="library"))
+    lm = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=compile)
+    lm.attention_kernel = True  # CPU: the op's torch implementation (the CUDA default is off until timed)
+    np.testing.assert_allclose(run(lm), want, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from . import torch_kernels
+from . import attention_op, torch_kernels
 from .cpu_gemv_source import kernel_name
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
@@ -86,9 +86,9 @@ class KVCache:
 
 
 def _triton_attention_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
-    from . import triton_kernels
+    from . import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
 
-    return triton_kernels.decode_attention_ok(cfg, dtype)
+    return attention_op.decode_attention_ok(cfg, dtype)
 
 
 class TorchLM(Decoder):
@@ -390,11 +390,7 @@ class TorchLM(Decoder):
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)
 
-    @staticmethod
-    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    _apply_rope = staticmethod(attention_op.apply_rope)
 
     def _dense_block(self, lw: Layer) -> bool:
         """Whether a block's matrices are all ones decode_layer reads (dense fp32 / bf16 CPU tensors)."""
@@ -419,10 +415,8 @@ class TorchLM(Decoder):
                 qkv.reshape(B, -1).contiguous(), cache.k[layer], cache.v[layer], cache.bias[layer], rope[0][0],
                 rope[1][0], cache.length, cfg.num_attention_heads, cfg.num_key_value_heads)
             return self.linear(out.view(B, 1, -1), lw.wo)
-        if rows is None and T == 1 and self.attention_kernel:  # the same in one Triton kernel (CUDA decode)
-            from . import triton_kernels
-
-            out = triton_kernels.decode_attention(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], cache.bias[layer],
+        if rows is None and T == 1 and self.attention_kernel:  # the same as one op (on CUDA one Triton kernel)
+            out = attention_op.decode_attention(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], cache.bias[layer],
                                                   rope[0], rope[1], positions, cfg.num_attention_heads,
                                                   cfg.num_key_value_heads)
             return self.linear(out.view(B, 1, -1), lw.wo)
