@@ -341,6 +341,8 @@ def _decode_attention_cuda(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """attention_op.decode_attention in one kernel per (row, kv head) instead of ~5 (RoPE + k write, v write,
     the bias slot, SDPA's input preparation, attention: ~10 us a layer of the compiled 8B step on an H100)."""
     b, s, d = qkv.shape[0], k_cache.shape[2], k_cache.shape[3]
+    if not all(t.is_contiguous() for t in (k_cache, v_cache, bias)):  # the kernel indexes them as dense arrays
+        raise ValueError("decode_attention: the caches and bias must be contiguous")
     out = torch.empty((b, heads * d), device=qkv.device, dtype=qkv.dtype)
     g_pad = max(16, triton.next_power_of_2(heads // kv_heads))
     _decode_attention_kernel[(b, kv_heads)](
