@@ -37,8 +37,8 @@ from .plan import FULL, StepPlan, weights_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_MATMULS = ("kernel", "library")
-# CUDA decode attention: RoPE, cache writes and SDPA as ops, or one Triton kernel a layer (kernel: tested on
-# tiny models, not yet timed on a GPU, so not the default)
+# CUDA decode attention: RoPE, cache writes and SDPA as ops, or one Triton kernel a layer (kernel: checked in
+# Triton's interpreter on CPU, not yet run or timed on a GPU, so not the default)
 CUDA_ATTENTION = ("sdpa", "kernel")
 RUN_GRAPHS = 64  # captured block sequences per KV cache storage (TorchLM.run_layers)
 CACHE_BUCKET = 128  # compiled decode: cache lengths rounded up to this (one graph per bucket and batch size)
