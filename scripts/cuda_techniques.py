@@ -8,7 +8,10 @@ a gated head with a common set of the pipeline's size (5.2% of the vocab) taking
 steps (a trained router's decisions on random weights would mean nothing); the category map's global
 25% skip set (layers 12-14, 16-18, 25, 26 of 30, scaled); a token gate that skips that set on a set share of
 the steps, writing the skipped layers' K/V (the token router's default policy; its decision needs the
-residual on the host, one sync per step, as the real router). Under CUDA graphs a gated plan replays one graph
+residual on the host, one sync per step); token-router: the token router's own gate (its MLP, random weights
+set to skip that same set on about half of the tokens) decided on the device inside the one captured step, the
+later layers run through gated_linear (no weight read where no row runs the layer); token-router-host: the
+same gate decided on the host. Under CUDA graphs a host-decided gate replays one graph
 per block, picked by the host after the decision; the gated head decides on the device (router MLP and a Triton
 select_linear that reads only the head a row needs, one captured segment, no host read), and router-host /
 stacked-host measure the earlier host decision (router and common-head segments on either side of the P(rare)
@@ -49,6 +52,7 @@ from adaptive_inference.model_config import ModelConfig  # noqa: E402
 from adaptive_inference.plan import GateDecision, StaticPolicy, StepPlan  # noqa: E402
 from adaptive_inference.techniques.gears import monitor  # noqa: E402
 from adaptive_inference.techniques.gears.apply import GearsPolicy  # noqa: E402
+from adaptive_inference.techniques.token_router.apply import TokenGate  # noqa: E402
 from adaptive_inference.techniques.vocab_router.head import GatedHead  # noqa: E402
 from adaptive_inference.torch_backend import DTYPES, TorchLM  # noqa: E402
 
@@ -102,6 +106,31 @@ class RateGate:
         if take:
             keep[:, :, sorted(self.layers)] = False
         return GateDecision(keep)
+
+
+def router_gate(lm: TorchLM, layers: frozenset, seed: int = 0) -> TokenGate:
+    """The token router's gate (its MLP: hidden -> 128 -> routed layers, the pipeline's width) with random
+    weights that skip `layers` together or not at all (one zero-mean output row shared by them; the other
+    layers always run), decided per token by its residual: about half of the tokens on random weights."""
+    H, L, k = lm.cfg.hidden_size, lm.cfg.num_hidden_layers, min(layers)
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(128).astype(np.float32)
+    w2 = np.zeros((L - k, 128), np.float32)
+    w2[[j - k for j in sorted(layers)]] = v - v.mean()
+    b2 = np.where(np.isin(np.arange(k, L), sorted(layers)), 0.0, 10.0).astype(np.float32)
+    w = {"w1": (rng.standard_normal((128, H)) / H ** 0.5).astype(np.float32), "b1": np.zeros(128, np.float32),
+         "w2": w2, "b2": b2}
+    return TokenGate(w, k, L, writes_kv=True)
+
+
+class HostGate:
+    """A gate decided on the host (no keep_device): the step runs in graphs around the residual's read."""
+
+    def __init__(self, gate):
+        self.gate, self.after_layer, self.writes_kv = gate, gate.after_layer, gate.writes_kv
+
+    def decide(self, x, lm) -> GateDecision:
+        return self.gate.decide(x, lm)
 
 
 class GatePolicy(StaticPolicy):
@@ -263,7 +292,9 @@ def technique_configs(lm: TorchLM, a) -> dict:
             "router-host": lambda: RatePolicy(host_common, host_full, a.common_rate),
             "stacked-host": lambda: RatePolicy(host_common, host_full, a.common_rate, cut),
             "skip-25": lambda: StaticPolicy(StepPlan(skip_layers=skip)),
-            "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate))}
+            "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate)),
+            "token-router": lambda: GatePolicy(router_gate(lm, skip)),
+            "token-router-host": lambda: GatePolicy(HostGate(router_gate(lm, skip)))}
 
 
 def batch_step_s(lm: TorchLM, batch: int, a) -> float:
@@ -380,7 +411,8 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
             "realized_share": (s["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
             "bandwidth_share": tps * (frac * weights + kv) / bw,
             "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None,
-            "gear_share": gears if name in GEAR_SETS else None}
+            "gear_share": gears if name in GEAR_SETS else None,
+            "row_layer_share": float(np.mean([e.row_layer_share for e in executed[name]]))}
     for batch in a.batches:
         step = batch_step_s(lm, batch, a)
         out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
@@ -437,7 +469,7 @@ def main() -> None:
                     help="CUDA decode attention: RoPE, cache writes and SDPA as ops, or the Triton kernel")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     a = ap.parse_args()
-    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25", "token-gate", *GEAR_SETS}
+    known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25", "token-gate", "token-router", "token-router-host", *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:
         sys.exit(f"cuda_techniques: unknown --configs {sorted(set(a.configs) - known)} (known: {sorted(known)})")
     if not torch.cuda.is_available():

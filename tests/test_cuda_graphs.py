@@ -212,3 +212,49 @@ def test_decode_attention_kernel_in_the_bf16_step(tiny_llama, compile):
         scale = np.abs(want).max()
         np.testing.assert_allclose(got, want, rtol=0, atol=0.03 * scale)
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("M, N, K, gated", [(1, 6144, 4096, 4096), (1, 4096, 14336, 4096), (3, 200, 512, 72),
+                                            (8, 1024, 2048, 1024)])
+def test_gated_linear_kernel_reads_only_where_a_row_runs(M, N, K, gated):
+    """The Triton kernel against F.linear (bf16): gated columns exact where some row runs, zeros where none
+    does, the other columns always computed (the CUDA-core path up to 4 rows, tensor cores above; split-K)."""
+    import torch.nn.functional as F
+
+    from adaptive_inference import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
+    want = F.linear(x.float(), w.float())
+    for runs in ([True] * M, [False] * M, [False] * (M - 1) + [True]):
+        got = torch.ops.adaptive_inference.gated_linear(x, w, torch.tensor(runs, device="cuda"), gated).float()
+        if any(runs):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        else:
+            assert not got[:, :gated].any()
+            torch.testing.assert_close(got[:, gated:], want[:, gated:], rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("writes_kv", [True, False])
+def test_device_gate_in_the_bf16_step(tiny_llama, writes_kv):
+    """A token gate decided on the device (compiled + graphs, gated_linear kernels) against the host's decision
+    on the same bf16 weights (eager, no graphs): the same executed steps and greedy tokens at batch 1 and 3."""
+    from test_torch_backend import _gate
+
+    host = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
+    dev = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=True)
+    assert dev.device_gate and not host.device_gate_ok(_gate(host, writes_kv))
+    for batch in (1, 3):
+        plan = StepPlan(gate=_gate(host, writes_kv))
+        caches = {id(m): m.new_cache(batch, len(IDS)) for m in (host, dev)}
+        for m in (host, dev):
+            m.forward(torch.tensor([[t + r for t in IDS[:4]] for r in range(batch)], device="cuda"), caches[id(m)])
+        for t in IDS[4:]:
+            tok = torch.tensor([t + 3 * r for r in range(batch)], device="cuda")
+            want = host.decode_one_token(tok, caches[id(host)], plan)
+            got = dev.decode_one_token(tok, caches[id(dev)], plan)
+            a, b = got.out.logits.float().cpu().numpy(), want.out.logits.float().cpu().numpy()
+            np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
+            assert got.executed == want.executed
+    assert dev.graphs and all(k[0] != "io" for k in dev.graphs)  # whole-step graphs, no per-block ones

@@ -40,7 +40,7 @@ PART = {"wqkv": "attention", "wo": "attention", "w_gate_up": "mlp", "w_down": "m
 @dataclass
 class Forward:
     """One forward: the head's output, the final-normed hidden, captured layer inputs, and what the blocks ran
-    (ExecutedStep's fields but the head's)."""
+    (ExecutedStep's fields but the head's, or "settle": a callable giving them once the step is evaluated)."""
 
     out: HeadOutput
     hidden: object
@@ -51,6 +51,9 @@ class Forward:
     def executed(self) -> ExecutedStep:
         """What ran. A head that decided on the device is read here: after the step's tokens, at no cost."""
         out, blocks = self.out.settled(), dict(self.blocks)
+        settle = blocks.pop("settle", None)  # blocks that decided on the device
+        if settle is not None:
+            blocks.update(settle())
         info = {**blocks.pop("info"), **out.info}
         return ExecutedStep(**blocks, head=out.name, head_params=out.params_read, info=info)
 
@@ -127,6 +130,22 @@ class Decoder(abc.ABC):
         exact where some row needs it. Where select_linear_ok, an output no row needs is not computed (zeros) and
         the choice is made on the device, which the host never reads; this default computes both."""
         return self.logits32(x, w_no), self.logits32(x, w_yes)
+
+    def device_gate_ok(self, gate) -> bool:
+        """Whether a decode step this backend runs as one unit (compiled / captured: static_blocks) takes the
+        gate's decision on the device (gate.keep_device), so the host reads nothing mid-step; by default the host
+        decides (gate.decide) and the step runs in pieces around that read."""
+        return False
+
+    def gated_layer(self, lw: Layer, run, gated_qkv: int) -> Layer:
+        """lw for a layer that only the rows in run [B, T] (a backend bool array) run: a backend may skip its
+        matmuls when no row runs (all of wo, w_gate_up, w_down and the first gated_qkv output columns of wqkv).
+        By default nothing is skipped: the rows that do not run discard the layer's output all the same."""
+        return lw
+
+    @abc.abstractmethod
+    def rms32(self, x):
+        """x in float32 over its root mean square on the last axis (eps 1e-6): how routers read the residual."""
 
     @abc.abstractmethod
     def asarray(self, a: np.ndarray, dtype: str | None = None):
@@ -274,15 +293,57 @@ class Decoder(abc.ABC):
                 x = self._block(x, layers[i], i, cache, rope, positions, None, mlp, alpha)
         return x
 
-    def static_blocks(self, ids, positions, cache, layers: list[Layer], run: tuple) -> object:
-        """The blocks of a gate-free plan as a pure function of arrays (what a backend may compile): run is
+    def static_blocks(self, ids, positions, cache, layers: list[Layer], run: tuple, gate=None) -> object:
+        """The blocks of a plan as a pure function of arrays (what a backend may compile): run is
         ((layer, mlp runs, blend alpha), ...) for the layers that run. Same ops as _blocks; the caller
-        advances cache.length. Returns the final-normed hidden [B, T, hidden]."""
+        advances cache.length. Returns the final-normed hidden [B, T, hidden]; with a gate that decides on the
+        device (device_gate_ok), (hidden, the gate's keep flags) and the layers after it run gated."""
         rope = self.rope(positions)
         x = self.embed_ids(ids)
+        keep = None
         for i, mlp, alpha in run:
-            x = self._block(x, layers[i], i, cache, rope, positions, None, mlp, alpha)
-        return self.final_norm(x)
+            if gate is not None and keep is None and i > gate.after_layer:
+                keep = gate.keep_device(x, self)
+            if keep is None:
+                x = self._block(x, layers[i], i, cache, rope, positions, None, mlp, alpha)
+            else:
+                x = self._gated_block(x, layers[i], i, cache, rope, positions, keep[..., i - gate.after_layer - 1],
+                                      mlp, alpha, getattr(gate, "writes_kv", False))
+        if gate is None:
+            return self.final_norm(x)
+        if keep is None:  # every layer after the gate is skipped: it decides all the same (what _blocks reports)
+            keep = gate.keep_device(x, self)
+        return self.final_norm(x), keep
+
+    def _gated_block(self, x, lw: Layer, i: int, cache, rope, positions, run, mlp: bool, alpha: float,
+                     writes_kv: bool):
+        """Block i on every row, kept where run [B, T] (a backend bool array) says the row runs it: a row that
+        does not keeps x, and its K/V at this position is written (writes_kv, as Decoder.write_kv would) or
+        left a hole. The backend skips the layer's matmuls when no row runs it (gated_layer)."""
+        q_cols = self.cfg.num_attention_heads * self.cfg.head_dim
+        lw = self.gated_layer(lw, run, q_cols if writes_kv else self.weight_shape(lw.wqkv)[0])
+        y = self._block(x, lw, i, cache, rope, positions, None if writes_kv else run, mlp, alpha)
+        return self.where_rows(run, y, x)
+
+    def gate_executed(self, plan: StepPlan, later: np.ndarray) -> dict:
+        """The ExecutedStep fields (but tokens) of a step whose gate decided on the device, from its keep flags
+        later [B, T, L - K] read back: what _blocks reports for the same decisions."""
+        gate, L = plan.gate, self.cfg.num_hidden_layers
+        decision, k0 = gate.decision(later), gate.after_layer + 1
+        run, kv_only = {i for i in range(k0) if i not in plan.skip_layers}, set()
+        ran = len(run) + np.zeros(later.shape[:2])
+        for j in range(k0, L):
+            if j in plan.skip_layers:
+                continue
+            rows = decision.keep[:, :, j]
+            ran += rows
+            if rows.any():
+                run.add(j)
+            elif getattr(gate, "writes_kv", False):
+                kv_only.add(j)
+        return dict(layers_run=frozenset(run), mlps_run=frozenset(run - set(plan.zero_mlp)),
+                    weights=weights_name(plan.weights), row_layer_share=float(ran.mean() / L),
+                    kv_only_layers=frozenset(kv_only), info=decision.info)
 
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
         """One block on x: attention, the MLP when it runs, blended toward x when alpha != 1."""

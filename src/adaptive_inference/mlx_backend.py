@@ -295,6 +295,10 @@ class MLXLM(Decoder):
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x)
 
+    def rms32(self, x):
+        x = x.astype(mx.float32)
+        return x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
     def silu(self, x):
         return x * mx.sigmoid(x)
 

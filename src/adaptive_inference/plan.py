@@ -42,6 +42,9 @@ class Gate(Protocol):
     after_layer: int
     # optional attribute writes_kv (default False): a row that skips a layer still writes its K/V there
     # (projection only, Decoder.write_kv); False leaves a masked hole in that layer's cache
+    # optional, for a decision on the device (Decoder.device_gate_ok): keep_device(x, lm) -> a backend bool
+    # array [B, T, L - after_layer - 1] (the later layers each row runs), and decision(keep) -> the
+    # GateDecision those decisions, read back as numpy, amount to; both must agree with decide
 
     def decide(self, x, lm) -> GateDecision:
         """x: the residual entering layer after_layer + 1, backend array [B, T, hidden]."""

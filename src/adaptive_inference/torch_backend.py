@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from . import attention_op, torch_kernels
+from . import attention_op, gated_linear_op, torch_kernels
 from .cpu_gemv_source import kernel_name
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
@@ -112,6 +112,8 @@ class TorchLM(Decoder):
         self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
         self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
                                  and _triton_attention_ok(cfg, dtype))
+        # a token gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
+        self.device_gate = torch.device(device).type == "cuda"
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
@@ -205,7 +207,11 @@ class TorchLM(Decoder):
         else:
             h = fn(tokens[:, None], self.positions(cache.length, 1), cache)
         cache.length += 1
-        return self._head(h[:, -1], plan, {**executed, "tokens": tokens.shape[0]}, {})
+        blocks = {**executed, "tokens": tokens.shape[0]}
+        if plan.gate is not None:  # the gate decided on the device: its flags are read once the step ran
+            h, keep = h
+            blocks["settle"] = lambda: self.gate_executed(plan, self.to_numpy(keep))
+        return self._head(h[:, -1], plan, blocks, {})
 
     def _dense(self, weights) -> bool:
         """Whether a weight set's matrices are all tensors or packed weights that the compiler and graph capture
@@ -218,10 +224,9 @@ class TorchLM(Decoder):
         return known[name]
 
     def _static_step(self, plan: StepPlan):
-        """(key, blocks, executed) for a plan without a per-row decision, on full weights (blocks compiled when
-        compile is on);
-        None where the step runs eagerly."""
-        if plan.gate is not None:
+        """(key, blocks, executed) for a plan without a per-row decision or with a gate that decides on the device,
+        on full weights (blocks compiled when compile is on); None where the step runs eagerly."""
+        if plan.gate is not None and not self.device_gate_ok(plan.gate):
             return None
         key = dataclasses.replace(plan, head=None)  # the head runs eagerly after the blocks
         if key not in self.compiled_steps:
@@ -229,7 +234,11 @@ class TorchLM(Decoder):
                 self.compiled_steps[key] = None
             else:
                 run, executed = self.static_run(plan)
-                fn = functools.partial(self.static_blocks, layers=self.resolve_weights(plan.weights), run=run)
+                fn = functools.partial(self.static_blocks, layers=self.resolve_weights(plan.weights), run=run,
+                                       gate=plan.gate)
+                if plan.gate is not None:  # once outside the compiler: the gate makes its device arrays
+                    plan.gate.keep_device(torch.zeros(1, 1, self.cfg.hidden_size, device=self.device,
+                                                      dtype=self.dtype), self)
                 if self.compile:
                     # graphs are cached per code object: one per (plan, batch size, cache bucket) must fit
                     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -260,7 +269,7 @@ class TorchLM(Decoder):
             ids.copy_(tokens[:, None])
             pos.fill_(cache.length)
             replay()
-            return out.clone()
+            return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
         ids, pos = tokens[:, None].clone(), torch.full((1,), cache.length, device=self.device)
         h, out, replay = self._capture(lambda: fn(ids, pos, cache))
         self.graphs[(key, id(cache.k))] = (replay, ids, pos, out, cache.k)  # the storage stays alive with its graph
@@ -496,6 +505,24 @@ class TorchLM(Decoder):
     def weight_shape(self, w) -> tuple[int, int]:
         return tuple(w.shape)
 
+    def device_gate_ok(self, gate) -> bool:
+        return self.device_gate and (self.compile or self.cuda_graphs) and hasattr(gate, "keep_device")
+
+    def gated_layer(self, lw: Layer, run, gated_qkv: int) -> Layer:
+        # full 16-bit weights on CUDA: the gated_linear kernel reads no weight of a layer that no row runs (on
+        # CPU the op's reference implementation runs: tests); packed weights are read as they are
+        cuda = torch.device(self.device).type == "cuda"
+        if cuda:
+            from . import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
+
+        def gated(w, cols=None):
+            if not isinstance(w, torch.Tensor) or (cuda and w.dtype not in (torch.bfloat16, torch.float16)):
+                return w
+            return gated_linear_op.GatedWeight(w, run, w.shape[0] if cols is None else cols)
+
+        return dataclasses.replace(lw, wqkv=gated(lw.wqkv, gated_qkv), wo=gated(lw.wo), w_gate_up=gated(lw.w_gate_up),
+                                   w_down=gated(lw.w_down))
+
     def select_linear_ok(self, x, w_no, w_yes) -> bool:
         # CUDA: a Triton kernel (bf16 weights). On CPU torch runs eagerly: the host reads a decision at no cost
         if torch.device(self.device).type != "cuda":
@@ -521,6 +548,10 @@ class TorchLM(Decoder):
 
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
+
+    def rms32(self, x):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
     def silu(self, x):
         return F.silu(x)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_op  # noqa: F401  (defines the decode_attention op this module gives a CUDA kernel)
+from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
 
 # the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
 # autotune: fp32 dots and one configuration there
@@ -274,6 +274,94 @@ def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take
         _select_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=SELECT_ROWS)
         out.append(y.reshape(*x.shape[:-1], n))
     return tuple(out)
+
+
+@triton.jit
+def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr):
+    """Whether some row of x runs: the flags run [M] (uint8), read before any weight."""
+    r = tl.arange(0, RUN_PAD)
+    return tl.sum(tl.load(run_ptr + r, mask=r < M, other=0).to(tl.int32), axis=0) > 0
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
+@triton.jit
+def _gated_gemv_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gated_linear for a few rows of x on the CUDA cores: one program per (block of output columns, row of x,
+    K slice); a block wholly below GATED reads its weights only if some row runs (else its outputs are 0)."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    runs = _any_runs(run_ptr, M, RUN_PAD)
+    needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if needed:
+        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
+    if SPLITS == 1:
+        tl.store(y_ptr + m * N + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    elif needed:  # partial sums of the K slices, into fp32 zeros
+        tl.atomic_add(y_ptr + m * N + rn, acc, mask=rn < N)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
+@triton.jit
+def _gated_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gated_linear for more rows: tensor-core dots over blocks of BLOCK_M rows, the same gating."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    runs = _any_runs(run_ptr, M, RUN_PAD)
+    needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if needed:
+        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+    acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
+    out = y_ptr + rm[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLITS == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    elif needed:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+_gated_tuned: set = set()
+
+
+@torch.library.register_kernel("adaptive_inference::gated_linear", "cuda")
+def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int) -> torch.Tensor:
+    """gated_linear_op.gated_linear in one launch whose skipped programs read no weight (16-bit weights)."""
+    m, k = x.shape
+    n = w.shape[0]
+    x, flags = x.contiguous(), run.contiguous().view(torch.uint8)
+    pad = max(16, triton.next_power_of_2(m))
+
+    def launch(flags):
+        splits, y = _output(x, n)
+        if m <= GEMV_ROWS:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
+            _gated_gemv_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad)
+        else:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
+            _gated_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, DOT_DTYPE=DOT_DTYPE,
+                                BLOCK_M=16)
+        return y if splits == 1 else y.to(x.dtype)
+
+    tag = (n, k, m <= GEMV_ROWS)
+    if tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
+        launch(torch.ones_like(flags))
+        _gated_tuned.add(tag)
+    return launch(flags)
 
 
 @triton.jit

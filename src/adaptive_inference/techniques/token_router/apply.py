@@ -5,7 +5,9 @@ Decoder.write_kv), under 'hole' later tokens see a masked hole in that layer's c
 same policy (train.py), so the router learns the model that runs.
 
 The router is a few hundred thousand multiply-adds: it runs on the host in numpy (the residual is read
-back once per step), so torch and MLX take bit-identical decisions from the same residual."""
+back once per step), so torch and MLX take bit-identical decisions from the same residual. Where a decode
+step runs as one captured unit (torch on CUDA, Decoder.device_gate_ok) it runs on the device instead
+(keep_device, float32) and the host reads the decisions after the token."""
 
 from __future__ import annotations
 
@@ -35,12 +37,26 @@ def keep_logits(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 class TokenGate:
     def __init__(self, weights: dict[str, np.ndarray], first_layers: int, num_layers: int, writes_kv: bool):
         self.w, self.after_layer, self.L, self.writes_kv = weights, first_layers - 1, num_layers, writes_kv
+        self._arrays: dict = {}
 
     def decide(self, x, lm) -> GateDecision:
-        z = keep_logits(self.w, lm.to_numpy(x))  # [B, T, L - K]
-        keep = np.ones((*z.shape[:2], self.L), dtype=bool)
-        keep[:, :, self.after_layer + 1:] = z > 0
-        return GateDecision(keep, info={"skip_share": float(1 - keep[:, :, self.after_layer + 1:].mean())})
+        return self.decision(keep_logits(self.w, lm.to_numpy(x)) > 0)  # [B, T, L - K]
+
+    def decision(self, later: np.ndarray) -> GateDecision:
+        """The decision of keep flags [B, T, L - K] for the routed layers."""
+        keep = np.ones((*later.shape[:2], self.L), dtype=bool)
+        keep[:, :, self.after_layer + 1:] = later
+        return GateDecision(keep, info={"skip_share": float(1 - later.mean())})
+
+    def keep_device(self, x, lm):
+        """keep_logits(x) > 0 on the device, in float32 (a backend bool array [B, T, L - K]): the same
+        decisions as decide but where a logit lies within float rounding of 0."""
+        key = (lm.name, str(lm.device))
+        if key not in self._arrays:
+            self._arrays[key] = {k: lm.asarray(v, "float32") for k, v in self.w.items()}
+        w = self._arrays[key]
+        h = lm.silu(lm.linear(lm.rms32(x), w["w1"], w["b1"]))
+        return lm.linear(h, w["w2"], w["b2"]) > 0
 
 
 class TokenPolicy:
