@@ -278,6 +278,7 @@ def technique_configs(lm: TorchLM, a) -> dict:
     cut = frozenset(round(i * L / 30) for i in (16, 25))
     skip = frozenset(round(i * L / 30) for i in (12, 13, 14, 16, 17, 18, 25, 26))
     common, full = heads(lm, a.common_share)
+    token_gate = router_gate(lm, skip)  # one gate object: a new one would be a new plan (compiled, captured again)
     host_common, host_full = heads(lm, a.common_share, HostDecidedHead)
     wanted = lambda n: not a.configs or n in a.configs  # noqa: E731
     gear_sets = [s for g, sets in GEAR_SETS.items() if wanted(g) for s in sets]
@@ -293,8 +294,8 @@ def technique_configs(lm: TorchLM, a) -> dict:
             "stacked-host": lambda: RatePolicy(host_common, host_full, a.common_rate, cut),
             "skip-25": lambda: StaticPolicy(StepPlan(skip_layers=skip)),
             "token-gate": lambda: GatePolicy(RateGate(skip, L, a.gate_rate)),
-            "token-router": lambda: GatePolicy(router_gate(lm, skip)),
-            "token-router-host": lambda: GatePolicy(HostGate(router_gate(lm, skip)))}
+            "token-router": lambda: GatePolicy(token_gate),
+            "token-router-host": lambda: GatePolicy(HostGate(token_gate))}
 
 
 def batch_step_s(lm: TorchLM, batch: int, a) -> float:

@@ -11,6 +11,7 @@ step runs as one captured unit (torch on CUDA, Decoder.device_gate_ok) it runs o
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,17 @@ class TokenPolicy:
 
 
 def load(folder: Path, target: float, cfg) -> TokenGate:
+    try:  # a rewritten artifact is loaded anew
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(Path(folder).iterdir()))
+    except OSError:
+        stamp = ()
+    return _load(str(folder), float(target), cfg.hidden_size, cfg.num_hidden_layers, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _load(folder: str, target: float, hidden: int, num_layers: int, stamp: tuple) -> TokenGate:
+    """Cached per process: every policy of a run shares one gate (on CUDA a new gate would be a new plan,
+    compiled and captured again) and its device arrays."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -87,12 +99,11 @@ def load(folder: Path, target: float, cfg) -> TokenGate:
     except (OSError, KeyError, SafetensorError) as e:
         raise UserError(f"corrupt artifact {folder}: {entry['file']}: {e}") from None
     k = meta["first_layers"]
-    if w["w1"].shape[1] != cfg.hidden_size or w["w2"].shape[0] != cfg.num_hidden_layers - k:
-        raise UserError(f"token router {folder} does not fit this model (hidden {cfg.hidden_size}, "
-                        f"{cfg.num_hidden_layers} layers)")
+    if w["w1"].shape[1] != hidden or w["w2"].shape[0] != num_layers - k:
+        raise UserError(f"token router {folder} does not fit this model (hidden {hidden}, {num_layers} layers)")
     if meta.get("kv_policy") not in ("project", "hole"):
         raise UserError(f"corrupt artifact {folder}: token_router.json kv_policy {meta.get('kv_policy')!r}")
-    return TokenGate(w, k, cfg.num_hidden_layers, meta["kv_policy"] == "project")
+    return TokenGate(w, k, num_layers, meta["kv_policy"] == "project")
 
 
 def policy(artifacts: dict[str, Path], cfg, options: dict) -> TokenPolicy:
