@@ -140,7 +140,7 @@ class GatePolicy(StaticPolicy):
         super().__init__(StepPlan(gate=gate))
 
 
-def build(shape: str, dtype: str, device: str, mode: str, attention: str = "sdpa") -> TorchLM:
+def build(shape: str, dtype: str, device: str, mode: str, attention: str = "kernel") -> TorchLM:
     """Random weights of the shape, made on the device (an 8B model never passes through the host); attention:
     "sdpa" (RoPE, cache writes and SDPA as ops) or "kernel" (the Triton decode attention where it applies)."""
     cfg = ModelConfig.from_dict(SHAPES[shape])
@@ -466,8 +466,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of a compiled step per shape (with --configs: wall vs kernel time of each)")
-    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "kernel"],
-                    help="CUDA decode attention: RoPE, cache writes and SDPA as ops, or the Triton kernel")
+    ap.add_argument("--attention", default="kernel", choices=["sdpa", "kernel"],
+                    help="CUDA decode attention: the Triton kernel (the backend's default), or RoPE, cache writes "
+                         "and SDPA as ops")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     a = ap.parse_args()
     known = {*a.packed, "lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25", "token-gate", "token-router", "token-router-host", *GEAR_SETS}

@@ -39,15 +39,19 @@ def test_graph_replay_equals_eager(tiny_llama, compile, batch):
     assert len(graphs.graphs) == 2 * len(PLANS)  # one per (plan, cache storage)
 
 
+@pytest.mark.parametrize("device_gate", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_gated_plans_replay_per_block_graphs(tiny_llama, batch):
-    """Plans that decide inside the forward on a real device: a token gate (per-block graphs chosen by the host,
-    K/V-only graphs for skipped blocks) and gated heads (router and common-head segments around the host's
-    decision) give the eager step's logits, rows of a batch disagreeing."""
+def test_gated_plans_replay_per_block_graphs(tiny_llama, batch, device_gate):
+    """Plans that decide inside the forward on a real device: a token gate (decided by the host: per-block graphs
+    chosen after its read, K/V-only graphs for skipped blocks; on the device, the CUDA default: one graph a step)
+    and gated heads (router and common-head segments around the host's decision) give the eager step's logits,
+    rows of a batch disagreeing."""
     from test_torch_backend import _gate, _head
 
     eager = TorchLM.load(tiny_llama[1], device="cuda", cuda_graphs=False)
     graphs = TorchLM.load(tiny_llama[1], device="cuda")
+    assert graphs.device_gate
+    graphs.device_gate = device_gate
     plans = [StepPlan(gate=_gate(eager, True)), StepPlan(head=_head(eager, 2.0)), StepPlan(gate=_gate(eager, False, 1)),
              StepPlan(head=_head(eager, 0.5)), StepPlan(skip_layers=frozenset({2}), gate=_gate(eager, True, 2))]
     for _ in range(2):  # the second pass replays what the first captured
@@ -64,7 +68,7 @@ def test_gated_plans_replay_per_block_graphs(tiny_llama, batch):
                 np.testing.assert_allclose(got.out.logits.cpu().numpy(), want.out.logits.cpu().numpy(),
                                            rtol=1e-4, atol=1e-4)
                 assert got.executed.layers_run == want.executed.layers_run
-    assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs)
+    assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs) != device_gate
 
 
 @pytest.mark.parametrize("fmt, depth, kernel, m", [("int8", None, "triton", 3), ("int4", 4, "triton", 3),
@@ -203,8 +207,8 @@ def test_decode_attention_kernel_equals_rope_write_and_sdpa(B, H, Hkv, D, S, pos
 def test_decode_attention_kernel_in_the_bf16_step(tiny_llama, compile):
     """bf16 decode with the attention kernel (eager, or compiled and replayed with plans switching) against
     the SDPA path of the same weights: the same greedy tokens, logits within bf16 rounding."""
-    sdpa = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
-    kernel = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile, cuda_attention="kernel")
+    sdpa = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False, cuda_attention="sdpa")
+    kernel = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)  # the CUDA default
     assert kernel.attention_kernel and not sdpa.attention_kernel
     want = _two_interleaved(sdpa, 2)
     for _ in range(2):

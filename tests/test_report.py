@@ -174,8 +174,10 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     committed = ROOT / "docs/measurements/cuda_techniques_h200_llama3-8b_compiled_2026-12-01.json"
     gears = ROOT / "docs/measurements/cuda_techniques_h200_llama3-8b_gears_separate_2026-12-01.json"
     out = tmp_path / "out"
-    report.build({**PARAMS, "gpu_results": [str(committed), str(gears)]}, _all(tmp_path), out)
+    kernel = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_attention_kernel_token_router_2026-12-06.json"
+    report.build({**PARAMS, "gpu_results": [str(committed), str(gears), str(kernel)]}, _all(tmp_path), out)
     md = (out / "report.md").read_text()
+    assert "Decode attention: one Triton kernel a layer." in md and md.count("Decode attention") == 1
     assert "| gears-separate (int4 44% / int8 37% / full 19%) | 222.6 | 1.166 [1.126–1.210] |" in md
     assert "On a CUDA GPU" in md and "NVIDIA H200" in md
     assert re.search(r"\| llama3-8b \| compiled \| skip-25 \| 252\.9 \| 1\.303 \[1\.300–1\.307\] \| 1\.303 \| 1\.00 \| 68% \| — \|", md)

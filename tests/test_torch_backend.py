@@ -334,5 +334,5 @@ def test_decode_attention_op_in_the_step_equals_the_ops(tiny_llama, compile):
 
     want = run(TorchLM.load(tiny_llama[1], cpu_matmul="library"))
     lm = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=compile)
-    lm.attention_kernel = True  # CPU: the op's torch implementation (the CUDA default is off until timed)
+    lm.attention_kernel = True  # CPU: the op's torch implementation (on CUDA the Triton kernel, the default)
     np.testing.assert_allclose(run(lm), want, rtol=1e-5, atol=1e-5)

@@ -442,7 +442,10 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
             out.append(("p", f"{path.name}: {sh.get('shape')} shape, {sh.get('dtype')}, on {sh.get('device')} "
                              f"(torch {sh.get('torch')}); read bandwidth measured in the run {_f(bw, '{:.0f}')} GB/s, "
                              f"so {_f(_get(sh, 'limit_tps_batch1'), '{:.0f}')} tok/s at batch 1 reads every weight "
-                             "once per token. Random weights: speed only."))
+                             "once per token. Random weights: speed only."
+                             + {"kernel": " Decode attention: one Triton kernel a layer.",
+                                "sdpa": " Decode attention: RoPE, cache writes and SDPA as separate ops."}.get(
+                                 sh.get("attention"), "")))
             for mode, m in sh["modes"].items():
                 batch = _get(m, "batch") or {}
                 for name, c in (_get(m, "configs") or {}).items():
