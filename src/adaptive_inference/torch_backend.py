@@ -7,9 +7,11 @@ causal by construction and a skipped layer's slot stays a hole). Device and dtyp
 Runtime choices (params benchmark.runtime), the same for a job's baseline and its configuration:
 - cpu_matmul "kernel": decode-sized matmuls (<= 8 rows) on CPU go to torch_kernels.dense_linear (an AVX2
   gemv reading weights near memory speed; MKL's sgemv reads at about half of it here); "library": F.linear.
-- compile: decode steps of gate-free plans run as one torch.compile'd graph per distinct plan (inductor
-  fuses norms, RoPE, residuals; no per-op dispatch), on full weights or packed ones that say they are
-  `capturable`. Gated plans and packed weights opaque to the compiler run eagerly. The cache length is rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
+- compile: decode steps of gate-free plans, and of gated plans whose gate decides on the device (device_gate,
+  on by default on CUDA), run as one torch.compile'd graph per distinct plan (inductor fuses norms, RoPE,
+  residuals; no per-op dispatch), on full weights or packed ones that say they are `capturable`. Other gated
+  plans run per block (below) or eagerly, packed weights opaque to the compiler eagerly. The cache length is
+  rounded up to a multiple of CACHE_BUCKET so prompts of other lengths reuse a graph.
 - cuda_graphs (CUDA only): the same static steps (compiled or eager) are captured once per (plan, cache
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
