@@ -376,6 +376,35 @@ def profile_configs(shape: str, a) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=80))
 
 
+def batch_configs(lm: TorchLM, configs: dict, a, batch: int, context: int) -> dict:
+    """Every configuration at `batch` rows beside the baseline, paired per repeat as at batch 1, the rows with
+    other prompts (so per-row decisions differ): tok/s, speedup, and the bound from what ran (a layer's
+    weights are read when any row runs it, a head when any row needs it)."""
+    prompts = (np.arange(1, 1 + a.prompt_tokens)[None] + 7 * np.arange(batch)[:, None]) % lm.cfg.vocab_size
+
+    def run(name):
+        steps = list(stream(lm, prompts, max_new_tokens=a.new_tokens, policy=configs[name]()))[1:]
+        return float(np.mean([st.seconds for st in steps])), [st.executed for st in steps]
+
+    for name in configs:  # warm-up: graphs for this batch size
+        run(name)
+    per_step, executed = {n: [] for n in configs}, {}
+    for rep in range(a.batch_repeats):
+        for name in list(configs)[rep % len(configs):] + list(configs)[:rep % len(configs)]:
+            seconds, ran = run(name)
+            per_step[name].append(seconds)
+            executed.setdefault(name, ran)
+    out = {}
+    for name in configs:
+        bound = 1 / structural(lm.cfg, executed[name], context, lm.relative_bytes)["weight_bytes_fraction"]
+        sp = paired_speedup(per_step["baseline"], per_step[name])
+        out[name] = {"tokens_per_s": batch / float(np.median(per_step[name])), "speedup": sp["median"],
+                     "speedup_ci95": sp["ci95"], "bound": bound,
+                     "realized_share": (sp["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
+                     "row_layer_share": float(np.mean([e.row_layer_share for e in executed[name]]))}
+    return out
+
+
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
     lm = build(shape, a.dtype, a.device, mode, a.attention)
@@ -418,6 +447,8 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
         step = batch_step_s(lm, batch, a)
         out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
                                     "bandwidth_share": (weights + batch * kv) / step / bw}
+    if techniques:
+        out["configs_batch"] = {str(b): batch_configs(lm, configs, a, b, context) for b in a.technique_batches}
     out["graphs_captured"] = len(lm.graphs)
     if lm.cuda_graphs:
         out["anatomy"] = anatomy(lm, a, out["configs"]["baseline"]["decode_tps"])
@@ -462,6 +493,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--batch-repeats", type=int, default=3)
+    ap.add_argument("--technique-batches", type=int, nargs="*", default=[],
+                    help="batch sizes at which every configuration is also timed beside the baseline (paired)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile", action="store_true",

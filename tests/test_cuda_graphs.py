@@ -225,14 +225,17 @@ def test_gated_linear_kernel_reads_only_where_a_row_runs(M, N, K, gated):
     does, the other columns always computed (the CUDA-core path up to 4 rows, tensor cores above; split-K)."""
     import torch.nn.functional as F
 
-    from adaptive_inference import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
+    from adaptive_inference import triton_kernels
+    from adaptive_inference.gated_linear_op import gated_linear, split_k
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
     want = F.linear(x.float(), w.float())
+    splits = split_k(N, K, triton_kernels.sms(0))
+    assert splits > 1 or K < 4096
     for runs in ([True] * M, [False] * M, [False] * (M - 1) + [True]):
-        got = torch.ops.adaptive_inference.gated_linear(x, w, torch.tensor(runs, device="cuda"), gated).float()
+        got = gated_linear(x, w, torch.tensor(runs, device="cuda"), gated, splits).float()  # the CUDA kernel
         if any(runs):
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
         else:

@@ -310,6 +310,25 @@ def test_device_gate_gives_the_host_gates_steps(tiny_llama, monkeypatch, mode, w
         assert {k[0] if isinstance(k[0], str) else "step" for k in lm.graphs} == {"step"}  # no per-block graphs
 
 
+def test_gated_linear_partials_add_up_to_the_matmul():
+    """gated_linear: fp32 partial sums over `splits` slices of K (what the CUDA kernel stores, one per element)
+    that add up to x @ w.T in x's dtype; gated columns zero where no row runs, the others always computed; the
+    same compiled (the op's fake gives the partials' shape); split_k splits long K on few output rows only."""
+    from adaptive_inference.gated_linear_op import gated_linear, gated_linear_partials, split_k
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(40, 64, generator=g)
+    compiled = torch.compile(gated_linear, fullgraph=True, dynamic=False)
+    for runs in ([True, False, False], [False] * 3):
+        run = torch.tensor(runs)
+        assert gated_linear_partials(x, w, run, 24, 3).shape == (3, 3, 40)
+        for fn in (gated_linear, compiled):
+            got = fn(x, w, run, 24, 3)
+            torch.testing.assert_close(got[:, 24:], x @ w[24:].T)
+            torch.testing.assert_close(got[:, :24], x @ w[:24].T if any(runs) else torch.zeros(3, 24))
+    assert split_k(4096, 14336, 132) == 8 and split_k(28672, 4096, 132) == 1 and split_k(4096, 512, 132) == 1
+
+
 def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):
     from adaptive_inference.errors import UserError
 

@@ -1,7 +1,10 @@
 """A matmul that a decision taken on the device may skip, `adaptive_inference::gated_linear`: x @ w.T whose
 first `gated` output columns are computed only if some row of x runs (zeros where none does). The layers after
 a token gate run it inside one captured step, so the gate needs no host read and a layer that no row runs
-reads none of those weights. Its implementation here is F.linear and a select (any device; what a CPU test
+reads none of those weights. The op returns fp32 partial sums over `splits` slices of K (split-K, so a matrix
+with few output rows still fills the GPU), which gated_linear adds up in plain torch ops: under torch.compile
+that sum fuses into the residual add that follows, so a split-K matmul costs one launch (no zero fill before
+its atomic adds, no cast after). Its implementation here is F.linear and a select (any device; what a CPU test
 runs); triton_kernels registers the CUDA kernel, whose programs read the flags before any weight."""
 
 from __future__ import annotations
@@ -10,19 +13,36 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.library.custom_op("adaptive_inference::gated_linear", mutates_args=())
-def gated_linear(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int) -> torch.Tensor:
-    """x [M, K] @ w [N, K].T with columns < gated zeroed where no row of run [M] (bool) is set."""
-    y = F.linear(x, w)
-    if gated <= 0:
-        return y
-    head = torch.where(run.any(), y[:, :gated], torch.zeros((), dtype=y.dtype, device=y.device))
-    return torch.cat([head, y[:, gated:]], dim=1)
+def split_k(n: int, k: int, sms: int) -> int:
+    """Slices of K for a decode-sized matmul of n output rows on `sms` SMs: about two waves of programs (blocks
+    of 64 rows), each slice at least 1024 long (the MLP down matrix splits, the gate/up matrix does not). Plain
+    arithmetic, so torch.compile folds it."""
+    blocks, s = -(-n // 64), 1
+    while blocks * s < 2 * sms and k // (s * 2) >= 1024:
+        s *= 2
+    return s
 
 
-@gated_linear.register_fake
-def _(x, w, run, gated):
-    return x.new_empty((x.shape[0], w.shape[0]))
+@torch.library.custom_op("adaptive_inference::gated_linear_partials", mutates_args=())
+def gated_linear_partials(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int,
+                          splits: int) -> torch.Tensor:
+    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T, with columns < gated zero
+    where no row of run [M] (bool) is set."""
+    y = F.linear(x, w).float()
+    if gated > 0:
+        y = torch.cat([torch.where(run.any(), y[:, :gated], torch.zeros((), dtype=y.dtype, device=y.device)),
+                       y[:, gated:]], dim=1)
+    return torch.cat([y[None], y.new_zeros((splits - 1, *y.shape))])
+
+
+@gated_linear_partials.register_fake
+def _(x, w, run, gated, splits):
+    return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def gated_linear(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int = 1) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T in x's dtype, columns < gated zero where no row of run [M] is set."""
+    return gated_linear_partials(x, w, run, gated, splits).sum(0).to(x.dtype)
 
 
 class GatedWeight:
@@ -31,14 +51,14 @@ class GatedWeight:
 
     capturable = True
 
-    def __init__(self, w: torch.Tensor, run: torch.Tensor, gated: int):
-        self.w, self.run, self.gated = w, run, gated
+    def __init__(self, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int = 1):
+        self.w, self.run, self.gated, self.splits = w, run, gated, splits
 
     @property
     def shape(self):
         return self.w.shape
 
     def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        y = gated_linear(x.reshape(-1, x.shape[-1]), self.w, self.run.reshape(-1), self.gated)
+        y = gated_linear(x.reshape(-1, x.shape[-1]), self.w, self.run.reshape(-1), self.gated, self.splits)
         y = y.view(*x.shape[:-1], -1)  # run [B, T] per row of x [B, T, K]
         return y if b is None else y + b

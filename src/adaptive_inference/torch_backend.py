@@ -515,12 +515,15 @@ class TorchLM(Decoder):
         # CPU the op's reference implementation runs: tests); packed weights are read as they are
         cuda = torch.device(self.device).type == "cuda"
         if cuda:
-            from . import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
+            from . import triton_kernels  # registers the op's CUDA kernel
+
+            sms = triton_kernels.sms(torch.device(self.device).index or 0)
 
         def gated(w, cols=None):
             if not isinstance(w, torch.Tensor) or (cuda and w.dtype not in (torch.bfloat16, torch.float16)):
                 return w
-            return gated_linear_op.GatedWeight(w, run, w.shape[0] if cols is None else cols)
+            splits = gated_linear_op.split_k(*w.shape, sms) if cuda else 1
+            return gated_linear_op.GatedWeight(w, run, w.shape[0] if cols is None else cols, splits)
 
         return dataclasses.replace(lw, wqkv=gated(lw.wqkv, gated_qkv), wo=gated(lw.wo), w_gate_up=gated(lw.w_gate_up),
                                    w_down=gated(lw.w_down))

@@ -173,14 +173,14 @@ GEMV_ROWS = 4  # w4_linear takes the CUDA-core kernel up to this many rows of x,
 
 @functools.lru_cache(maxsize=256)
 def _splits(n: int, k: int, device: int | None) -> int:
-    """Split-K so that about two waves of programs run: few output rows and a long K (the MLP down matrix).
-    device None: the interpreter on CPU, as a GPU of 4 SMs (so CPU tests reach the split-K path)."""
-    sms = 4 if device is None else torch.cuda.get_device_properties(device).multi_processor_count
-    blocks = triton.cdiv(n, 64)
-    s = 1
-    while blocks * s < 2 * sms and k // (s * 2) >= 1024:
-        s *= 2
-    return s
+    """Split-K (gated_linear_op.split_k) on this device. device None: the interpreter on CPU, as a GPU of 4 SMs
+    (so CPU tests reach the split-K path)."""
+    return gated_linear_op.split_k(n, k, 4 if device is None else sms(device))
+
+
+@functools.lru_cache(maxsize=16)
+def sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _output(x: torch.Tensor, n: int) -> tuple[int, torch.Tensor]:
@@ -283,12 +283,13 @@ def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr):
     return tl.sum(tl.load(run_ptr + r, mask=r < M, other=0).to(tl.int32), axis=0) > 0
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS"])
 @triton.jit
 def _gated_gemv_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gated_linear for a few rows of x on the CUDA cores: one program per (block of output columns, row of x,
-    K slice); a block wholly below GATED reads its weights only if some row runs (else its outputs are 0)."""
+    K slice), each storing its fp32 partial sums (y [SPLITS, M, N]: every element written once, no zero fill);
+    a block wholly below GATED reads its weights only if some row runs (else its outputs are 0)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     runs = _any_runs(run_ptr, M, RUN_PAD)
@@ -302,13 +303,10 @@ def _gated_gemv_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.
             x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
-    if SPLITS == 1:
-        tl.store(y_ptr + m * N + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
-    elif needed:  # partial sums of the K slices, into fp32 zeros
-        tl.atomic_add(y_ptr + m * N + rn, acc, mask=rn < N)
+    tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"])
 @triton.jit
 def _gated_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -327,27 +325,22 @@ def _gated_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.const
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
             acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
     acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
-    out = y_ptr + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLITS == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    elif needed:
-        tl.atomic_add(out, acc, mask=mask)
+    tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 _gated_tuned: set = set()
 
 
-@torch.library.register_kernel("adaptive_inference::gated_linear", "cuda")
-def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int) -> torch.Tensor:
-    """gated_linear_op.gated_linear in one launch whose skipped programs read no weight (16-bit weights)."""
+@torch.library.register_kernel("adaptive_inference::gated_linear_partials", "cuda")
+def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int) -> torch.Tensor:
+    """gated_linear_op.gated_linear_partials in one launch whose skipped programs read no weight (16-bit weights)."""
     m, k = x.shape
     n = w.shape[0]
     x, flags = x.contiguous(), run.contiguous().view(torch.uint8)
     pad = max(16, triton.next_power_of_2(m))
+    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
 
     def launch(flags):
-        splits, y = _output(x, n)
         if m <= GEMV_ROWS:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
             _gated_gemv_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad)
@@ -355,13 +348,13 @@ def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gate
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
             _gated_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, DOT_DTYPE=DOT_DTYPE,
                                 BLOCK_M=16)
-        return y if splits == 1 else y.to(x.dtype)
 
-    tag = (n, k, m <= GEMV_ROWS)
+    tag = (n, k, splits, m <= GEMV_ROWS)
     if tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
         launch(torch.ones_like(flags))
         _gated_tuned.add(tag)
-    return launch(flags)
+    launch(flags)
+    return y
 
 
 @triton.jit
