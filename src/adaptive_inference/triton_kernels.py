@@ -37,6 +37,19 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stage
 
 
 
+@triton.jit
+def _slice_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, pid_k, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT: tl.constexpr):
+    """acc + x[rm] @ w[rn].T over K slice pid_k of SPLITS, on tensor cores (weights of any dtype widened)."""
+    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+    for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)))
+    return acc
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
 @triton.jit
 def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
@@ -44,13 +57,8 @@ def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(q_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+    acc = _slice_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, q_ptr, rm, rn, M, N, K, pid_k, SPLITS,
+                     BLOCK_K, DOT_DTYPE)
     acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     out = y_ptr + rm[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -318,12 +326,7 @@ def _gated_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.const
     needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if needed:
-        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+        acc = _slice_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, pid_k, SPLITS, BLOCK_K, DOT_DTYPE)
     acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
     tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
