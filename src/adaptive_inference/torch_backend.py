@@ -116,6 +116,11 @@ class TorchLM(Decoder):
                                  and _triton_attention_ok(cfg, dtype))
         # a token gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
         self.device_gate = torch.device(device).type == "cuda"
+        self._sms = None  # SMs of the CUDA device: the gated matmuls' split-K (known before any step is traced)
+        if self.device_gate:
+            from . import triton_kernels  # registers the gated and attention ops' CUDA kernels
+
+            self._sms = triton_kernels.sms(torch.device(device).index or 0)
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
@@ -513,16 +518,12 @@ class TorchLM(Decoder):
     def gated_layer(self, lw: Layer, run, gated_qkv: int) -> Layer:
         # full 16-bit weights on CUDA: the gated_linear kernel reads no weight of a layer that no row runs (on
         # CPU the op's reference implementation runs: tests); packed weights are read as they are
-        cuda = torch.device(self.device).type == "cuda"
-        if cuda:
-            from . import triton_kernels  # registers the op's CUDA kernel
-
-            sms = triton_kernels.sms(torch.device(self.device).index or 0)
+        cuda = self._sms is not None
 
         def gated(w, cols=None):
             if not isinstance(w, torch.Tensor) or (cuda and w.dtype not in (torch.bfloat16, torch.float16)):
                 return w
-            splits = gated_linear_op.split_k(*w.shape, sms) if cuda else 1
+            splits = gated_linear_op.split_k(*w.shape, self._sms) if cuda else 1
             return gated_linear_op.GatedWeight(w, run, w.shape[0] if cols is None else cols, splits)
 
         return dataclasses.replace(lw, wqkv=gated(lw.wqkv, gated_qkv), wo=gated(lw.wo), w_gate_up=gated(lw.w_gate_up),
