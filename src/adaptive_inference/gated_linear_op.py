@@ -49,8 +49,6 @@ class GatedWeight:
     """A full weight whose matmul (TorchLM.linear calls .linear) skips its first `gated` output columns when no
     row of `run` runs the layer: what TorchLM.gated_layer hands the decoder for a gated layer."""
 
-    capturable = True
-
     def __init__(self, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int = 1):
         self.w, self.run, self.gated, self.splits = w, run, gated, splits
 

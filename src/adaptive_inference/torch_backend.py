@@ -114,7 +114,7 @@ class TorchLM(Decoder):
         self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
         self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
                                  and _triton_attention_ok(cfg, dtype))
-        # a token gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
+        # a plan's gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
         self.device_gate = torch.device(device).type == "cuda"
         self._sms = None  # SMs of the CUDA device: the gated matmuls' split-K (known before any step is traced)
         if self.device_gate:
@@ -243,7 +243,7 @@ class TorchLM(Decoder):
                 run, executed = self.static_run(plan)
                 fn = functools.partial(self.static_blocks, layers=self.resolve_weights(plan.weights), run=run,
                                        gate=plan.gate)
-                if plan.gate is not None:  # once outside the compiler: the gate makes its device arrays
+                if plan.gate is not None:  # once outside the compiler: a gate may make its device arrays here
                     plan.gate.keep_device(torch.zeros(1, 1, self.cfg.hidden_size, device=self.device,
                                                       dtype=self.dtype), self)
                 if self.compile:
