@@ -1,8 +1,11 @@
 """Batch-1 decode matmuls of a model shape on a GPU, each implementation on the same weights: the time of one
-x [1, K] @ w.T in a captured CUDA graph and the share of the measured read bandwidth it reaches. Each weight
-has enough copies that a graph's reads exceed the L2 cache several times over (a weight read straight after
-itself would come from L2). Implementations: cuBLAS (what F.linear and the decoder use) and a plain Triton
-reduction (one program per block of rows and K slice), which showed cuBLAS needs no replacement at these
+x [1, K] @ w.T in a captured CUDA graph and the share of the measured read bandwidth it reaches (bytes of the
+weight as that implementation stores it). Each weight has enough copies that a graph's reads exceed the L2
+cache several times over (a weight read straight after itself would come from L2). Implementations: cuBLAS
+(what F.linear and the decoder use), our Triton kernels on the 16-bit weight (triton_kernels.matmul_partials:
+plain, and gated with every row running: what a token gate's layers read), int8 (the CUDA-core kernel the
+decoder takes at batch 1, and the tensor-core one), 4-bit g32 (torch's tinygemm, our w4 kernel). The partial
+sums are added as the compiled step would (one small op). Earlier run: cuBLAS needs no replacement at these
 shapes but the LM head (docs/measurements/cuda_gemv_h100_llama3-8b_2026-12-06.json).
 
     python scripts/cuda_gemv.py --shapes llama3-8b [--out F]
@@ -11,53 +14,53 @@ shapes but the LM head (docs/measurements/cuda_gemv_h100_llama3-8b_2026-12-06.js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_techniques import SHAPES, read_bandwidth  # noqa: E402
 
-from adaptive_inference import triton_kernels  # noqa: E402
+from adaptive_inference import gated_linear_op, quant, quant_cuda, triton_kernels  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 
 
-@triton.autotune(configs=triton_kernels._GEMV_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
-@triton.jit
-def _dense_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """One row of x times a bf16 / fp16 weight [N, K] on the CUDA cores: one program per (row block, K slice)."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    if SPLITS == 1:
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:
-        tl.atomic_add(y_ptr + rn, acc, mask=rn < N)
+def partials(gate: bool, rows: int = triton_kernels.GEMV_ROWS):
+    """Our 16-bit kernel (gated with every row running, or plain) as the decoder calls it."""
+    def fn(x, w):
+        splits = gated_linear_op.split_k(*w.shape, gated_linear_op.sms(x.device))
+        run = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if gate else None
+        return triton_kernels.matmul_partials(x, w, None, run, w.shape[0], splits).sum(0).to(x.dtype)
+    return fn
 
 
-def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ w.T for a 16-bit weight [N, K]: the batch-1 decode matmul as a plain streaming reduction."""
-    k = x.shape[-1]
-    n = w.shape[0]
-    splits, y = triton_kernels._output(x.reshape(1, k), n)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _dense_gemv_kernel[grid](x.contiguous(), w, y, n, k, SPLITS=splits)
-    return (y if splits == 1 else y.to(x.dtype)).reshape(*x.shape[:-1], n)
+def packed(fmt: str, kernel: str | None = None, tc: bool = False):
+    """(make: the bf16 weight -> its packed form on the GPU, matmul x @ w.T with it); tc: int8 on the tensor-core
+    kernel (the one batches above GEMV_ROWS take)."""
+    def make(w):
+        p = quant.quantize(w.float().cpu().numpy(), fmt, group_size=32)
+        return quant_cuda.prepare(p, kernel=kernel) if kernel else quant_cuda.prepare(p)
+
+    def fn(x, p):
+        if tc:
+            q, scale = p.tensors
+            return triton_kernels.matmul_partials(x.expand(triton_kernels.GEMV_ROWS + 1, -1), q, scale, None, 0,
+                                                  p.splits).sum(0)[:1].to(x.dtype)
+        return quant_cuda.linear(x, p)
+    return make, fn
 
 
-IMPLS = {"cublas": lambda x, w: F.linear(x, w), "triton_gemv": dense_gemv}
+def nbytes(p) -> int:
+    return sum(t.numel() * t.element_size() for t in (p.tensors if hasattr(p, "tensors") else (p,)))
+
+
+IMPLS = {"cublas": (None, lambda x, w: F.linear(x, w)), "triton": (None, partials(False)),
+         "triton_gated": (None, partials(True)), "int8": packed("int8"), "int8_tensor_cores": packed("int8", tc=True),
+         "int4_tinygemm": packed("int4", "tinygemm"), "int4_triton": packed("int4", "triton")}
 
 
 def matrices(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -93,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--matrices", nargs="+", help="only these (qkv o gate_up down head)")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -103,23 +107,36 @@ def main() -> None:
         cfg = ModelConfig.from_dict(SHAPES[shape])
         rows = {}
         for name, (n, k) in matrices(cfg).items():
-            nbytes = n * k * 2
-            copies = max(2, -(-(1 << 30) // nbytes))  # >= 1 GiB of weights a graph
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            if a.matrices and name not in a.matrices:
+                continue
+            w0 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.float(), ws[0].float())
-            rows[name] = {"n": n, "k": k, "mb": nbytes / 1e6}
+            ref = F.linear(x.float(), w0.float())
+            rows[name] = {"n": n, "k": k, "mb": n * k * 2 / 1e6}
             for impl in a.impls:
-                err = (IMPLS[impl](x, ws[0]).float() - ref).abs().max().item()
-                s = time_graph(IMPLS[impl], x, ws, a.replays)
-                rows[name][impl] = {"us": s * 1e6, "share_of_bandwidth": nbytes / s / bw, "max_abs_err": err}
+                make, fn = IMPLS[impl]
+                if make and name == "head":  # the packed sets keep the head 16-bit
+                    continue
+                w = make(w0) if make else w0
+                size = nbytes(w)
+                copies = max(2, -(-(1 << 30) // size))  # >= 1 GiB of weights a graph
+                ws = [w] + [(dataclasses.replace(w, tensors=tuple(t.clone() for t in w.tensors)) if make else
+                             w.clone()) for _ in range(copies - 1)]
+                err = (fn(x, w).float() - ref).abs().max().item() / ref.abs().max().item()
+                s = time_graph(fn, x, ws, a.replays)
+                rows[name][impl] = {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw,
+                                    "max_rel_err": err}
+                del ws, w
+                torch.cuda.empty_cache()
             print(shape, name, json.dumps(rows[name]), flush=True)
-            del ws
-            torch.cuda.empty_cache()
         layer = [r for k, r in rows.items() if k != "head"]
+        if not all(i in r for r in layer for i in a.impls):  # --matrices left some out
+            out["shapes"][shape] = {"matrices": rows}
+            continue
         out["shapes"][shape] = {"matrices": rows, "layer_us": {i: sum(r[i]["us"] for r in layer) for i in a.impls},
-                                "layer_best_us": sum(min(r[i]["us"] for i in a.impls) for r in layer)}
-        print(shape, "layer", out["shapes"][shape]["layer_us"], "best", out["shapes"][shape]["layer_best_us"])
+                                "layer_best_16bit_us": sum(min(r[i]["us"] for i in a.impls if not IMPLS[i][0])
+                                                           for r in layer)}
+        print(shape, "layer", out["shapes"][shape]["layer_us"], "best 16-bit", out["shapes"][shape]["layer_best_16bit_us"])
     if a.out:
         a.out.write_text(json.dumps(out, indent=1) + "\n")
 

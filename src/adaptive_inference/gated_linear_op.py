@@ -9,8 +9,18 @@ runs); triton_kernels registers the CUDA kernel, whose programs read the flags b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=16)
+def sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: Triton's interpreter on CPU, as a small GPU, so
+    CPU tests reach the split-K path)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def split_k(n: int, k: int, sms: int) -> int:

@@ -9,8 +9,8 @@
   group, the 8-bit code rebuilt in registers); it also takes 4-bit reads where tinygemm's shape rules exclude
   a weight. Per matmul on an H200 at batch 1 (Llama-3-8B shapes, docs/measurements/cuda_packed_kernels_*):
   tinygemm int4 g32 1.7-1.9 TB/s, w4_linear at depth 4 1.2-1.6 TB/s, at depth 8 1.6-2.1 TB/s.
-- int8 (per-row scale) runs on our Triton kernel (triton_kernels.w8_linear: reads the int8 codes once,
-  widens them in registers). Measured on an H200 (docs/measurements/cuda_packed_kernels_*.json), the
+- int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
+  widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on an H200 (docs/measurements/cuda_packed_kernels_*.json), the
   dequantize-in-matmul expression F.linear(x, q.to(x.dtype)) * scale that inductor compiles reached 0.77
   TB/s at batch 1, 2.6x slower than the bf16 weight: no int8 path of torch's own pays at decode sizes.
 All are aten ops or custom ops on tensors, so packed plans are compiled and captured as CUDA graphs like full ones.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import quant
+from . import gated_linear_op, quant
 from .errors import UserError
 
 INT4_GROUPS = (32, 64, 128, 256)  # tinygemm's
@@ -38,6 +38,7 @@ class CudaPacked:
     # w4: (codes [N, K/2] split halves, residual plane (same layout) or an empty tensor, scale, min [N, K/g] fp16)
     group_size: int = 0
     nested: bool = False  # w4 read at depth 8
+    splits: int = 1  # int8 / w4: slices of K the Triton kernels split the matmul into (gated_linear_op.split_k)
     capturable = True  # aten ops and a custom op: compiled and captured like dense weights
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,9 +74,10 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
             kernel: str = "auto") -> CudaPacked:
     """kernel, for 4-bit codes: "auto" (tinygemm at depth 4 where its shape rules allow, the faster one
     measured; w4_linear otherwise), "triton" (w4_linear) or "tinygemm"."""
+    splits = gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
     if isinstance(p, quant.Int8Weight):
         return CudaPacked("int8", p.shape, (torch.from_numpy(np.ascontiguousarray(p.q)).to(device),
-                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)))
+                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits)
     depth = max(p.depths) if depth is None else depth
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
@@ -87,7 +89,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
         return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,
-                          depth == 8)
+                          depth == 8, splits)
     if depth != 4:
         raise UserError(f"packed weights on CUDA: a nested weight read at depth 8 needs group_size in "
                         f"{TRITON_GROUPS} and in-features a multiple of 2 x group_size, got {p.group_size}, {p.shape[1]}")
@@ -109,11 +111,11 @@ def linear(x: torch.Tensor, w: CudaPacked, bias: torch.Tensor | None = None) -> 
     if w.kind == "int8":
         from .triton_kernels import w8_linear
 
-        y = w8_linear(x2, *w.tensors)
+        y = w8_linear(x2, *w.tensors, w.splits)
     elif w.kind == "w4":
         from .triton_kernels import w4_linear
 
-        y = w4_linear(x2, *w.tensors, w.group_size, w.nested)
+        y = w4_linear(x2, *w.tensors, w.group_size, w.nested, w.splits)
     else:
         y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w.tensors[0], w.group_size,
                                       w.tensors[1]).to(x.dtype)

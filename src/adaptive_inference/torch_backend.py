@@ -118,9 +118,9 @@ class TorchLM(Decoder):
         self.device_gate = torch.device(device).type == "cuda"
         self._sms = None  # SMs of the CUDA device: the gated matmuls' split-K (known before any step is traced)
         if self.device_gate:
-            from . import triton_kernels  # registers the gated and attention ops' CUDA kernels
+            from . import triton_kernels  # noqa: F401  (registers the gated and attention ops' CUDA kernels)
 
-            self._sms = triton_kernels.sms(torch.device(device).index or 0)
+            self._sms = gated_linear_op.sms(device)
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step

@@ -1,12 +1,14 @@
 """Triton kernels for CUDA decode (imported on CUDA only; triton comes with torch's CUDA wheels).
 
-w8_linear: x [M, K] (bf16 / fp16 / fp32) times an int8 weight [N, K] with a per-row scale [N], the packed
-int8 weight's matmul. At decode sizes the matmul only streams the weight, so each program owns a block of
-output rows and reads its int8 codes once, widening them in registers (tensor-core dot with the rows of x
-padded to 16); split-K over `splits` programs when there are too few row blocks to fill the GPU. Registered
-as the custom op adaptive_inference::w8_linear so torch.compile treats it as one opaque call and CUDA graphs
-capture it (the autotuning runs on first use, outside capture: the decoder's first step of a plan runs for
-real before it is captured).
+matmul_partials: x [M, K] times a weight [N, K], 16-bit or int8 with a per-row scale, at decode sizes, where
+the matmul only streams the weight: each program owns a block of output rows and reads its weights once,
+widening them in registers (up to GEMV_ROWS rows of x a reduction on the CUDA cores, above a tensor-core dot
+with the rows padded to 16), over one of `splits` slices of K when there are too few row blocks to fill the
+GPU. It returns the slices' fp32 partial sums, each stored once, for the caller to add up in torch ops (under
+torch.compile that sum fuses into the next op: one launch per matmul). Optionally gated by flags on the
+device (gated_linear_op). Its ops (gated_linear_partials, w8_linear_partials) are custom ops, so
+torch.compile treats each as one opaque call and CUDA graphs capture it (the autotuning runs on first use,
+outside capture: the decoder's first step of a plan runs for real before it is captured).
 
 w4_linear: the same for 4-bit codes with a per-group fp16 (scale, min), w = code * scale + min, re-laid at
 prepare time so that byte j of a row holds the codes of columns j (low nibble) and j + K/2 (high): one load
@@ -17,7 +19,6 @@ The dequantization happens in registers, group by group, before the dot.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,39 +34,133 @@ DOT_DTYPE = tl.float32 if INTERPRET else tl.bfloat16
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 3), (64, 512, 8, 3),
                                  (128, 128, 4, 4), (16, 512, 4, 4), (128, 256, 8, 3)]][: 1 if INTERPRET else None]
-
-
+# the CUDA-core kernels' (1024-wide K tiles: 1-byte codes)
+_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                                      (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4), (16, 1024, 4, 3),
+                                      (32, 1024, 8, 3)]][: 1 if INTERPRET else None]
 
 
 @triton.jit
-def _slice_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, pid_k, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT: tl.constexpr):
-    """acc + x[rm] @ w[rn].T over K slice pid_k of SPLITS, on tensor cores (weights of any dtype widened)."""
-    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)))
-    return acc
+def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr):
+    """Whether some row of x runs: the flags run [M] (uint8), read before any weight."""
+    r = tl.arange(0, RUN_PAD)
+    return tl.sum(tl.load(run_ptr + r, mask=r < M, other=0).to(tl.int32), axis=0) > 0
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"], reset_to_zero=["y_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
 @triton.jit
-def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
+               GATE: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """matmul_partials on tensor cores: blocks of BLOCK_M rows of x (padded), weights of any dtype widened in
+    registers; the gating and the stores of matmul_partials."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = _slice_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, q_ptr, rm, rn, M, N, K, pid_k, SPLITS,
-                     BLOCK_K, DOT_DTYPE)
-    acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    out = y_ptr + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLITS == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # partial sums of the K slices, into fp32
-        tl.atomic_add(out, acc, mask=mask)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    needed = True
+    if GATE:
+        runs = _any_runs(run_ptr, M, RUN_PAD)
+        needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    if needed:
+        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+    if GATE:
+        acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
+    if SCALED:
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
+                 GATE: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """matmul_partials for a few rows of x on the CUDA cores: one program per (block of output columns, row of
+    x, K slice), a reduction instead of a tensor-core dot padded to 16 rows."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    needed = True
+    if GATE:
+        runs = _any_runs(run_ptr, M, RUN_PAD)
+        needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    if needed:
+        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+            x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if GATE:
+        acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
+    if SCALED:
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
+
+
+GEMV_ROWS = 4  # the CUDA-core kernels take up to this many rows of x, the tensor-core ones above
+_gated_tuned: set = set()
+
+
+def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, run: torch.Tensor | None,
+                    gated: int, splits: int) -> torch.Tensor:
+    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
+    per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
+    atomics). With run [M] (bool): the first `gated` output columns are zero where no row runs, and their
+    programs read no weight (the flags are read first)."""
+    m, k = x.shape
+    n = w.shape[0]
+    x = x.contiguous()
+    gate, scaled = run is not None, scale is not None
+    flags = run.contiguous().view(torch.uint8) if gate else x
+    s = scale if scaled else x
+    pad = max(16, triton.next_power_of_2(m))
+    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+
+    def launch(flags):
+        if m <= GEMV_ROWS:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
+            _gemv_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate,
+                               SCALED=scaled)
+        else:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
+            _tc_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled,
+                             DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
+
+    tag = (n, k, splits, m <= GEMV_ROWS)
+    if gate and tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
+        launch(torch.ones_like(flags))
+        _gated_tuned.add(tag)
+    launch(flags)
+    return y
+
+
+@torch.library.register_kernel("adaptive_inference::gated_linear_partials", "cuda")
+def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int) -> torch.Tensor:
+    """gated_linear_op.gated_linear_partials in one launch whose skipped programs read no weight (16-bit weights)."""
+    return matmul_partials(x, w, None, run, gated, splits)
+
+
+@torch.library.custom_op("adaptive_inference::w8_linear_partials", mutates_args=())
+def w8_linear_partials(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int) -> torch.Tensor:
+    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T."""
+    return matmul_partials(x, q, scale, None, 0, splits)
+
+
+@w8_linear_partials.register_fake
+def _(x, q, scale, splits):
+    return x.new_empty((splits, x.shape[0], q.shape[0]), dtype=torch.float32)
+
+
+def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int = 1) -> torch.Tensor:
+    """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile)."""
+    return w8_linear_partials(x, q, scale, splits).sum(0).to(x.dtype)
 
 
 @triton.jit
@@ -104,8 +199,8 @@ def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr
     return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
 
 
-@triton.autotune(configs=[c for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256] if not INTERPRET else _CONFIGS, key=["N", "K", "SPLITS", "NESTED"],
-                 reset_to_zero=["y_ptr"])
+@triton.autotune(configs=[c for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256] if not INTERPRET else _CONFIGS,
+                 key=["N", "K", "SPLITS", "NESTED"])
 @triton.jit
 def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -126,12 +221,7 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
         acc = _dequant_dot(acc, lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N, BLOCK_K)
         acc = _dequant_dot(acc, hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N,
                            BLOCK_K)
-    out = y_ptr + rm[:, None] * N + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLITS == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+    tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -145,12 +235,7 @@ def _group_dot(codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTE
     return tl.sum(cx * sc + mn * xg[None, :], axis=1)
 
 
-_GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
-                                      (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4)]][: 1 if INTERPRET else None]
-
-
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"], reset_to_zero=["y_ptr"])
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
 @triton.jit
 def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                     NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -169,73 +254,38 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: t
         x_hi = tl.load(x_ptr + m * K + H + rk, mask=rk < H, other=0.0).to(tl.float32)
         acc += _group_dot(lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
         acc += _group_dot(hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
-    out = y_ptr + m * N + rn
-    if SPLITS == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:
-        tl.atomic_add(out, acc, mask=rn < N)
+    tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
 
 
-GEMV_ROWS = 4  # w4_linear takes the CUDA-core kernel up to this many rows of x, the tensor-core one above
-
-
-@functools.lru_cache(maxsize=256)
-def _splits(n: int, k: int, device: int | None) -> int:
-    """Split-K (gated_linear_op.split_k) on this device. device None: the interpreter on CPU, as a GPU of 4 SMs
-    (so CPU tests reach the split-K path)."""
-    return gated_linear_op.split_k(n, k, 4 if device is None else sms(device))
-
-
-@functools.lru_cache(maxsize=16)
-def sms(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _output(x: torch.Tensor, n: int) -> tuple[int, torch.Tensor]:
-    """(split-K, the output buffer): in x's dtype, or fp32 zeros that the K slices add their partial sums into."""
-    m, k = x.shape
-    splits = _splits(n, k, (x.device.index or 0) if x.is_cuda else None)
-    return splits, (torch.empty((m, n), device=x.device, dtype=x.dtype) if splits == 1 else
-                    torch.zeros((m, n), device=x.device, dtype=torch.float32))
-
-
-@torch.library.custom_op("adaptive_inference::w8_linear", mutates_args=())
-def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
-    n = q.shape[0]
-    splits, y = _output(x, n)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
-    _w8_kernel[grid](x.contiguous(), q, scale, y, m, n, k, SPLITS=splits, BLOCK_M=16)
-    return y if splits == 1 else y.to(x.dtype)
-
-
-@w8_linear.register_fake
-def _(x, q, scale):
-    return x.new_empty((x.shape[0], q.shape[0]))
-
-
-@torch.library.custom_op("adaptive_inference::w4_linear", mutates_args=())
-def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
-              group_size: int, nested: bool) -> torch.Tensor:
-    """x [M, K] times the weight of codes [N, K/2] (the split-halves layout, see the module docstring), per
-    group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout) when nested, else unused."""
+@torch.library.custom_op("adaptive_inference::w4_linear_partials", mutates_args=())
+def w4_linear_partials(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor,
+                       minv: torch.Tensor, group_size: int, nested: bool, splits: int) -> torch.Tensor:
+    """fp32 [splits, M, N] partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
+    see the module docstring), per group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout)
+    when nested, else unused."""
     m, k = x.shape
     n = codes.shape[0]
-    splits, y = _output(x, n)
+    x = x.contiguous()
+    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
     if m <= GEMV_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-        _w4_gemv_kernel[grid](x.contiguous(), codes, residual, scale, minv, y, m, n, k, SPLITS=splits,
-                              GROUP=group_size, NESTED=nested)
+        _w4_gemv_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
+                              NESTED=nested)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
-        _w4_kernel[grid](x.contiguous(), codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
+        _w4_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
                          NESTED=nested, DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
-    return y if splits == 1 else y.to(x.dtype)
+    return y
 
 
-@w4_linear.register_fake
-def _(x, codes, residual, scale, minv, group_size, nested):
-    return x.new_empty((x.shape[0], codes.shape[0]))
+@w4_linear_partials.register_fake
+def _(x, codes, residual, scale, minv, group_size, nested, splits):
+    return x.new_empty((splits, x.shape[0], codes.shape[0]), dtype=torch.float32)
+
+
+def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+              group_size: int, nested: bool, splits: int = 1) -> torch.Tensor:
+    return w4_linear_partials(x, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K"])
@@ -282,82 +332,6 @@ def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take
         _select_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=SELECT_ROWS)
         out.append(y.reshape(*x.shape[:-1], n))
     return tuple(out)
-
-
-@triton.jit
-def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr):
-    """Whether some row of x runs: the flags run [M] (uint8), read before any weight."""
-    r = tl.arange(0, RUN_PAD)
-    return tl.sum(tl.load(run_ptr + r, mask=r < M, other=0).to(tl.int32), axis=0) > 0
-
-
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS"])
-@triton.jit
-def _gated_gemv_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gated_linear for a few rows of x on the CUDA cores: one program per (block of output columns, row of x,
-    K slice), each storing its fp32 partial sums (y [SPLITS, M, N]: every element written once, no zero fill);
-    a block wholly below GATED reads its weights only if some row runs (else its outputs are 0)."""
-    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    runs = _any_runs(run_ptr, M, RUN_PAD)
-    needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if needed:
-        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
-    tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
-
-
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS"])
-@triton.jit
-def _gated_kernel(x_ptr, w_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gated_linear for more rows: tensor-core dots over blocks of BLOCK_M rows, the same gating."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    runs = _any_runs(run_ptr, M, RUN_PAD)
-    needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if needed:
-        acc = _slice_dot(acc, x_ptr, w_ptr, rm, rn, M, N, K, pid_k, SPLITS, BLOCK_K, DOT_DTYPE)
-    acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
-    tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-_gated_tuned: set = set()
-
-
-@torch.library.register_kernel("adaptive_inference::gated_linear_partials", "cuda")
-def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int) -> torch.Tensor:
-    """gated_linear_op.gated_linear_partials in one launch whose skipped programs read no weight (16-bit weights)."""
-    m, k = x.shape
-    n = w.shape[0]
-    x, flags = x.contiguous(), run.contiguous().view(torch.uint8)
-    pad = max(16, triton.next_power_of_2(m))
-    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
-
-    def launch(flags):
-        if m <= GEMV_ROWS:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-            _gated_gemv_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad)
-        else:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
-            _gated_kernel[grid](x, w, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, DOT_DTYPE=DOT_DTYPE,
-                                BLOCK_M=16)
-
-    tag = (n, k, splits, m <= GEMV_ROWS)
-    if tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
-        launch(torch.ones_like(flags))
-        _gated_tuned.add(tag)
-    launch(flags)
-    return y
 
 
 @triton.jit
