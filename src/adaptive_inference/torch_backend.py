@@ -533,10 +533,7 @@ class TorchLM(Decoder):
         # CUDA: a Triton kernel (bf16 weights). On CPU torch runs eagerly: the host reads a decision at no cost
         if torch.device(self.device).type != "cuda":
             return False
-        from . import triton_kernels
-
-        return (x.numel() <= triton_kernels.SELECT_ROWS * x.shape[-1]
-                and all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 for w in (w_no, w_yes)))
+        return all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 for w in (w_no, w_yes))
 
     def select_linear(self, x, w_no, w_yes, take):
         from . import triton_kernels

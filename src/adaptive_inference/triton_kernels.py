@@ -42,10 +42,12 @@ _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_
 
 
 @triton.jit
-def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr):
-    """Whether some row of x runs: the flags run [M] (uint8), read before any weight."""
+def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr, GATE: tl.constexpr):
+    """Whether some row of x runs: its flag in run [M] (uint8) set (GATE 1) or clear (GATE 2); read before any
+    weight."""
     r = tl.arange(0, RUN_PAD)
-    return tl.sum(tl.load(run_ptr + r, mask=r < M, other=0).to(tl.int32), axis=0) > 0
+    hit = (r < M) & ((tl.load(run_ptr + r, mask=r < M, other=0) != 0) == (GATE == 1))
+    return tl.sum(hit.to(tl.int32), axis=0) > 0
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
@@ -61,7 +63,7 @@ def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.c
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     needed = True
     if GATE:
-        runs = _any_runs(run_ptr, M, RUN_PAD)
+        runs = _any_runs(run_ptr, M, RUN_PAD, GATE)
         needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
     if needed:
         chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
@@ -88,7 +90,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     needed = True
     if GATE:
-        runs = _any_runs(run_ptr, M, RUN_PAD)
+        runs = _any_runs(run_ptr, M, RUN_PAD, GATE)
         needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
     if needed:
         chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
@@ -109,15 +111,15 @@ _gated_tuned: set = set()
 
 
 def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, run: torch.Tensor | None,
-                    gated: int, splits: int) -> torch.Tensor:
+                    gated: int, splits: int, want: bool = True) -> torch.Tensor:
     """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
     per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
-    atomics). With run [M] (bool): the first `gated` output columns are zero where no row runs, and their
-    programs read no weight (the flags are read first)."""
+    atomics). With run [M] (bool): the first `gated` output columns are zero unless some row's flag equals
+    `want`, and their programs then read no weight (the flags are read first)."""
     m, k = x.shape
     n = w.shape[0]
     x = x.contiguous()
-    gate, scaled = run is not None, scale is not None
+    gate, scaled = (0 if run is None else 1 if want else 2), scale is not None
     flags = run.contiguous().view(torch.uint8) if gate else x
     s = scale if scaled else x
     pad = max(16, triton.next_power_of_2(m))
@@ -133,9 +135,9 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
             _tc_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled,
                              DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
 
-    tag = (n, k, splits, m <= GEMV_ROWS)
+    tag = (n, k, splits, m <= GEMV_ROWS, gate)
     if gate and tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
-        launch(torch.ones_like(flags))
+        launch(torch.full_like(flags, int(want)))
         _gated_tuned.add(tag)
     launch(flags)
     return y
@@ -288,50 +290,13 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scal
     return w4_linear_partials(x, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
-@triton.jit
-def _select_kernel(x_ptr, w_ptr, take_ptr, y_ptr, M, N, K, WANT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x @ w.T in fp32 if some row m < M has take[m] == WANT, else zeros (no weight read): each program
-    reads the decision first, so a choice made on the device skips the unneeded weight's bytes."""
-    pid_n = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    take = tl.load(take_ptr + rm, mask=rm < M, other=0)
-    needed = tl.sum(tl.where((rm < M) & ((take != 0) == (WANT != 0)), 1, 0), axis=0) > 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if needed:
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-SELECT_ROWS = 16  # the most rows of x select_linear takes (one tensor-core tile)
-_select_tuned: set = set()
-
-
 def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
-    """fp32 (x @ w_no.T, x @ w_yes.T) for x [..., K] (at most SELECT_ROWS rows) and bf16 weights [N, K]: the
-    first only if some row has take False, the second only if some row has take True (zeros otherwise).
-    take [...] bool is read by the kernels, never by the host, so this runs inside a captured graph."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    flags = take.reshape(-1).view(torch.uint8)
-    out = []
-    for w, want in ((w_no, 0), (w_yes, 1)):
-        n = w.shape[0]
-        y = torch.empty((m, n), device=x.device, dtype=torch.float32)
-        grid = lambda meta, n=n: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        if (n, k) not in _select_tuned:  # autotune with the weight read (a skipped launch times nothing)
-            _select_kernel[grid](x2, w, torch.ones_like(flags), y, m, n, k, WANT=1, BLOCK_M=SELECT_ROWS)
-            _select_tuned.add((n, k))
-        _select_kernel[grid](x2, w, flags, y, m, n, k, WANT=want, BLOCK_M=SELECT_ROWS)
-        out.append(y.reshape(*x.shape[:-1], n))
-    return tuple(out)
+    """fp32 (x @ w_no.T, x @ w_yes.T) for x [..., K] and 16-bit weights [N, K]: the first only if some row has
+    take False, the second only if some row has take True (zeros otherwise). take [...] bool is read by the
+    kernels, never by the host, so this runs inside a captured graph."""
+    x2, run = x.reshape(-1, x.shape[-1]), take.reshape(-1)
+    return tuple(matmul_partials(x2, w, None, run, w.shape[0], 1, want)[0].reshape(*x.shape[:-1], w.shape[0])
+                 for w, want in ((w_no, False), (w_yes, True)))
 
 
 @triton.jit
