@@ -74,10 +74,12 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
             kernel: str = "auto") -> CudaPacked:
     """kernel, for 4-bit codes: "auto" (tinygemm at depth 4 where its shape rules allow, the faster one
     measured; w4_linear otherwise), "triton" (w4_linear) or "tinygemm"."""
-    splits = gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
+    def splits() -> int:  # for our Triton kernels (the device is asked only once the weight is known to fit one)
+        return gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
+
     if isinstance(p, quant.Int8Weight):
         return CudaPacked("int8", p.shape, (torch.from_numpy(np.ascontiguousarray(p.q)).to(device),
-                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits)
+                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits())
     depth = max(p.depths) if depth is None else depth
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
@@ -89,7 +91,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
         return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,
-                          depth == 8, splits)
+                          depth == 8, splits())
     if depth != 4:
         raise UserError(f"packed weights on CUDA: a nested weight read at depth 8 needs group_size in "
                         f"{TRITON_GROUPS} and in-features a multiple of 2 x group_size, got {p.group_size}, {p.shape[1]}")
