@@ -175,13 +175,16 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     gears = ROOT / "docs/measurements/cuda_techniques_h200_llama3-8b_gears_separate_2026-12-01.json"
     out = tmp_path / "out"
     kernel = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_attention_kernel_token_router_2026-12-06.json"
-    report.build({**PARAMS, "gpu_results": [str(committed), str(gears), str(kernel)]}, _all(tmp_path), out)
+    paired = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_partials_2026-12-06.json"  # batch 8 too
+    report.build({**PARAMS, "gpu_results": [str(committed), str(gears), str(kernel), str(paired)]}, _all(tmp_path), out)
     md = (out / "report.md").read_text()
-    assert "Decode attention: one Triton kernel a layer." in md and md.count("Decode attention") == 1
+    assert "Decode attention: one Triton kernel a layer." in md and md.count("Decode attention") == 2
     assert "| gears-separate (int4 44% / int8 37% / full 19%) | 222.6 | 1.166 [1.126–1.210] |" in md
     assert "On a CUDA GPU" in md and "NVIDIA H200" in md
     assert re.search(r"\| llama3-8b \| compiled \| skip-25 \| 252\.9 \| 1\.303 \[1\.300–1\.307\] \| 1\.303 \| 1\.00 \| 68% \| — \|", md)
     assert re.search(r"\| llama3-8b \| compiled \| baseline \| 194\.3 \| .* \| 1326\.5 \|", md)
+    assert re.search(r"\| int8 \| 269\.8 \| 1\.663 \[1\.661–1\.668\] \| 1\.998 \| 0\.66 \| 66% \| 1900\.2 \| "
+                     r"1\.496 / 1\.998 \(0\.50\) \|", md)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"shape": "x", "configs": {}}]))  # the older per-shape format has no 'modes'
     for path, expected in ((bad, "is not a list of scripts/cuda_techniques.py results"),

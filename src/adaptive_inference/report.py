@@ -448,6 +448,7 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                                  sh.get("attention"), "")))
             for mode, m in sh["modes"].items():
                 batch = _get(m, "batch") or {}
+                paired8 = _get(m, "configs_batch", "8") or {}  # every configuration beside the baseline at batch 8
                 for name, c in (_get(m, "configs") or {}).items():
                     ci = _get(c, "speedup_ci95") or [None, None]
                     real = _get(c, "realized_share")
@@ -456,11 +457,23 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                     body.append([sh.get("shape"), mode, label, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
                                  f"{_f(_get(c, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
                                  _f(_get(c, "bound"), "{:.3f}"), DASH if real is None else f"{real:.2f}",
-                                 _f(_get(c, "bandwidth_share"), "{:.0%}"),
-                                 _f(_get(batch, "8", "tokens_per_s")) if name == "baseline" else DASH])
+                                 _f(_get(c, "bandwidth_share"), "{:.0%}"), *_batch8(name, paired8, batch)])
         out.append(("table", ["shape", "decode mode", "config", "tok/s (bs 1)", "speedup [95% CI]", "bound",
-                              "realized share", "share of bandwidth limit", "bs 8 tok/s"], body))
+                              "realized share", "share of bandwidth limit", "bs 8 tok/s",
+                              "bs 8 speedup / bound (realized)"], body))
     return out
+
+
+def _batch8(name: str, paired: dict, batch: dict) -> list[str]:
+    """(tok/s, speedup / bound (realized share)) of a configuration at batch 8: paired runs where the file has
+    them, else the baseline's own batch-8 run."""
+    c = _get(paired, name) or {}
+    tps = _get(c, "tokens_per_s") if c else (_get(batch, "8", "tokens_per_s") if name == "baseline" else None)
+    if not c or name == "baseline":
+        return [_f(tps), DASH]
+    real = _get(c, "realized_share")
+    return [_f(tps), f"{_f(_get(c, 'speedup'), '{:.3f}')} / {_f(_get(c, 'bound'), '{:.3f}')} "
+                     f"({DASH if real is None else f'{real:.2f}'})"]
 
 
 # ---- rendering
