@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -31,8 +32,8 @@ from adaptive_inference.model_config import ModelConfig  # noqa: E402
 
 def partials(gate: bool, rows: int = triton_kernels.GEMV_ROWS):
     """Our 16-bit kernel (gated with every row running, or plain) as the decoder calls it."""
-    def fn(x, w):
-        splits = gated_linear_op.split_k(*w.shape, gated_linear_op.sms(x.device))
+    def fn(x, w, splits=None):
+        splits = splits or gated_linear_op.split_k(*w.shape, gated_linear_op.sms(x.device))
         run = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if gate else None
         return triton_kernels.matmul_partials(x, w, None, run, w.shape[0], splits).sum(0).to(x.dtype)
     return fn
@@ -45,7 +46,8 @@ def packed(fmt: str, kernel: str | None = None, tc: bool = False):
         p = quant.quantize(w.float().cpu().numpy(), fmt, group_size=32)
         return quant_cuda.prepare(p, kernel=kernel) if kernel else quant_cuda.prepare(p)
 
-    def fn(x, p):
+    def fn(x, p, splits=None):
+        p = dataclasses.replace(p, splits=splits) if splits else p
         if tc:
             q, scale = p.tensors
             return triton_kernels.matmul_partials(x.expand(triton_kernels.GEMV_ROWS + 1, -1), q, scale, None, 0,
@@ -61,6 +63,9 @@ def nbytes(p) -> int:
 IMPLS = {"cublas": (None, lambda x, w: F.linear(x, w)), "triton": (None, partials(False)),
          "triton_gated": (None, partials(True)), "int8": packed("int8"), "int8_tensor_cores": packed("int8", tc=True),
          "int4_tinygemm": packed("int4", "tinygemm"), "int4_triton": packed("int4", "triton")}
+
+
+OURS = {"triton", "triton_gated", "int8", "int8_tensor_cores", "int4_triton"}  # split-K of triton_kernels
 
 
 def matrices(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -98,6 +103,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--matrices", nargs="+", help="only these (qkv o gate_up down head)")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--splits", type=int, nargs="+",
+                    help="also time our kernels at these split-K counts (rows 'impl@splits'; default: split_k's)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     bw = read_bandwidth("cuda")
@@ -122,10 +129,12 @@ def main() -> None:
                 copies = max(2, -(-(1 << 30) // size))  # >= 1 GiB of weights a graph
                 ws = [w] + [(dataclasses.replace(w, tensors=tuple(t.clone() for t in w.tensors)) if make else
                              w.clone()) for _ in range(copies - 1)]
-                err = (fn(x, w).float() - ref).abs().max().item() / ref.abs().max().item()
-                s = time_graph(fn, x, ws, a.replays)
-                rows[name][impl] = {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw,
-                                    "max_rel_err": err}
+                for sp in [None, *(a.splits or [])] if impl in OURS else [None]:
+                    f = functools.partial(fn, splits=sp) if sp else fn
+                    err = (f(x, w).float() - ref).abs().max().item() / ref.abs().max().item()
+                    s = time_graph(f, x, ws, a.replays)
+                    rows[name][impl if sp is None else f"{impl}@{sp}"] = {
+                        "us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw, "max_rel_err": err}
                 del ws, w
                 torch.cuda.empty_cache()
             print(shape, name, json.dumps(rows[name]), flush=True)
