@@ -23,6 +23,12 @@ def sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+# the most rows (batch x tokens) whose matmuls are gated: with more, some row runs nearly every layer on nearly
+# every step (8 rows skipping on 45% each: all skip on 0.8% of steps) and the gated kernel, the tensor-core one
+# there, costs more than it saves (H100, 8B: 0.93x at batch 8), so those steps read the weights as usual
+GATED_ROWS = 4
+
+
 def split_k(n: int, k: int, sms: int) -> int:
     """Slices of K for a decode-sized matmul of n output rows on `sms` SMs: about two waves of programs (blocks
     of 64 rows), each slice at least 1024 long (the MLP down matrix splits, the gate/up matrix does not). Plain

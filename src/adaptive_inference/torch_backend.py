@@ -517,8 +517,11 @@ class TorchLM(Decoder):
 
     def gated_layer(self, lw: Layer, run, gated_qkv: int) -> Layer:
         # full 16-bit weights on CUDA: the gated_linear kernel reads no weight of a layer that no row runs (on
-        # CPU the op's reference implementation runs: tests); packed weights are read as they are
+        # CPU the op's reference implementation runs: tests); packed weights are read as they are; steps of
+        # more rows than GATED_ROWS read their weights as usual (rows still keep or drop the layer's output)
         cuda = self._sms is not None
+        if run.numel() > gated_linear_op.GATED_ROWS:
+            return lw
 
         def gated(w, cols=None):
             if not isinstance(w, torch.Tensor) or (cuda and w.dtype not in (torch.bfloat16, torch.float16)):
