@@ -50,6 +50,30 @@ def _any_runs(run_ptr, M, RUN_PAD: tl.constexpr, GATE: tl.constexpr):
     return tl.sum(hit.to(tl.int32), axis=0) > 0
 
 
+@triton.jit
+def _gate(run_ptr, M, GATED, pid_n, RUN_PAD: tl.constexpr, GATE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(some row runs, this program's block of output columns needs its weights): a block wholly below GATED
+    only if some row runs (GATE 0: ungated, both true)."""
+    if GATE:
+        runs = _any_runs(run_ptr, M, RUN_PAD, GATE)
+    else:
+        runs = tl.full([], 1, tl.int1)
+    return runs, ((pid_n + 1) * BLOCK_N > GATED) | runs
+
+
+@triton.jit
+def _tile(ptr, rows, cols, R, C):
+    """ptr[rows][:, cols] of a row-major [R, C] matrix, zeros outside it."""
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C), other=0)
+
+
+@triton.jit
+def _k_slice(K, pid_k, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[start, stop) of K slice pid_k of SPLITS, in whole BLOCK_K tiles."""
+    chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
+    return pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
 @triton.jit
 def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
@@ -61,16 +85,12 @@ def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.c
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    needed = True
-    if GATE:
-        runs = _any_runs(run_ptr, M, RUN_PAD, GATE)
-        needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
-        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+        k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            w, x = _tile(w_ptr, rn, rk, N, K), _tile(x_ptr, rm, rk, M, K)
             acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
     if GATE:
         acc = tl.where((rn[None, :] < GATED) & ~runs, 0.0, acc)
@@ -88,17 +108,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    needed = True
-    if GATE:
-        runs = _any_runs(run_ptr, M, RUN_PAD, GATE)
-        needed = ((pid_n + 1) * BLOCK_N > GATED) | runs
+    runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
-        chunk = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
-        for k0 in range(pid_k * chunk, tl.minimum(K, (pid_k + 1) * chunk), BLOCK_K):
+        k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
             x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            acc += tl.sum(_tile(w_ptr, rn, rk, N, K).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     if GATE:
         acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
     if SCALED:
@@ -213,8 +229,8 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
+    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         xm = (rm[:, None] < M) & (rk[None, :] < H)
@@ -248,8 +264,8 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: t
     G = K // GROUP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    chunk = tl.cdiv(tl.cdiv(H, SPLITS), BLOCK_K) * BLOCK_K
-    for k0 in range(pid_k * chunk, tl.minimum(H, (pid_k + 1) * chunk), BLOCK_K):
+    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         x_lo = tl.load(x_ptr + m * K + rk, mask=rk < H, other=0.0).to(tl.float32)
