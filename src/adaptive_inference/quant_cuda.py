@@ -10,7 +10,8 @@
   a weight. Per matmul on an H200 at batch 1 (Llama-3-8B shapes, docs/measurements/cuda_packed_kernels_*):
   tinygemm int4 g32 1.7-1.9 TB/s, w4_linear at depth 4 1.2-1.6 TB/s, at depth 8 1.6-2.1 TB/s.
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
-  widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on an H200 (docs/measurements/cuda_packed_kernels_*.json), the
+  widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
+  an H200 (docs/measurements/cuda_packed_kernels_*.json), the
   dequantize-in-matmul expression F.linear(x, q.to(x.dtype)) * scale that inductor compiles reached 0.77
   TB/s at batch 1, 2.6x slower than the bf16 weight: no int8 path of torch's own pays at decode sizes.
 All are aten ops or custom ops on tensors, so packed plans are compiled and captured as CUDA graphs like full ones.
