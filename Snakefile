@@ -21,6 +21,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/techniques.smk"
 include: "workflow/rules/benchmark.smk"
+include: "workflow/rules/gpu.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cuda_techniques import SHAPES, read_bandwidth  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from adaptive_inference import gated_linear_op, quant, quant_cuda, triton_kernels  # noqa: E402
+from adaptive_inference.bench.cuda_techniques import SHAPES, read_bandwidth  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 
 

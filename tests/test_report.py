@@ -185,6 +185,20 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     assert re.search(r"\| llama3-8b \| compiled \| baseline \| 194\.3 \| .* \| 1326\.5 \|", md)
     assert re.search(r"\| int8 \| 269\.8 \| 1\.663 \[1\.661–1\.668\] \| 1\.998 \| 0\.66 \| 66% \| 1900\.2 \| "
                      r"1\.496 / 1\.998 \(0\.50\) \|", md)
+    # the pipeline's own gpu_bench folder (results.json + manifest) comes first; a tampered one is refused
+    from adaptive_inference import atomic, manifest
+
+    run = tmp_path / "gpu_bench"
+    with atomic.output_dir(run) as tmp:
+        (tmp / "results.json").write_bytes(paired.read_bytes())
+        manifest.write(tmp, stage="gpu_bench", inputs={}, params={"enabled": True})
+    report.build({**PARAMS, "gpu_results": [str(gears)]}, _all(tmp_path / "r"), tmp_path / "out3", gpu_runs=[run])
+    md = (tmp_path / "out3" / "report.md").read_text()
+    assert md.index("gpu_bench/results.json: llama3-8b shape") < md.index(gears.name)
+    (run / "results.json").write_text("[]")
+    with pytest.raises(UserError, match="does not match its manifest hash"):
+        report.build({**PARAMS, "gpu_results": []}, _all(tmp_path / "r2"), tmp_path / "out4", gpu_runs=[run])
+    assert not (tmp_path / "out4").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"shape": "x", "configs": {}}]))  # the older per-shape format has no 'modes'
     for path, expected in ((bad, "is not a list of scripts/cuda_techniques.py results"),

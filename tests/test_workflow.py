@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
-def snakemake_jobs() -> dict[str, str]:
+def snakemake_jobs(*extra: str) -> dict[str, str]:
     """Output folder -> shell command of every job of a forced dry run."""
-    res = subprocess.run([str(SNAKEMAKE), "-n", "-p", "--forceall", "--cores", "1"], cwd=ROOT,
+    res = subprocess.run([str(SNAKEMAKE), "-n", "-p", "--forceall", "--cores", "1", *extra], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     jobs = {}
     for cmd in re.findall(r"^Shell command: (adaptive-inference .+)$", res.stdout + res.stderr, re.M):
@@ -54,6 +54,46 @@ def test_snakefile_and_dvc_yaml_run_the_same_commands():
     assert dvc_cmds == smk
 
 
+@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake not installed beside this python")
+def test_gpu_bench_joins_the_dag_only_where_enabled(tmp_path):
+    """gpu_bench.enabled adds the gpu_bench stage and hands its folder to the report, in both front-ends; the
+    default (off) leaves the CPU-only DAG as it was."""
+    params = params_mod.load(ROOT / "params.yaml")
+    assert not params["gpu_bench"]["enabled"] and "artifacts/gpu_bench" not in snakemake_jobs()
+    on = {**params, "gpu_bench": {**params["gpu_bench"], "enabled": True}}
+    overlay = tmp_path / "gpu.yaml"
+    overlay.write_text(yaml.safe_dump({"gpu_bench": on["gpu_bench"]}))
+    smk = snakemake_jobs("--configfile", str(overlay))
+    dvc = dvcgen.render(on)["stages"]
+    assert {re.search(r"--out (\S+)", s["cmd"]).group(1): " ".join(s["cmd"].split()) for s in dvc.values()} == smk
+    assert smk["artifacts/gpu_bench"] == "adaptive-inference gpu-bench --params params.yaml --out artifacts/gpu_bench"
+    assert "--gpu-runs artifacts/gpu_bench" in smk["reports"] and "artifacts/gpu_bench" in dvc["report"]["deps"]
+
+
+def test_gpu_bench_refuses_in_one_line_and_writes_nothing(tmp_path):
+    """Without CUDA (or with a configuration it does not know) the stage says so in one line, exit 2."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for configs, expected in ((["lobotomy"], "no CUDA device"), (["lobotomy", "lobotmy"], "unknown configs ['lobotmy']")):
+        p["gpu_bench"]["configs"] = configs
+        f = tmp_path / "params.yaml"
+        f.write_text(yaml.safe_dump(p))
+        res = subprocess.run([sys.executable, "-m", "adaptive_inference.cli", "gpu-bench", "--params", str(f),
+                              "--out", str(tmp_path / "gpu")], capture_output=True, text=True)
+        if expected == "no CUDA device" and "torch" in sys.modules and __import__("torch").cuda.is_available():
+            continue  # a GPU host would run it
+        assert res.returncode == 2 and expected in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "gpu").exists()
+
+
+def test_gpu_bench_params_are_the_scripts_options():
+    from adaptive_inference.bench import cuda_techniques
+
+    sec = params_mod.load(ROOT / "params.yaml")["gpu_bench"]
+    a = cuda_techniques.parser().parse_args(cuda_techniques.argv(sec))
+    assert (a.shapes, a.modes, a.configs, a.packed) == (sec["shapes"], sec["modes"], sec["configs"], sec["packed"])
+    assert (a.batches, a.technique_batches, a.repeats) == (sec["batches"], sec["technique_batches"], sec["repeats"])
+
+
 def test_every_stage_is_a_cli_subcommand_with_a_params_section():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     subcommands = set(cli.parser()._subparsers._group_actions[0].choices)
@@ -84,6 +124,7 @@ def test_default_params_are_valid():
     (lambda p: p["benchmark"]["decode"].update(repeats=0), "benchmark.decode.repeats"),
     (lambda p: p.update(extra={}), "extra: unknown key"),
     (lambda p: p["model"].pop("source"), "model.source: missing key"),
+    (lambda p: p["gpu_bench"].update(shapes=["llama3-7b"]), "gpu_bench.shapes"),
 ])
 def test_bad_params_fail_naming_the_key(tmp_path, mutate, expected):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())

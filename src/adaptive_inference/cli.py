@@ -49,10 +49,18 @@ def _benchmark_reference(a, params):
     return job.build_reference(params["benchmark"], a.backend, a.model, a.corpus, a.out)
 
 
+def _gpu_bench(a, params):
+    if "gpu_bench" not in params:
+        raise UserError(f"{a.params} has no gpu_bench section")
+    from .bench import cuda_techniques  # imports torch: only for this stage
+
+    return cuda_techniques.build(params["gpu_bench"], a.out)
+
+
 def _report(a, params):
     from . import report
 
-    return report.build(params["report"], a.results, a.out, artifacts=a.artifacts)
+    return report.build(params["report"], a.results, a.out, artifacts=a.artifacts, gpu_runs=a.gpu_runs)
 
 
 def _dvc_yaml(a, params):
@@ -128,10 +136,13 @@ def parser() -> argparse.ArgumentParser:
                                    "past regenerate.tolerance.")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.set_defaults(fn=_regenerate)
+    stage("gpu-bench", _gpu_bench, "On a CUDA GPU: every technique beside the baseline on random-weight models "
+                                   "of LLM shapes (params gpu_bench).")
     p = stage("report", _report, "Collect benchmark results into Markdown, HTML and metrics JSON.")
     p.add_argument("--results", type=Path, nargs="+", required=True,
                    help="benchmark job folders (configurations and references)")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[], help="technique artifact folders to summarize")
+    p.add_argument("--gpu-runs", type=Path, nargs="*", default=[], help="gpu_bench folders for the GPU section")
     return ap
 
 

@@ -64,7 +64,8 @@ def stage_module(call: str) -> str:
 
 CORE_STAGES = {"prepare_model": "adaptive_inference.prepare_model", "build_corpus": "adaptive_inference.corpus",
                "cache_hidden": "adaptive_inference.hidden_cache", "benchmark": "adaptive_inference.bench.job",
-               "benchmark_reference": "adaptive_inference.bench.job"}
+               "benchmark_reference": "adaptive_inference.bench.job",
+               "gpu_bench": "adaptive_inference.bench.cuda_techniques"}
 
 
 def stage_files(stage: str) -> list[str]:

@@ -58,10 +58,15 @@ def render(params: dict, root: str = ".") -> dict:
         s["deps"] += arts
         stages[f"benchmark-{backend}-{cfg}"] = s
     results, tech = jobs.job_folders(bench), jobs.technique_folders(bench)
+    gpu_runs = ["artifacts/gpu_bench"] if params.get("gpu_bench", {}).get("enabled") else []
+    if gpu_runs:
+        stages["gpu_bench"] = _stage("gpu-bench", {}, gpu_runs[0],
+                                     codedeps.files("adaptive_inference.bench.cuda_techniques"), ["gpu_bench"])
     stages["report"] = {
         "cmd": f"adaptive-inference report --params params.yaml --results {' '.join(results)} "
-               f"--artifacts {' '.join(tech)} --out reports",
-        "deps": codedeps.files("adaptive_inference.report") + results + tech + params["report"]["gpu_results"],
+               f"--artifacts {' '.join(tech)} " + "".join(f"--gpu-runs {d} " for d in gpu_runs) + "--out reports",
+        "deps": (codedeps.files("adaptive_inference.report") + results + tech + gpu_runs
+                 + params["report"]["gpu_results"]),
         "params": ["report"],
         "outs": ["reports/report.md", "reports/report.html"],
         "plots": ["reports/speed_quality.png", "reports/batch_throughput.png", "reports/pareto.png"],

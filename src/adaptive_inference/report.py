@@ -73,8 +73,10 @@ _CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200
         "figcaption{font-size:12px;color:#555}p.lead{font-size:15px}")
 
 
-def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list[Path] = ()) -> dict:
-    """Validate every job folder (and technique artifact), render everything in memory, then write."""
+def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list[Path] = (),
+          gpu_runs: list[Path] = ()) -> dict:
+    """Validate every job folder (and technique artifact, gpu_bench folder), render everything in memory, then
+    write. The GPU section: this pipeline's gpu_bench runs first, then the committed report.gpu_results."""
     if not results_dirs:
         raise UserError("report needs at least one benchmark job folder")
     sources = [_load(Path(d)) for d in results_dirs]
@@ -84,7 +86,8 @@ def build(params: dict, results_dirs: list[Path], out_dir: Path, artifacts: list
     refs = [s for s in sources if s["kind"] == "reference"]
     agreement = _agreement(rows)
     tech = [b for a in artifacts for b in techniques.summaries(Path(a))]
-    gpu = _gpu_blocks([Path(f) for f in params.get("gpu_results", [])])
+    runs = [Path(d) / "results.json" for d in gpu_runs if manifest.verify(d, stage="gpu_bench")]
+    gpu = _gpu_blocks(runs + [Path(f) for f in params.get("gpu_results", [])])
     files = {"speed_quality.png": _plot_speed_quality(rows), "batch_throughput.png": _plot_batch(rows),
              "pareto.png": _plot_pareto(rows)}
     files.update({b[1]: b[3] for b in tech if b[0] == "img"})
@@ -439,7 +442,8 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
         for sh in shapes:
             where = f"{path}: {sh.get('shape')}"
             bw = _num(_get(sh, "read_bandwidth_gbs"), f"{where}: read_bandwidth_gbs")
-            out.append(("p", f"{path.name}: {sh.get('shape')} shape, {sh.get('dtype')}, on {sh.get('device')} "
+            label = f"{path.parent.name}/{path.name}" if path.name == "results.json" else path.name
+            out.append(("p", f"{label}: {sh.get('shape')} shape, {sh.get('dtype')}, on {sh.get('device')} "
                              f"(torch {sh.get('torch')}); read bandwidth measured in the run {_f(bw, '{:.0f}')} GB/s, "
                              f"so {_f(_get(sh, 'limit_tps_batch1'), '{:.0f}')} tok/s at batch 1 reads every weight "
                              "once per token. Random weights: speed only."

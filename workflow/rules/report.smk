@@ -4,6 +4,7 @@ rule report:
         results=jobs.job_folders(BENCH),
         techniques=jobs.technique_folders(BENCH),
         gpu=config["report"]["gpu_results"],
+        gpu_runs=GPU_RUNS,
     output:
         md="reports/report.md",
         html="reports/report.html",
@@ -11,6 +12,7 @@ rule report:
         plots=expand("reports/{plot}.png", plot=["speed_quality", "batch_throughput", "pareto"]),
     params:
         section=config["report"],
+        gpu_runs=" ".join(["--gpu-runs", *GPU_RUNS]) if GPU_RUNS else "",
     log:
         "logs/report.log",
     threads: res("report", "cpus")
@@ -20,4 +22,4 @@ rule report:
     conda:
         "../envs/adaptive-inference.yaml"
     shell:
-        "adaptive-inference report --params params.yaml --results {input.results} --artifacts {input.techniques} --out reports > {log} 2>&1"
+        "adaptive-inference report --params params.yaml --results {input.results} --artifacts {input.techniques} {params.gpu_runs} --out reports > {log} 2>&1"
