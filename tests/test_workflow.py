@@ -72,6 +72,10 @@ def test_gpu_bench_joins_the_dag_only_where_enabled(tmp_path):
 
 def test_gpu_bench_refuses_in_one_line_and_writes_nothing(tmp_path):
     """Without CUDA (or with a configuration it does not know) the stage says so in one line, exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA host runs the stage")
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     for configs, expected in ((["lobotomy"], "no CUDA device"), (["lobotomy", "lobotmy"], "unknown configs ['lobotmy']")):
         p["gpu_bench"]["configs"] = configs
@@ -79,8 +83,6 @@ def test_gpu_bench_refuses_in_one_line_and_writes_nothing(tmp_path):
         f.write_text(yaml.safe_dump(p))
         res = subprocess.run([sys.executable, "-m", "adaptive_inference.cli", "gpu-bench", "--params", str(f),
                               "--out", str(tmp_path / "gpu")], capture_output=True, text=True)
-        if expected == "no CUDA device" and "torch" in sys.modules and __import__("torch").cuda.is_available():
-            continue  # a GPU host would run it
         assert res.returncode == 2 and expected in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "gpu").exists()
 
