@@ -30,7 +30,7 @@ from adaptive_inference.bench.cuda_techniques import SHAPES, read_bandwidth  # n
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 
 
-def partials(gate: bool, rows: int = triton_kernels.GEMV_ROWS):
+def partials(gate: bool):
     """Our 16-bit kernel (gated with every row running, or plain) as the decoder calls it."""
     def fn(x, w, splits=None):
         splits = splits or gated_linear_op.split_k(*w.shape, gated_linear_op.sms(x.device))

@@ -171,8 +171,8 @@ class Decoder(abc.ABC):
         """w[ids] as a contiguous array (a pre-sliced head)."""
 
     @abc.abstractmethod
-    def spread(self, values, ids, fill, vocab: int):
-        """[..., vocab] array: `values` [..., C] at columns ids, `fill` [...] everywhere else."""
+    def spread(self, values, ids, fill, width: int):
+        """[..., width] array: `values` [..., C] at columns ids, `fill` [...] everywhere else."""
 
     @abc.abstractmethod
     def pick(self, logits, temperature: float, state):

@@ -317,11 +317,11 @@ class MLXLM(Decoder):
         mx.eval(out)
         return out
 
-    def spread(self, values, ids, fill, vocab: int):
+    def spread(self, values, ids, fill, width: int):
         flat = values.reshape(-1, values.shape[-1])
-        out = mx.zeros((flat.shape[0], vocab), dtype=values.dtype) + fill.reshape(-1, 1)
+        out = mx.zeros((flat.shape[0], width), dtype=values.dtype) + fill.reshape(-1, 1)
         out[:, ids] = flat
-        return out.reshape(*values.shape[:-1], vocab)
+        return out.reshape(*values.shape[:-1], width)
 
     def sampler_state(self, seed: int):
         return mx.random.key(seed)

@@ -574,8 +574,8 @@ class TorchLM(Decoder):
     def take_rows(self, w, ids):
         return w[ids].contiguous()
 
-    def spread(self, values, ids, fill, vocab: int):
-        out = fill[..., None].expand(*values.shape[:-1], vocab).clone()
+    def spread(self, values, ids, fill, width: int):
+        out = fill[..., None].expand(*values.shape[:-1], width).clone()
         out[..., ids] = values
         return out
 
