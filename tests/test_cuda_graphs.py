@@ -71,19 +71,20 @@ def test_gated_plans_replay_per_block_graphs(tiny_llama, batch, device_gate):
     assert any(isinstance(k[0], tuple) and k[0][0] == "block" for k in graphs.graphs) != device_gate
 
 
-@pytest.mark.parametrize("fmt, depth, kernel, m", [("int8", None, "triton", 1), ("int8", None, "triton", 9),
-                                                    ("int4", 4, "triton", 3),
-                                                    ("int4", 4, "tinygemm", 3), ("nested", 4, "triton", 1),
-                                                    ("nested", 8, "triton", 9), ("int4", 4, "triton", 40)])
-def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m):
+@pytest.mark.parametrize("fmt, depth, kernel, m, group", [
+    ("int8", None, "triton", 1, 32), ("int8", None, "triton", 9, 32), ("int4", 4, "triton", 3, 32),
+    ("int4", 4, "tinygemm", 3, 32), ("nested", 4, "triton", 1, 32), ("nested", 8, "triton", 9, 32),
+    ("int4", 4, "triton", 40, 32), ("int4", 4, "triton", 1, 128), ("nested", 8, "triton", 2, 64)])
+def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m, group):
     """quant_cuda's kernels (int8 and 4-bit codes on our Triton kernels, int4 on tinygemm's tiled layout too)
-    multiply by quant.dequantize's weight at that depth, to bf16 rounding; a long K takes the split-K path."""
+    multiply by quant.dequantize's weight at that depth, to bf16 rounding; a long K takes the split-K path, a
+    ragged N and K (400, 1152) partial tiles."""
     from adaptive_inference import quant, quant_cuda
 
     rng = np.random.default_rng(0)
-    for n, k in ((512, 1024), (256, 8192)):
+    for n, k in ((512, 1024), (256, 8192), (400, 1152 if group < 128 else 1280)):
         w = rng.standard_normal((n, k)).astype(np.float32)
-        p = quant.quantize(w, fmt, group_size=32)
+        p = quant.quantize(w, fmt, group_size=group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         packed = quant_cuda.prepare(p, depth=depth, kernel=kernel)
         assert packed.kind == {"triton": "w4", "tinygemm": "int4"}[kernel] if fmt != "int8" else packed.kind == "int8"

@@ -15,6 +15,13 @@ prepare time so that byte j of a row holds the codes of columns j (low nibble) a
 gives two column tiles of x. With a second plane of residual codes (the nested format read at depth 8) the
 code is code * 16 + residual on a scale / 16 grid centred by 7.5 steps: 1 byte per weight, like int8.
 The dequantization happens in registers, group by group, before the dot.
+
+The CUDA-core kernels (decode: up to GEMV_ROWS rows) read int8 and 4-bit codes as int32 words and make floats
+of them with _magic (mask in place, OR into the bits of 2**23, one float subtract) instead of an
+integer-to-float conversion per weight: I2F issues at a quarter of the float rate, which capped the 4-bit
+GEMV near half the memory speed (sm_90 SASS of its loop: 128 I2F and 6.3 instructions per weight before,
+5.3 and no I2F after; int8: 64 I2F per 64 weights before). They keep one accumulator per column of the
+tile and reduce it once, after the K loop.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stage
 _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
                                       (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4), (16, 1024, 4, 3),
-                                      (32, 1024, 8, 3)]][: 1 if INTERPRET else None]
+                                      (32, 1024, 8, 3), (64, 256, 4, 3), (128, 128, 4, 3)]][: 1 if INTERPRET else None]
 
 
 @triton.jit
@@ -99,22 +106,66 @@ def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.c
     tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _rows_dot(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] dots of row m of x with weight rows rn over columns [k_lo, k_hi), any weight dtype widened to
+    fp32; products accumulate per column and are reduced once, after the loop (no shuffles per tile)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
+        acc += _tile(w_ptr, rn, rk, N, K).to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _magic(bits, OFFSET: tl.constexpr):
+    """int32 `bits` (an integer < 2**23 ORed into 0x4B000000, the fp32 2**23) as fp32 minus OFFSET: exact, and
+    one float add instead of an integer-to-float conversion (I2F, a quarter-rate instruction that bounds a
+    GEMV of 1-byte codes near the memory speed and one of 4-bit codes at half of it)."""
+    return bits.to(tl.float32, bitcast=True) - OFFSET
+
+
+@triton.jit
+def _int8_byte(w, B: tl.constexpr):
+    """Byte B (0-3) of int32 words w, a signed int8 code c, as fp32 c * 256 ** (B % 2), exactly."""
+    if B >= 2:
+        w = w >> 16
+    SHIFT: tl.constexpr = 8 * (B % 2)
+    return _magic((w & (0xFF << SHIFT)) ^ (0x4B000000 | (0x80 << SHIFT)), 8388608.0 + (128 << SHIFT))
+
+
+@triton.jit
+def _rows_dot_int8(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_rows_dot for int8 codes read as int32 words [N, K / 4] (four columns a word)."""
+    KW = K // 4
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rw = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        w = _tile(w_ptr, rn, rw, N, KW)
+        xw = x_ptr + m * K + 4 * rw
+        for b in tl.static_range(4):
+            x = tl.load(xw + b, mask=rw < KW, other=0.0).to(tl.float32) * (1.0 if b % 2 == 0 else 1.0 / 256)
+            acc += _int8_byte(w, b) * x[None, :]
+    return tl.sum(acc, axis=1)
+
+
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
                  GATE: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """matmul_partials for a few rows of x on the CUDA cores: one program per (block of output columns, row of
-    x, K slice), a reduction instead of a tensor-core dot padded to 16 rows."""
+    x, K slice), a reduction instead of a tensor-core dot padded to 16 rows. SCALED: int8 codes as int32 words."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
         k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0)
-            acc += tl.sum(_tile(w_ptr, rn, rk, N, K).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        if SCALED:
+            acc = _rows_dot_int8(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N, BLOCK_K)
+        else:
+            acc = _rows_dot(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N, BLOCK_K)
     if GATE:
         acc = tl.where((rn < GATED) & ~runs, 0.0, acc)  # a block across GATED: its gated columns too
     if SCALED:
@@ -122,6 +173,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl
     tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
 
 
+FP32_2POW23_BITS = 0x4B000000  # _w4_gemv_kernel's MAGIC
 GEMV_ROWS = 4  # the CUDA-core kernels take up to this many rows of x, the tensor-core ones above
 _gated_tuned: set = set()
 
@@ -141,11 +193,14 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     pad = max(16, triton.next_power_of_2(m))
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
 
+    if scaled and m <= GEMV_ROWS and k % 4:
+        raise ValueError(f"matmul_partials: int8 weights need in-features divisible by 4, got {k}")
+
     def launch(flags):
-        if m <= GEMV_ROWS:
+        if m <= GEMV_ROWS:  # int8 codes read as int32 words
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-            _gemv_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate,
-                               SCALED=scaled)
+            _gemv_kernel[grid](x, w.view(torch.int32) if scaled else w, s, flags, y, m, n, k, gated, SPLITS=splits,
+                               RUN_PAD=pad, GATE=gate, SCALED=scaled)
         else:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
             _tc_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled,
@@ -184,14 +239,15 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int
 @triton.jit
 def _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED: tl.constexpr):
     """Codes of weight rows rn at packed columns rk: (columns rk, columns rk + H) as float32 tiles; nested: the
-    8-bit code from both planes, centred by 7.5 steps of the scale / 16 grid."""
+    8-bit code from both planes (its centring by 7.5 steps goes into the minimum, _dequant_dot)."""
     wmask = (rn[:, None] < N) & (rk[None, :] < H)
-    c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-    lo, hi = (c & 15).to(tl.float32), (c >> 4).to(tl.float32)
-    if NESTED:
-        r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0)
-        lo, hi = lo * 16 + (r & 15).to(tl.float32) - 7.5, hi * 16 + (r >> 4).to(tl.float32) - 7.5
-    return lo, hi
+    c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0).to(tl.int32)
+    if NESTED:  # the 8-bit code as one integer, then one _magic
+        r = tl.load(r_ptr + rn[:, None] * H + rk[None, :], mask=wmask, other=0).to(tl.int32)
+        lo, hi = ((c & 15) << 4) | (r & 15), (c & 0xF0) | (r >> 4)
+    else:
+        lo, hi = c & 15, c >> 4
+    return _magic(lo | 0x4B000000, 8388608.0), _magic(hi | 0x4B000000, 8388608.0)
 
 
 @triton.jit
@@ -212,6 +268,8 @@ def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr
                  DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes starting at group g0."""
     sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, NESTED, BLOCK_K)
+    if NESTED:
+        mn = mn - 7.5 * sc
     w = tl.reshape(tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * sc[:, :, None] + mn[:, :, None],
                    (BLOCK_N, BLOCK_K))
     return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
@@ -243,36 +301,65 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
 
 
 @triton.jit
-def _group_dot(codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N] partial dot of one row xs [BLOCK_K] with codes [BLOCK_N, BLOCK_K] starting at group g0:
-    per group, scale x (codes . x) + min x sum(x), so no weight is dequantized one by one."""
-    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, NESTED, BLOCK_K)
-    cx = tl.sum(tl.reshape(codes * xs[None, :], (BLOCK_N, BLOCK_K // GROUP, GROUP)), axis=2)
-    xg = tl.sum(tl.reshape(xs, (BLOCK_K // GROUP, GROUP)), axis=1)
-    return tl.sum(cx * sc + mn * xg[None, :], axis=1)
+def _nibble_dot(acc, w, xw, XW_OK, magic, B: tl.constexpr, HIGH: tl.constexpr):
+    """acc + the low (or HIGH) nibble of byte B of int32 words w [BLOCK_N, BLOCK_W] (B >= 2: w already shifted
+    right by 16) times x at xw + B [BLOCK_W]. The nibble, masked in place at bit S, is ORed into the fp32 2**(23 -
+    S), whose last mantissa bit weighs 2**-S: that float minus 2**(23 - S) is the code, exactly (magic: the
+    int32 bits of 2**23, a kernel argument so that the OR and the mask are one instruction)."""
+    S: tl.constexpr = 8 * (B % 2) + 4 * HIGH
+    x = tl.load(xw + B, mask=XW_OK, other=0.0).to(tl.float32)
+    code = ((w & (0xF << S)) | (magic - (S << 23))).to(tl.float32, bitcast=True) - (1 << (23 - S))
+    return tl.fma(code, x[None, :], acc)
+
+
+@triton.jit
+def _nibbles_dot(w, w_hi, xw, XW_OK, magic, HIGH: tl.constexpr):
+    """[BLOCK_N, BLOCK_W] per word: the low (or HIGH) nibbles' codes of words w [BLOCK_N, BLOCK_W] (packed columns
+    4j..4j+3, see the module docstring; w_hi = w >> 16) dotted with x at xw (masked by XW_OK [BLOCK_W])."""
+    total = _nibble_dot(tl.zeros(w.shape, dtype=tl.float32), w, xw, XW_OK, magic, 0, HIGH)
+    total = _nibble_dot(total, w, xw, XW_OK, magic, 1, HIGH)
+    total = _nibble_dot(total, w_hi, xw, XW_OK, magic, 2, HIGH)
+    return _nibble_dot(total, w_hi, xw, XW_OK, magic, 3, HIGH)
 
 
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
 @triton.jit
-def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                     NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """w4 for a few rows of x (decode): one program per (row block of the weight, row of x, K slice), a
-    reduction on the CUDA cores instead of a tensor-core dot padded to 16 rows."""
+    reduction on the CUDA cores instead of a tensor-core dot padded to 16 rows. The codes are read as int32
+    words [N, K / 8] (8 codes a word, BLOCK_K / 4 words a tile); per group: scale x (codes . x) + min x sum(x)
+    (nested: of the 8-bit code 16 x code + residual, centred through the min)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     H = K // 2
+    HW = tl.multiple_of(K // 8, 8)  # K is a multiple of 2 x GROUP >= 64 (quant_cuda.triton_ok)
     G = K // GROUP
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    NG: tl.constexpr = BLOCK_K // GROUP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
-        x_lo = tl.load(x_ptr + m * K + rk, mask=rk < H, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + m * K + H + rk, mask=rk < H, other=0.0).to(tl.float32)
-        acc += _group_dot(lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
-        acc += _group_dot(hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, BLOCK_N, BLOCK_K)
-    tl.store(y_ptr + (pid_k * M + m) * N + rn, acc, mask=rn < N)
+        rw = k0 // 4 + tl.arange(0, BLOCK_W)
+        ok = rw < HW
+        off = rn[:, None] * HW + rw[None, :]
+        wmask = (rn[:, None] < N) & ok[None, :]
+        codes = tl.load(c_ptr + off, mask=wmask, other=0)
+        if NESTED:
+            residual = tl.load(r_ptr + off, mask=wmask, other=0)
+        for high in tl.static_range(2):
+            xr = x_ptr + m * K + high * H
+            dot = _nibbles_dot(codes, codes >> 16, xr + 4 * rw, ok, MAGIC, high)
+            if NESTED:
+                dot = dot * 16 + _nibbles_dot(residual, residual >> 16, xr + 4 * rw, ok, MAGIC, high)
+            dot = tl.sum(tl.reshape(dot, (BLOCK_N, NG, BLOCK_W // NG)), axis=2)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xg = tl.sum(tl.reshape(tl.load(xr + rk, mask=rk < H, other=0.0).to(tl.float32), (NG, GROUP)), axis=1)
+            sc, mn = _scales(s_ptr, m_ptr, rn, (k0 + high * H) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
+            if NESTED:
+                mn = mn - 7.5 * sc
+            acc += dot * sc + mn * xg[None, :]
+    tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
 @torch.library.custom_op("adaptive_inference::w4_linear_partials", mutates_args=())
@@ -287,8 +374,9 @@ def w4_linear_partials(x: torch.Tensor, codes: torch.Tensor, residual: torch.Ten
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
     if m <= GEMV_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-        _w4_gemv_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
-                              NESTED=nested)
+        words = lambda t: t.view(torch.int32) if t.numel() else t  # noqa: E731  (8 codes a word)
+        _w4_gemv_kernel[grid](x, words(codes), words(residual) if nested else words(codes), scale, minv, y, m, n, k,
+                              FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size, NESTED=nested)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
         _w4_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
