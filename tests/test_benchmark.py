@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from adaptive_inference.bench.stats import paired_speedup
+from adaptive_inference.bench.stats import paired_speedup, realized_share
 
 
 def test_paired_speedup_cancels_shared_drift():
@@ -15,6 +15,12 @@ def test_paired_speedup_cancels_shared_drift():
     assert s["median"] == pytest.approx(1.10, abs=0.01) and s["pairs"] == 40
     lo, hi = s["ci95"]
     assert lo <= s["median"] <= hi and hi - lo < 0.02
+
+
+def test_realized_share_needs_a_saving_to_realize():
+    assert realized_share(1.5, 2.0) == pytest.approx(0.5) and realized_share(0.9, 1.25) == pytest.approx(-0.4)
+    assert realized_share(0.970, 1.0036) is None and realized_share(1.2, 1.0) is None  # bound under 1% or none
+    assert realized_share(None, 2.0) is None and realized_share(1.1, None) is None
 
 
 def test_paired_speedup_interval_widens_with_noise():

@@ -176,9 +176,13 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     out = tmp_path / "out"
     kernel = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_attention_kernel_token_router_2026-12-06.json"
     paired = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_partials_2026-12-06.json"  # batch 8 too
-    report.build({**PARAMS, "gpu_results": [str(committed), str(gears), str(kernel), str(paired)]}, _all(tmp_path), out)
+    stage = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_gpu_bench_2026-12-06.json"  # stored -8.3
+    report.build({**PARAMS, "gpu_results": [str(committed), str(gears), str(kernel), str(paired), str(stage)]},
+                 _all(tmp_path), out)
     md = (out / "report.md").read_text()
-    assert "Decode attention: one Triton kernel a layer." in md and md.count("Decode attention") == 2
+    assert "Decode attention: one Triton kernel a layer." in md and md.count("Decode attention") == 3
+    # a bound within 1% of 1 (the gate skipped almost nothing at batch 8) has no realized share
+    assert "| 1230.8 | 0.970 / 1.004 (—) |" in md and "-8.32" not in md
     assert "| gears-separate (int4 44% / int8 37% / full 19%) | 222.6 | 1.166 [1.126–1.210] |" in md
     assert "On a CUDA GPU" in md and "NVIDIA H200" in md
     assert re.search(r"\| llama3-8b \| compiled \| skip-25 \| 252\.9 \| 1\.303 \[1\.300–1\.307\] \| 1\.303 \| 1\.00 \| 68% \| — \|", md)

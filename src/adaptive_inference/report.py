@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic, manifest, plots, techniques
+from .bench.stats import realized_share
 from .errors import UserError
 
 RESULTS = "results.json"
@@ -455,7 +456,7 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                 paired8 = _get(m, "configs_batch", "8") or {}  # every configuration beside the baseline at batch 8
                 for name, c in (_get(m, "configs") or {}).items():
                     ci = _get(c, "speedup_ci95") or [None, None]
-                    real = _get(c, "realized_share")
+                    real = realized_share(_get(c, "speedup"), _get(c, "bound"))  # recomputed: older files kept noise
                     gears = _get(c, "gear_share") or {}  # steps per weight set, where the gears switch them
                     label = name + (f" ({' / '.join(f'{k} {v:.0%}' for k, v in gears.items())})" if gears else "")
                     body.append([sh.get("shape"), mode, label, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
@@ -475,7 +476,7 @@ def _batch8(name: str, paired: dict, batch: dict) -> list[str]:
     tps = _get(c, "tokens_per_s") if c else (_get(batch, "8", "tokens_per_s") if name == "baseline" else None)
     if not c or name == "baseline":
         return [_f(tps), DASH]
-    real = _get(c, "realized_share")
+    real = realized_share(_get(c, "speedup"), _get(c, "bound"))
     return [_f(tps), f"{_f(_get(c, 'speedup'), '{:.3f}')} / {_f(_get(c, 'bound'), '{:.3f}')} "
                      f"({DASH if real is None else f'{real:.2f}'})"]
 

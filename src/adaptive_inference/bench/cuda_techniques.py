@@ -57,7 +57,7 @@ from ..techniques.gears.apply import GearsPolicy
 from ..techniques.token_router.apply import TokenGate
 from ..techniques.vocab_router.head import GatedHead
 from ..torch_backend import DTYPES, TorchLM
-from .stats import paired_speedup
+from .stats import paired_speedup, realized_share
 
 SHAPES = {  # the embedded default, a 1B Llama, and the Llama-3-8B and Qwen2.5-14B shapes (random weights)
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -407,7 +407,7 @@ def batch_configs(lm: TorchLM, configs: dict, a, batch: int, context: int) -> di
         sp = paired_speedup(per_step["baseline"], per_step[name])
         out[name] = {"tokens_per_s": batch / float(np.median(per_step[name])), "speedup": sp["median"],
                      "speedup_ci95": sp["ci95"], "bound": bound,
-                     "realized_share": (sp["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
+                     "realized_share": realized_share(sp["median"], bound),
                      "row_layer_share": float(np.mean([e.row_layer_share for e in executed[name]]))}
     return out
 
@@ -445,7 +445,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
         out["configs"][name] = {
             "decode_tps": tps, "speedup": s["median"], "speedup_ci95": s["ci95"], "bound": bound,
             "speedup_over_bound": s["median"] / bound,
-            "realized_share": (s["median"] - 1) / (bound - 1) if bound > 1.0001 else None,
+            "realized_share": realized_share(s["median"], bound),
             "bandwidth_share": tps * (frac * weights + kv) / bw,
             "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None,
             "gear_share": gears if name in GEAR_SETS else None,
