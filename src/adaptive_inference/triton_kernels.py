@@ -375,9 +375,9 @@ def w4_linear_partials(x: torch.Tensor, codes: torch.Tensor, residual: torch.Ten
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
     if m <= GEMV_ROWS:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-        words = lambda t: t.view(torch.int32) if t.numel() else t  # noqa: E731  (8 codes a word)
-        _w4_gemv_kernel[grid](x, words(codes), words(residual) if nested else words(codes), scale, minv, y, m, n, k,
-                              FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size, NESTED=nested)
+        words = codes.view(torch.int32), (residual if nested else codes).view(torch.int32)  # 8 codes a word
+        _w4_gemv_kernel[grid](x, *words, scale, minv, y, m, n, k, FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size,
+                              NESTED=nested)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
         _w4_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
