@@ -79,7 +79,7 @@ def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m, group):
     """quant_cuda's kernels (int8 and 4-bit codes on our Triton kernels, int4 on tinygemm's tiled layout too)
     multiply by quant.dequantize's weight at that depth, to bf16 rounding; a long K takes the split-K path, a
     ragged N and K (400, 1152) partial tiles."""
-    from adaptive_inference import quant, quant_cuda
+    from adaptive_inference import quant, quant_cuda, triton_kernels
 
     rng = np.random.default_rng(0)
     for n, k in ((512, 1024), (256, 8192), (400, 1152 if group < 128 else 1280)):
@@ -91,6 +91,11 @@ def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m, group):
         got = quant_cuda.linear(x, packed).float()
         want = x.float() @ torch.from_numpy(quant.dequantize(p, depth=depth)).cuda().T
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        if packed.kind in ("int8", "w4") and not packed.nested:  # the fp16-pair GEMVs (compiled decode's) too
+            f16x2 = (triton_kernels.w8_linear(x, *packed.tensors, packed.splits, f16x2=True) if packed.kind == "int8"
+                     else triton_kernels.w4_linear(x, *packed.tensors, packed.group_size, False, packed.splits,
+                                                   f16x2=True))
+            torch.testing.assert_close(f16x2.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -7,9 +7,11 @@
 - a nested weight read at depth 8 (the gears' mid gear on one copy) runs on our Triton kernel
   (triton_kernels.w4_linear: both nibble planes re-laid in split halves, the format's fp16 scale and min per
   group, the 8-bit code rebuilt in registers); it also takes 4-bit reads where tinygemm's shape rules exclude
-  a weight. Per 8B layer on an H100 at batch 1 (docs/measurements/cuda_gemv_h100_llama3-8b_magic_*): tinygemm
-  int4 g32 82 us, w4_linear 96 (equal on gate_up, slower on the small matrices); end to end the two are equal
-  (1.84x / 1.83x), at batch 8 w4_linear leads (1.07x / 1.04x): "auto" keeps tinygemm.
+  a weight. Per 8B layer on an H100 at batch 1, each kernel alone
+  (docs/measurements/cuda_gemv_variants_h100_llama3-8b_f16x2_*): tinygemm int4 g32 82.1 us, w4_linear's
+  fp16-pair GEMV (compiled decode) 74.1, its eager one 87.6; end to end the last measured are tinygemm 1.86x,
+  w4_linear 1.81x, but that run's x prep was not yet fused (an extra launch a matmul), and at batch 8
+  w4_linear leads (1.07x / 1.04x): "auto" keeps tinygemm at depth 4 until the fused run is measured.
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
   an H200 (docs/measurements/cuda_packed_kernels_*.json), the

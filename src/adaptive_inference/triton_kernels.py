@@ -19,11 +19,14 @@ The dequantization happens in registers, group by group, before the dot.
 The CUDA-core kernels (decode: up to GEMV_ROWS rows) read int8 and 4-bit codes as int32 words and make floats
 of them with _magic (mask in place, OR into the bits of 2**23, one float subtract) instead of an
 integer-to-float conversion (I2F, quarter rate on sm_90) per weight, and keep one accumulator per column of
-the tile, reduced once after the K loop. Their sm_90 SASS loops: 4-bit 6.3 instructions a weight + one I2F
--> 5.3 and none; int8 4.4 + one I2F -> 5.9 and none. Measured on an H100 (docs/measurements, 2026-12-06):
-an 8B layer's 4-bit GEMV 106.0 -> 95.7 us, int8 102.1 -> 100.2; the small matrices (qkv, o) stay at
-0.3-0.5 of the bandwidth, held back by something other than arithmetic.
-"""
+the tile, reduced once after the K loop. Under torch.compile (f16x2_gemv) int8 and depth-4 codes take the
+fp16-pair kernels instead: a LOP3 masks two codes into the mantissas of two halves, and the dot runs in half2
+instructions (2 columns each) on x prepared as fp16 pairs (f16x2_x, fused by the compiler into the op making
+x), summed in fp16 pairs over a group or 4 words, then in fp32: sm_90 SASS loops of 3.4-5.3 instructions a
+weight for 4-bit, by tile (5.2-8.9 with _magic), 2.9-3.7 for int8 (5.8-7.4). The 4-bit GEMVs keep the next tile's words
+in flight while they work on this one (PREFETCH, a register double buffer, autotuned). Measured on an H100
+(docs/measurements, 2026-12-07, each kernel alone): an 8B layer's 4-bit GEMV 87.6 -> 74.1 us (tinygemm 82.1),
+int8 85.5 -> 81.7."""
 
 from __future__ import annotations
 
@@ -47,6 +50,12 @@ _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_
                  for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
                                       (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4), (16, 1024, 4, 3),
                                       (32, 1024, 8, 3), (64, 256, 4, 3), (128, 128, 4, 3)]][: 1 if INTERPRET else None]
+# the 4-bit GEMVs': those and two more tiles, each with and without the register prefetch (on an H100 the
+# prefetch took the f16x2 kernel's gate_up from 43.8 to 35.2 us; it made no difference to bf16 and int8)
+_W4_GEMV_CONFIGS = [triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for p in (1, 0) for c in _GEMV_CONFIGS + [triton.Config({"BLOCK_N": bn, "BLOCK_K": 512}, num_warps=w,
+                                                                            num_stages=3) for bn, w in ((32, 4), (64, 8))]
+                    ][: 1 if INTERPRET else None]
 
 
 @triton.jit
@@ -73,6 +82,13 @@ def _gate(run_ptr, M, GATED, pid_n, RUN_PAD: tl.constexpr, GATE: tl.constexpr, B
 def _tile(ptr, rows, cols, R, C):
     """ptr[rows][:, cols] of a row-major [R, C] matrix, zeros outside it."""
     return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C), other=0)
+
+
+@triton.jit
+def _tile_to(ptr, rows, cols, R, C, C_END):
+    """ptr[rows][:, cols] of a row-major [R, C] matrix, zeros outside it and from column C_END on."""
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C_END),
+                   other=0)
 
 
 @triton.jit
@@ -150,19 +166,70 @@ def _rows_dot_int8(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
     return tl.sum(acc, axis=1)
 
 
+_I8_F16X2_DOT = tl.constexpr("""{
+.reg .b32 w8, t0, t1, mid;
+mov.b32 mid, 0x64806480;
+shr.u32 w8, $1, 8;
+lop3.b32 t0, $1, 0x647F647F, 0x64806480, 0xCA;
+lop3.b32 t1, w8, 0x647F647F, 0x64806480, 0xCA;
+sub.f16x2 t0, t0, mid;
+sub.f16x2 t1, t1, mid;
+mul.f16x2 $0, t0, $2;
+fma.rn.f16x2 $0, t1, $3, $0;
+}""")
+
+
+@triton.jit
+def _i8_f16x2_dot(w, xa, xb, ASM: tl.constexpr):
+    """The 4 int8 codes of int32 words w dotted with x in fp16, two columns a half2 instruction: one fp16 pair in
+    int32. xa, xb: fp16 pairs of x (columns 4i, 4i + 2) and (4i + 1, 4i + 3) (f16x2_x). One LOP3 makes two
+    halves 1152 + code of bytes 0 and 2 (1024 + the byte with its sign bit flipped, in the mantissa), one
+    subtract makes them the codes: 1.75 instructions a weight. ASM False (the interpreter): in fp32, as fp32."""
+    if ASM:
+        d = tl.inline_asm_elementwise(_I8_F16X2_DOT, "=r,r,r,r", [w, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        d = tl.zeros(w.shape, dtype=tl.float32)
+        for b in tl.static_range(4):
+            code = ((w << (24 - 8 * b)) >> 24).to(tl.float32)
+            d += code * _f16_lane(xa if b % 2 == 0 else xb, 16 * (b // 2))
+    return d
+
+
+@triton.jit
+def _rows_dot_i8_f16x2(xq_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ASM: tl.constexpr):
+    """_rows_dot_int8 in fp16 pairs (_i8_f16x2_dot): each 4 words' pairs are added as pairs, then in fp32; xq is
+    x / 256 (the pairs' sums stay far from fp16's range), so the dots come out / 256."""
+    KW = K // 4
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_N, BLOCK_W // 4), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rw = k0 // 4 + tl.arange(0, BLOCK_W)
+        xq = xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 2) + 2 * rw  # fp16 pairs as words
+        xa = tl.load(xq, mask=rw < KW, other=0)
+        xb = tl.load(xq + 1, mask=rw < KW, other=0)
+        acc += _group_sums(_i8_f16x2_dot(_tile(w_ptr, rn, rw, N, KW), xa[None, :], xb[None, :], ASM), BLOCK_W // 4,
+                           ASM)
+    return tl.sum(acc, axis=1) * 256
+
+
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
-                 GATE: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, xq_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr,
+                 RUN_PAD: tl.constexpr, GATE: tl.constexpr, SCALED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """matmul_partials for a few rows of x on the CUDA cores: one program per (block of output columns, row of
-    x, K slice), a reduction instead of a tensor-core dot padded to 16 rows. SCALED: int8 codes as int32 words."""
+    x, K slice), a reduction instead of a tensor-core dot padded to 16 rows. SCALED: int8 codes as int32 words
+    (XQ: dotted in fp16 pairs with xq = f16x2_x(x, 1 / 256), _rows_dot_i8_f16x2)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
         k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
-        if SCALED:
+        if SCALED and XQ:
+            acc = _rows_dot_i8_f16x2(xq_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N, BLOCK_K, ASM)
+        elif SCALED:
             acc = _rows_dot_int8(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N, BLOCK_K)
         else:
             acc = _rows_dot(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N, BLOCK_K)
@@ -179,11 +246,12 @@ _gated_tuned: set = set()
 
 
 def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, run: torch.Tensor | None,
-                    gated: int, splits: int, want: bool = True) -> torch.Tensor:
+                    gated: int, splits: int, want: bool = True, xq: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
     per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
     atomics). With run [M] (bool): the first `gated` output columns are zero unless some row's flag equals
-    `want`, and their programs then read no weight (the flags are read first)."""
+    `want`, and their programs then read no weight (the flags are read first). xq: f16x2_x(x, 1 / 256), for int8
+    weights at up to GEMV_ROWS rows (then dotted in fp16 pairs)."""
     m, k = x.shape
     n = w.shape[0]
     x = x.contiguous()
@@ -199,8 +267,9 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     def launch(flags):
         if m <= GEMV_ROWS:  # int8 codes read as int32 words
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-            _gemv_kernel[grid](x, w.view(torch.int32) if scaled else w, s, flags, y, m, n, k, gated, SPLITS=splits,
-                               RUN_PAD=pad, GATE=gate, SCALED=scaled)
+            _gemv_kernel[grid](x, x if xq is None else xq, w.view(torch.int32) if scaled else w, s, flags, y, m, n, k,
+                               gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled, XQ=xq is not None,
+                               ASM=not INTERPRET)
         else:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
             _tc_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled,
@@ -221,19 +290,25 @@ def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gate
 
 
 @torch.library.custom_op("adaptive_inference::w8_linear_partials", mutates_args=())
-def w8_linear_partials(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int) -> torch.Tensor:
-    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T."""
-    return matmul_partials(x, q, scale, None, 0, splits)
+def w8_linear_partials(x: torch.Tensor, xq: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       splits: int) -> torch.Tensor:
+    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T; xq:
+    f16x2_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
+    return matmul_partials(x, q, scale, None, 0, splits, xq=xq if xq.numel() else None)
 
 
 @w8_linear_partials.register_fake
-def _(x, q, scale, splits):
+def _(x, xq, q, scale, splits):
     return x.new_empty((splits, x.shape[0], q.shape[0]), dtype=torch.float32)
 
 
-def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile)."""
-    return w8_linear_partials(x, q, scale, splits).sum(0).to(x.dtype)
+def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int = 1,
+              f16x2: bool | None = None) -> torch.Tensor:
+    """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile);
+    f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
+    f16x2 = (f16x2_gemv(x.shape[0]) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS) and x.shape[1] % 4 == 0
+    xq = f16x2_x(x, 1 / 256) if f16x2 else x.new_empty(0)
+    return w8_linear_partials(x, xq, q, scale, splits).sum(0).to(x.dtype)
 
 
 @triton.jit
@@ -323,10 +398,10 @@ def _nibbles_dot(w, w_hi, xw, XW_OK, magic, HIGH: tl.constexpr):
     return _nibble_dot(total, w_hi, xw, XW_OK, magic, 3, HIGH)
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
+@triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
 @triton.jit
 def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                    NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """w4 for a few rows of x (decode): one program per (row block of the weight, row of x, K slice), a
     reduction on the CUDA cores instead of a tensor-core dot padded to 16 rows. The codes are read as int32
     words [N, K / 8] (8 codes a word, BLOCK_K / 4 words a tile); per group: scale x (codes . x) + min x sum(x)
@@ -340,14 +415,14 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    rw = k_lo // 4 + tl.arange(0, BLOCK_W)
+    codes = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+    residual = _tile_to(r_ptr, rn, rw, N, HW, k_hi // 4) if NESTED else codes
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        rw = k0 // 4 + tl.arange(0, BLOCK_W)
+        if PREFETCH:
+            codes_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4)
+            residual_next = _tile_to(r_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4) if NESTED else codes_next
         ok = rw < HW
-        off = rn[:, None] * HW + rw[None, :]
-        wmask = (rn[:, None] < N) & ok[None, :]
-        codes = tl.load(c_ptr + off, mask=wmask, other=0)
-        if NESTED:
-            residual = tl.load(r_ptr + off, mask=wmask, other=0)
         for high in tl.static_range(2):
             xr = x_ptr + m * K + high * H
             dot = _nibbles_dot(codes, codes >> 16, xr + 4 * rw, ok, MAGIC, high)
@@ -360,21 +435,162 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
             if NESTED:
                 mn = mn - 7.5 * sc
             acc += dot * sc + mn * xg[None, :]
+        rw += BLOCK_W
+        if PREFETCH:
+            codes, residual = codes_next, residual_next
+        else:
+            codes = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+            residual = _tile_to(r_ptr, rn, rw, N, HW, k_hi // 4) if NESTED else codes
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
+_F16X2_DOT = tl.constexpr("""{
+.reg .b32 w8, t0, t1, t2, t3, lo8, hi8;
+mov.b32 lo8, 0x64086408;
+mov.b32 hi8, 0x54805480;
+shr.u32 w8, $2, 8;
+lop3.b32 t0, $2, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $2, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, w8, 0x00F000F0, 0x54005400, 0xEA;
+sub.f16x2 t0, t0, lo8;
+sub.f16x2 t2, t2, lo8;
+sub.f16x2 t1, t1, hi8;
+sub.f16x2 t3, t3, hi8;
+mul.f16x2 $0, t0, $3;
+fma.rn.f16x2 $0, t2, $4, $0;
+mul.f16x2 $1, t1, $5;
+fma.rn.f16x2 $1, t3, $6, $1;
+}""")
+
+
+@triton.jit
+def _f16x2_dot(w, xa, xb, xc, xd, ASM: tl.constexpr):
+    """The 8 codes of int32 words w (split-halves layout: byte b = columns 4i + b | H + 4i + b << 4) centred
+    (code - 8) and dotted with x in fp16, two columns a half2 instruction: (low columns, high columns) partial
+    sums as fp16 pairs in int32. xa..xd: x / 16 in fp16 pairs (columns 4i, 4i + 2), (4i + 1, 4i + 3), and the
+    same at H (w4_linear's x prep). A code becomes a half by masking it into the mantissa of 1024 (low nibble)
+    or 64 (high nibble: spacing 1/16, so the shifted code is the code) and one subtract: 1.6 instructions a
+    weight in all. ASM False (the interpreter): the same in fp32, as fp32."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_F16X2_DOT, "=r,=r,r,r,r,r,r", [w, xa, xb, xc, xd],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        lo = tl.zeros(w.shape, dtype=tl.float32)
+        hi = tl.zeros(w.shape, dtype=tl.float32)
+        for b in tl.static_range(4):
+            xw = xa if b % 2 == 0 else xb
+            xh = xc if b % 2 == 0 else xd
+            lane = 16 * (b // 2)
+            lo += (((w >> (8 * b)) & 15).to(tl.float32) - 8.0) * _f16_lane(xw, lane)
+            hi += (((w >> (8 * b + 4)) & 15).to(tl.float32) - 8.0) * _f16_lane(xh, lane)
+    return lo, hi
+
+
+@triton.jit
+def _f16_lane(words, SHIFT: tl.constexpr):
+    """The fp16 at bit SHIFT (0 or 16) of int32 words, as fp32."""
+    return ((words >> SHIFT) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _add_f16x2(a, b):
+    return tl.inline_asm_elementwise("add.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _f16x2_total(a):
+    return tl.inline_asm_elementwise("{.reg .f16 l, h; .reg .f32 fl, fh; mov.b32 {l, h}, $1; cvt.f32.f16 fl, l; "
+                                     "cvt.f32.f16 fh, h; add.f32 $0, fl, fh;}", "=f,r", [a], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _group_sums(d, NG: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_W] word partial sums -> [BLOCK_N, NG] fp32 group sums (fp16 pairs added as pairs first)."""
+    d = tl.reshape(d, (d.shape[0], NG, d.shape[1] // NG))
+    if ASM:
+        total = _f16x2_total(tl.reduce(d, 2, _add_f16x2))
+    else:
+        total = tl.sum(d, axis=2)
+    return total
+
+
+@triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GROUP"])
+@triton.jit
+def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
+                          GROUP: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PREFETCH: tl.constexpr):
+    """_w4_gemv_kernel (depth 4) with the codes dotted in fp16 pairs (_f16x2_dot) and summed per group in fp16
+    pairs, then in fp32: per group scale x 16 x (centred codes . x / 16) + (min + 8 scale) x sum(x). xq: fp16
+    [M, K], f16x2_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    H = K // 2
+    HW = tl.multiple_of(K // 8, 8)
+    G = K // GROUP
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    NG: tl.constexpr = BLOCK_K // GROUP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    rw = k_lo // 4 + tl.arange(0, BLOCK_W)
+    w = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+    xq = xq_ptr.to(tl.pointer_type(tl.int32)) + m * H + 2 * rw  # fp16 pairs as words
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            w_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4)
+        ok = rw < HW
+        xa, xb = tl.load(xq, mask=ok, other=0), tl.load(xq + 1, mask=ok, other=0)
+        xc, xd = tl.load(xq + H // 2, mask=ok, other=0), tl.load(xq + H // 2 + 1, mask=ok, other=0)
+        lo, hi = _f16x2_dot(w, xa[None, :], xb[None, :], xc[None, :], xd[None, :], ASM)
+        for high in tl.static_range(2):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xg = tl.sum(tl.reshape(tl.load(x_ptr + m * K + high * H + rk, mask=rk < H, other=0.0).to(tl.float32),
+                                   (NG, GROUP)), axis=1)
+            sc, mn = _scales(s_ptr, m_ptr, rn, (k0 + high * H) // GROUP, N, G, GROUP, False, BLOCK_K)
+            acc += _group_sums(hi if high else lo, NG, ASM) * (16 * sc) + (mn + 8 * sc) * xg[None, :]
+        rw += BLOCK_W
+        xq += 2 * BLOCK_W
+        if PREFETCH:
+            w = w_next
+        else:
+            w = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+    tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+def f16x2_x(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The f16x2 kernels' xq from x [M, K]: x * scale (a power of 2) in fp16, columns 0 2 1 3 in each 4 (the
+    kernels read it as int32 pairs). Torch ops that torch.compile fuses into the kernel making x: kept fp16 here, as
+    a dtype view (to int32) would end that fusion (an extra launch a matmul)."""
+    m, k = x.shape
+    return (x.float() * scale).to(torch.float16).view(m, k // 4, 2, 2).transpose(-1, -2).reshape(m, k)
+
+
+def f16x2_gemv(m: int, nested: bool = False) -> bool:
+    """Whether a matmul of m rows of x takes the fp16-pair GEMVs (_rows_dot_i8_f16x2, _w4_gemv_f16x2_kernel):
+    under torch.compile only, where their x prep (f16x2_x) fuses into the op that makes x; run eagerly it would
+    be launches of its own (in the H100 run where it did not fuse, int8 decode went 1.727x -> 1.667x)."""
+    return m <= GEMV_ROWS and not nested and torch.compiler.is_compiling()
+
+
 @torch.library.custom_op("adaptive_inference::w4_linear_partials", mutates_args=())
-def w4_linear_partials(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor,
-                       minv: torch.Tensor, group_size: int, nested: bool, splits: int) -> torch.Tensor:
+def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor,
+                       scale: torch.Tensor, minv: torch.Tensor, group_size: int, nested: bool,
+                       splits: int) -> torch.Tensor:
     """fp32 [splits, M, N] partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
     see the module docstring), per group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout)
-    when nested, else unused."""
+    when nested, else unused; xq: f16x2_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows),
+    or empty."""
     m, k = x.shape
     n = codes.shape[0]
     x = x.contiguous()
     y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
-    if m <= GEMV_ROWS:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
+    if xq.numel() and m <= GEMV_ROWS and not nested:
+        _w4_gemv_f16x2_kernel[grid](x, xq, codes.view(torch.int32), scale, minv, y, m, n, k, SPLITS=splits,
+                                    GROUP=group_size, ASM=not INTERPRET)
+    elif m <= GEMV_ROWS:
         words = codes.view(torch.int32), (residual if nested else codes).view(torch.int32)  # 8 codes a word
         _w4_gemv_kernel[grid](x, *words, scale, minv, y, m, n, k, FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size,
                               NESTED=nested)
@@ -386,13 +602,16 @@ def w4_linear_partials(x: torch.Tensor, codes: torch.Tensor, residual: torch.Ten
 
 
 @w4_linear_partials.register_fake
-def _(x, codes, residual, scale, minv, group_size, nested, splits):
+def _(x, xq, codes, residual, scale, minv, group_size, nested, splits):
     return x.new_empty((splits, x.shape[0], codes.shape[0]), dtype=torch.float32)
 
 
 def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
-              group_size: int, nested: bool, splits: int = 1) -> torch.Tensor:
-    return w4_linear_partials(x, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
+              group_size: int, nested: bool, splits: int = 1, f16x2: bool | None = None) -> torch.Tensor:
+    """x [M, K] times the 4-bit weight, in x's dtype; f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
+    f16x2 = f16x2_gemv(x.shape[0], nested) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS and not nested
+    xq = f16x2_x(x, 1 / 16) if f16x2 else x.new_empty(0)
+    return w4_linear_partials(x, xq, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
 
 
 def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
