@@ -97,19 +97,30 @@ def time_graph(fn, x, ws, replays: int) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """--shapes, --matrices, --replays, --out (this script's and cuda_gemv_variants.py's)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--matrices", nargs="+", help="only these (qkv o gate_up down head)")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    return ap
+
+
+def header() -> tuple[float, dict]:
+    """(the measured read bandwidth in bytes/s, the output's device fields)."""
+    bw = read_bandwidth("cuda")
+    return bw, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_bandwidth_gbs": bw / 1e9,
+                "shapes": {}}
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--splits", type=int, nargs="+",
                     help="also time our kernels at these split-K counts (rows 'impl@splits'; default: split_k's)")
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    bw = read_bandwidth("cuda")
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_bandwidth_gbs": bw / 1e9,
-           "shapes": {}}
+    bw, out = header()
     for shape in a.shapes:
         cfg = ModelConfig.from_dict(SHAPES[shape])
         rows = {}

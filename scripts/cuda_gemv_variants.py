@@ -8,7 +8,6 @@ in a CUDA graph over >= 1 GiB of weight copies (cuda_gemv.time_graph); share of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cuda_gemv import matrices, time_graph  # noqa: E402
+from cuda_gemv import header, matrices, parser, time_graph  # noqa: E402
 
 from adaptive_inference import gated_linear_op, quant, quant_cuda  # noqa: E402
 from adaptive_inference import triton_kernels as tk  # noqa: E402
-from adaptive_inference.bench.cuda_techniques import SHAPES, read_bandwidth  # noqa: E402
+from adaptive_inference.bench.cuda_techniques import SHAPES  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 
 W4_KERNELS = (tk._w4_gemv_kernel, tk._w4_gemv_f16x2_kernel)
@@ -63,15 +62,10 @@ def cases(w0: torch.Tensor, x: torch.Tensor, small: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["llama3-8b"], choices=list(SHAPES))
-    ap.add_argument("--matrices", nargs="+", default=["qkv", "o", "gate_up", "down"])
-    ap.add_argument("--replays", type=int, default=20)
-    ap.add_argument("--out", type=Path)
+    ap = parser(__doc__)
+    ap.set_defaults(matrices=["qkv", "o", "gate_up", "down"])
     a = ap.parse_args()
-    bw = read_bandwidth("cuda")
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "read_bandwidth_gbs": bw / 1e9,
-           "shapes": {}}
+    bw, out = header()
     for shape in a.shapes:
         rows = out["shapes"].setdefault(shape, {})
         for name, (n, k) in matrices(ModelConfig.from_dict(SHAPES[shape])).items():

@@ -398,6 +398,18 @@ def _nibbles_dot(w, w_hi, xw, XW_OK, magic, HIGH: tl.constexpr):
     return _nibble_dot(total, w_hi, xw, XW_OK, magic, 3, HIGH)
 
 
+@triton.jit
+def _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """A 4-bit GEMV program's start: its weight rows rn, its slice [k_lo, k_hi) of the H packed columns, the word
+    columns rw of its first tile and that tile's code words, and its per-group accumulator [BLOCK_N, NG]. (K is a
+    multiple of 2 x GROUP >= 64: quant_cuda.triton_ok; HW = K / 8 words a row.)"""
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    rw = k_lo // 4 + tl.arange(0, BLOCK_K // 4)
+    return rn, k_lo, k_hi, rw, _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4), tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+
+
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
 @triton.jit
 def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SPLITS: tl.constexpr, GROUP: tl.constexpr,
@@ -407,16 +419,10 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
     words [N, K / 8] (8 codes a word, BLOCK_K / 4 words a tile); per group: scale x (codes . x) + min x sum(x)
     (nested: of the 8-bit code 16 x code + residual, centred through the min)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    H = K // 2
-    HW = tl.multiple_of(K // 8, 8)  # K is a multiple of 2 x GROUP >= 64 (quant_cuda.triton_ok)
-    G = K // GROUP
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
-    rw = k_lo // 4 + tl.arange(0, BLOCK_W)
-    codes = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+    H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
+    rn, k_lo, k_hi, rw, codes, acc = _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, BLOCK_N, BLOCK_K)
     residual = _tile_to(r_ptr, rn, rw, N, HW, k_hi // 4) if NESTED else codes
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
@@ -526,16 +532,10 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
     pairs, then in fp32: per group scale x 16 x (centred codes . x / 16) + (min + 8 scale) x sum(x). xq: fp16
     [M, K], f16x2_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    H = K // 2
-    HW = tl.multiple_of(K // 8, 8)
-    G = K // GROUP
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
-    rw = k_lo // 4 + tl.arange(0, BLOCK_W)
-    w = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+    H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
+    rn, k_lo, k_hi, rw, w, acc = _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, BLOCK_N, BLOCK_K)
     xq = xq_ptr.to(tl.pointer_type(tl.int32)) + m * H + 2 * rw  # fp16 pairs as words
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
