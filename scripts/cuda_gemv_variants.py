@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cuda_gemv import header, matrices, parser, time_graph  # noqa: E402
 
-from adaptive_inference import gated_linear_op, quant, quant_cuda  # noqa: E402
+from adaptive_inference import f16x2, gated_linear_op, quant, quant_cuda  # noqa: E402
 from adaptive_inference import triton_kernels as tk  # noqa: E402
 from adaptive_inference.bench.cuda_techniques import SHAPES  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
@@ -43,7 +43,7 @@ def cases(w0: torch.Tensor, x: torch.Tensor, small: bool) -> dict:
     p8 = quant.quantize(w0.float().cpu().numpy(), "int8")
     p4 = quant.quantize(w0.float().cpu().numpy(), "int4", group_size=32)
     t8, t4 = quant_cuda.prepare(p8).tensors, quant_cuda.prepare(p4, kernel="triton").tensors
-    xq4, xq8, none = tk.f16x2_x(x, 1 / 16), tk.f16x2_x(x, 1 / 256), x.new_empty(0)
+    xq4, xq8, none = f16x2.prep_x(x, 1 / 16), f16x2.prep_x(x, 1 / 256), x.new_empty(0)
     fams = {"bf16": (lambda sp: lambda x, t: tk.matmul_partials(x, t[0], None, None, 0, sp), (w0,), False),
             "int8": (lambda sp: lambda x, t: tk.w8_linear_partials(x, none, *t, sp), t8, False),
             "int8_f16x2": (lambda sp: lambda x, t: tk.w8_linear_partials(x, xq8, *t, sp), t8, False),

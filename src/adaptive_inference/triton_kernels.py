@@ -21,10 +21,11 @@ of them with _magic (mask in place, OR into the bits of 2**23, one float subtrac
 integer-to-float conversion (I2F, quarter rate on sm_90) per weight, and keep one accumulator per column of
 the tile, reduced once after the K loop. Under torch.compile (f16x2_gemv) int8 and depth-4 codes take the
 fp16-pair kernels instead: a LOP3 masks two codes into the mantissas of two halves, and the dot runs in half2
-instructions (2 columns each) on x prepared as fp16 pairs (f16x2_x, fused by the compiler into the op making
+instructions (2 columns each) on x prepared as fp16 pairs (prep_x, fused by the compiler into the op making
 x), summed in fp16 pairs over a group or 4 words, then in fp32: sm_90 SASS loops of 3.4-5.3 instructions a
 weight for 4-bit, by tile (5.2-8.9 with _magic), 2.9-3.7 for int8 (5.8-7.4). The 4-bit GEMVs keep the next tile's words
-in flight while they work on this one (PREFETCH, a register double buffer, autotuned). Measured on an H100
+in flight while they work on this one (PREFETCH, a register double buffer, autotuned). The fp16-pair PTX and
+the x prep are in f16x2.py (tested on the CPU through its emulator). Measured on an H100
 (docs/measurements, 2026-12-07, each kernel alone): an 8B layer's 4-bit GEMV 87.6 -> 74.1 us (tinygemm 82.1),
 int8 85.5 -> 81.7."""
 
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
+from .f16x2 import I8_DOT, W4_DOT, prep_x
 
 # the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
 # autotune: fp32 dots and one configuration there
@@ -166,23 +168,13 @@ def _rows_dot_int8(x_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
     return tl.sum(acc, axis=1)
 
 
-_I8_F16X2_DOT = tl.constexpr("""{
-.reg .b32 w8, t0, t1, mid;
-mov.b32 mid, 0x64806480;
-shr.u32 w8, $1, 8;
-lop3.b32 t0, $1, 0x647F647F, 0x64806480, 0xCA;
-lop3.b32 t1, w8, 0x647F647F, 0x64806480, 0xCA;
-sub.f16x2 t0, t0, mid;
-sub.f16x2 t1, t1, mid;
-mul.f16x2 $0, t0, $2;
-fma.rn.f16x2 $0, t1, $3, $0;
-}""")
+_I8_F16X2_DOT = tl.constexpr(I8_DOT)
 
 
 @triton.jit
 def _i8_f16x2_dot(w, xa, xb, ASM: tl.constexpr):
     """The 4 int8 codes of int32 words w dotted with x in fp16, two columns a half2 instruction: one fp16 pair in
-    int32. xa, xb: fp16 pairs of x (columns 4i, 4i + 2) and (4i + 1, 4i + 3) (f16x2_x). One LOP3 makes two
+    int32. xa, xb: fp16 pairs of x (columns 4i, 4i + 2) and (4i + 1, 4i + 3) (prep_x). One LOP3 makes two
     halves 1152 + code of bytes 0 and 2 (1024 + the byte with its sign bit flipped, in the mantissa), one
     subtract makes them the codes: 1.75 instructions a weight. ASM False (the interpreter): in fp32, as fp32."""
     if ASM:
@@ -220,7 +212,7 @@ def _gemv_kernel(x_ptr, xq_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SP
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """matmul_partials for a few rows of x on the CUDA cores: one program per (block of output columns, row of
     x, K slice), a reduction instead of a tensor-core dot padded to 16 rows. SCALED: int8 codes as int32 words
-    (XQ: dotted in fp16 pairs with xq = f16x2_x(x, 1 / 256), _rows_dot_i8_f16x2)."""
+    (XQ: dotted in fp16 pairs with xq = prep_x(x, 1 / 256), _rows_dot_i8_f16x2)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -250,7 +242,7 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
     per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
     atomics). With run [M] (bool): the first `gated` output columns are zero unless some row's flag equals
-    `want`, and their programs then read no weight (the flags are read first). xq: f16x2_x(x, 1 / 256), for int8
+    `want`, and their programs then read no weight (the flags are read first). xq: prep_x(x, 1 / 256), for int8
     weights at up to GEMV_ROWS rows (then dotted in fp16 pairs)."""
     m, k = x.shape
     n = w.shape[0]
@@ -293,7 +285,7 @@ def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gate
 def w8_linear_partials(x: torch.Tensor, xq: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                        splits: int) -> torch.Tensor:
     """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T; xq:
-    f16x2_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
+    prep_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
     return matmul_partials(x, q, scale, None, 0, splits, xq=xq if xq.numel() else None)
 
 
@@ -307,7 +299,7 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int
     """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile);
     f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
     f16x2 = (f16x2_gemv(x.shape[0]) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS) and x.shape[1] % 4 == 0
-    xq = f16x2_x(x, 1 / 256) if f16x2 else x.new_empty(0)
+    xq = prep_x(x, 1 / 256) if f16x2 else x.new_empty(0)
     return w8_linear_partials(x, xq, q, scale, splits).sum(0).to(x.dtype)
 
 
@@ -450,24 +442,7 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
-_F16X2_DOT = tl.constexpr("""{
-.reg .b32 w8, t0, t1, t2, t3, lo8, hi8;
-mov.b32 lo8, 0x64086408;
-mov.b32 hi8, 0x54805480;
-shr.u32 w8, $2, 8;
-lop3.b32 t0, $2, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t1, $2, 0x00F000F0, 0x54005400, 0xEA;
-lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t3, w8, 0x00F000F0, 0x54005400, 0xEA;
-sub.f16x2 t0, t0, lo8;
-sub.f16x2 t2, t2, lo8;
-sub.f16x2 t1, t1, hi8;
-sub.f16x2 t3, t3, hi8;
-mul.f16x2 $0, t0, $3;
-fma.rn.f16x2 $0, t2, $4, $0;
-mul.f16x2 $1, t1, $5;
-fma.rn.f16x2 $1, t3, $6, $1;
-}""")
+_F16X2_DOT = tl.constexpr(W4_DOT)
 
 
 @triton.jit
@@ -530,7 +505,7 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
                           PREFETCH: tl.constexpr):
     """_w4_gemv_kernel (depth 4) with the codes dotted in fp16 pairs (_f16x2_dot) and summed per group in fp16
     pairs, then in fp32: per group scale x 16 x (centred codes . x / 16) + (min + 8 scale) x sum(x). xq: fp16
-    [M, K], f16x2_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
+    [M, K], prep_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -559,17 +534,9 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
-def f16x2_x(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """The f16x2 kernels' xq from x [M, K]: x * scale (a power of 2) in fp16, columns 0 2 1 3 in each 4 (the
-    kernels read it as int32 pairs). Torch ops that torch.compile fuses into the kernel making x: kept fp16 here, as
-    a dtype view (to int32) would end that fusion (an extra launch a matmul)."""
-    m, k = x.shape
-    return (x.float() * scale).to(torch.float16).view(m, k // 4, 2, 2).transpose(-1, -2).reshape(m, k)
-
-
 def f16x2_gemv(m: int, nested: bool = False) -> bool:
     """Whether a matmul of m rows of x takes the fp16-pair GEMVs (_rows_dot_i8_f16x2, _w4_gemv_f16x2_kernel):
-    under torch.compile only, where their x prep (f16x2_x) fuses into the op that makes x; run eagerly it would
+    under torch.compile only, where their x prep (prep_x) fuses into the op that makes x; run eagerly it would
     be launches of its own (in the H100 run where it did not fuse, int8 decode went 1.727x -> 1.667x)."""
     return m <= GEMV_ROWS and not nested and torch.compiler.is_compiling()
 
@@ -580,7 +547,7 @@ def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, r
                        splits: int) -> torch.Tensor:
     """fp32 [splits, M, N] partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
     see the module docstring), per group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout)
-    when nested, else unused; xq: f16x2_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows),
+    when nested, else unused; xq: prep_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows),
     or empty."""
     m, k = x.shape
     n = codes.shape[0]
@@ -610,7 +577,7 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scal
               group_size: int, nested: bool, splits: int = 1, f16x2: bool | None = None) -> torch.Tensor:
     """x [M, K] times the 4-bit weight, in x's dtype; f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
     f16x2 = f16x2_gemv(x.shape[0], nested) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS and not nested
-    xq = f16x2_x(x, 1 / 16) if f16x2 else x.new_empty(0)
+    xq = prep_x(x, 1 / 16) if f16x2 else x.new_empty(0)
     return w4_linear_partials(x, xq, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
 
 

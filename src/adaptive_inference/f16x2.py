@@ -1,0 +1,102 @@
+"""The fp16-pair arithmetic of the CUDA decode GEMVs (triton_kernels' f16x2 kernels), kept free of triton so
+that CPU tests check it: the PTX the kernels inline, the x prep, and `emulate`, which runs that PTX's few
+instructions in numpy (integer ops bit-exact, each half2 op rounded once to fp16 as the GPU does).
+
+A 32-bit word holds four int8 codes (bytes 0-3: columns 4i..4i+3) or eight 4-bit codes (byte b: column 4i + b
+in its low nibble, H + 4i + b in its high one: triton_kernels' split-halves layout). One LOP3 masks two codes,
+at bits s and 16 + s, into the mantissas of two halves: 1024's for an int8 byte (with its sign bit flipped:
+1152 + code) or a low nibble (1024 + code), 64's for a high nibble (the mantissa's spacing there is 1/16, so
+the shifted code is the code: 64 + code). One half2 subtract centres them; the dot takes half2 FMAs against x
+prepared as fp16 pairs (columns 4i, 4i + 2) and (4i + 1, 4i + 3): prep_x.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+# int8: $0 = the word's 4 codes . x as one fp16 pair; $1 the word, $2 / $3 the x pairs
+I8_DOT = """{
+.reg .b32 w8, t0, t1, mid;
+mov.b32 mid, 0x64806480;
+shr.u32 w8, $1, 8;
+lop3.b32 t0, $1, 0x647F647F, 0x64806480, 0xCA;
+lop3.b32 t1, w8, 0x647F647F, 0x64806480, 0xCA;
+sub.f16x2 t0, t0, mid;
+sub.f16x2 t1, t1, mid;
+mul.f16x2 $0, t0, $2;
+fma.rn.f16x2 $0, t1, $3, $0;
+}"""
+
+# 4-bit: ($0, $1) = the word's low-nibble and high-nibble columns' centred codes (code - 8) . x as fp16 pairs;
+# $2 the word, $3 / $4 the x pairs of its low columns, $5 / $6 those of its high columns (at H)
+W4_DOT = """{
+.reg .b32 w8, t0, t1, t2, t3, lo8, hi8;
+mov.b32 lo8, 0x64086408;
+mov.b32 hi8, 0x54805480;
+shr.u32 w8, $2, 8;
+lop3.b32 t0, $2, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $2, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, w8, 0x00F000F0, 0x54005400, 0xEA;
+sub.f16x2 t0, t0, lo8;
+sub.f16x2 t2, t2, lo8;
+sub.f16x2 t1, t1, hi8;
+sub.f16x2 t3, t3, hi8;
+mul.f16x2 $0, t0, $3;
+fma.rn.f16x2 $0, t2, $4, $0;
+mul.f16x2 $1, t1, $5;
+fma.rn.f16x2 $1, t3, $6, $1;
+}"""
+
+
+def prep_x(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The f16x2 kernels' xq from x [M, K]: x * scale (a power of 2) in fp16, columns 0 2 1 3 in each 4 (the
+    kernels read it as int32 pairs). Torch ops that torch.compile fuses into the kernel making x: kept fp16 here,
+    as a dtype view (to int32) would end that fusion (an extra launch a matmul)."""
+    m, k = x.shape
+    return (x.float() * scale).to(torch.float16).view(m, k // 4, 2, 2).transpose(-1, -2).reshape(m, k)
+
+
+def _lop3(a: np.ndarray, b: np.ndarray, c: np.ndarray, lut: int) -> np.ndarray:
+    out = np.zeros_like(a)
+    for i in range(8):  # bit i of lut is f(a, b, c) for the bits (a, b, c) = (i >> 2 & 1, i >> 1 & 1, i & 1)
+        if lut >> i & 1:
+            out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+    return out
+
+
+def _f16x2(op: str, *args: np.ndarray) -> np.ndarray:
+    """A half2 op on uint32 words: exact in float64 (fp16 products and sums of three are), then one rounding."""
+    args = [np.ascontiguousarray(a, dtype=np.uint32) for a in np.broadcast_arrays(*args)]
+    h = [a.reshape(-1).view(np.float16).astype(np.float64) for a in args]
+    r = {"sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "fma": lambda a, b, c: a * b + c}[op](*h)
+    return r.astype(np.float16).view(np.uint32).reshape(args[0].shape)
+
+
+def emulate(asm: str, n_out: int, *inputs: np.ndarray) -> list[np.ndarray]:
+    """Run the PTX block asm (I8_DOT, W4_DOT) on uint32 arrays; the outputs $0..$(n_out - 1), as uint32."""
+    regs: dict[str, np.ndarray] = {f"${n_out + i}": np.asarray(v, dtype=np.uint32) for i, v in enumerate(inputs)}
+
+    def val(s: str) -> np.ndarray:
+        return np.uint32(int(s, 0)) if s[0].isdigit() else regs[s]
+
+    for line in asm.strip().strip("{}").strip().splitlines():
+        m = re.fullmatch(r"([\w.]+)\s+(.*);", line.strip())
+        if m is None or m.group(1) == ".reg":
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        dst, src = args[0], [val(a) for a in args[1:]]
+        if op == "mov.b32":
+            regs[dst] = np.broadcast_to(src[0], regs["$" + str(n_out)].shape).astype(np.uint32)
+        elif op == "shr.u32":
+            regs[dst] = src[0] >> src[1]
+        elif op == "lop3.b32":
+            regs[dst] = _lop3(src[0], src[1], src[2], int(src[3]))
+        elif op in ("sub.f16x2", "mul.f16x2", "fma.rn.f16x2"):
+            regs[dst] = _f16x2(op.split(".")[0], *src)
+        else:
+            raise ValueError(f"f16x2.emulate: no emulation of {op}")
+    return [regs[f"${i}"] for i in range(n_out)]
