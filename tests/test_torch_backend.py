@@ -1,6 +1,8 @@
 """Torch-specific: the static cache's holes. (Shared behaviour: test_backend_contract.py.)"""
 
+import contextlib
 import dataclasses
+import gc
 
 import numpy as np
 import pytest
@@ -165,6 +167,51 @@ def _emulated_capture(self, fn):
             if o is not None and t is not o:
                 o.copy_(t)
     return first, out, replay
+
+
+class _FakeCuda:
+    """The torch.cuda calls TorchLM._capture makes, on CPU: records whether Python's garbage collector ran
+    enabled inside the capture."""
+
+    def __init__(self):
+        self.inside = []
+
+    def stream_ctx(self, _s):
+        return contextlib.nullcontext()
+
+    def graph(self, g, pool=None):
+        @contextlib.contextmanager
+        def capture():
+            self.inside.append(gc.isenabled())
+            yield
+        return capture()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_capture_runs_with_the_garbage_collector_off(monkeypatch, fails):
+    """A collection inside a CUDA graph capture can free an earlier model's graphs and buffers (CUDA calls a
+    capture forbids; torch no longer collects before capturing): _capture collects first, keeps the collector
+    off while it captures and turns it back on after, also when the captured function raises."""
+    fake, stub = _FakeCuda(), type("Stub", (), {"wait_stream": lambda *a: None, "replay": lambda *a: None})
+    for name, value in {"Stream": stub, "current_stream": stub, "stream": fake.stream_ctx, "CUDAGraph": stub,
+                        "graph_pool_handle": lambda: None, "graph": fake.graph}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    calls = []
+
+    def fn():
+        calls.append(gc.isenabled())
+        if fails and len(calls) == 2:
+            raise RuntimeError("capture failed")
+        return torch.zeros(1)
+
+    owner = type("Owner", (), {})()
+    assert gc.isenabled()
+    if fails:
+        with pytest.raises(RuntimeError, match="capture failed"):
+            TorchLM._capture(owner, fn)
+    else:
+        TorchLM._capture(owner, fn)
+    assert fake.inside == [False] and calls == [True, False] and gc.isenabled()
 
 
 def _gate(lm, writes_kv: bool, seed: int = 0):

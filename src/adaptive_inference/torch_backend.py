@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import weakref
 from pathlib import Path
 
@@ -256,7 +257,9 @@ class TorchLM(Decoder):
     def _capture(self, fn):
         """(fn's result, its output buffers, replay): fn runs once for real on a side stream (warming cuBLAS
         and compiled code), then is captured as a CUDA graph. Capture executes nothing, so state that fn writes
-        (the cache) is written once; replay reruns the kernels on the same addresses."""
+        (the cache) is written once; replay reruns the kernels on the same addresses. Python's garbage collector
+        stays off during the capture (collected just before): torch no longer collects before a capture, and a
+        collection inside one can free an earlier model's graphs and buffers, CUDA calls that a capture forbids."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -264,8 +267,15 @@ class TorchLM(Decoder):
         torch.cuda.current_stream().wait_stream(side)
         pool = self.__dict__.setdefault("_graph_pool", torch.cuda.graph_pool_handle())
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            out = fn()
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=pool):
+                out = fn()
+        finally:
+            if enabled:
+                gc.enable()
         return first, out, g.replay
 
     def _replay(self, key, fn, tokens, cache: KVCache):
