@@ -405,3 +405,29 @@ def test_decode_attention_op_in_the_step_equals_the_ops(tiny_llama, compile):
     lm = TorchLM.load(tiny_llama[1], cpu_matmul="library", compile=compile)
     lm.attention_kernel = True  # CPU: the op's torch implementation (on CUDA the Triton kernel, the default)
     np.testing.assert_allclose(run(lm), want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmuls_around_the_attention_op_need_no_launch_of_their_own(tiny_llama, tmp_path, monkeypatch):
+    """Split-K partial sums are added by the op after the matmul and the fp16-pair kernels' x prep is made by
+    the op before it, both fused there by inductor; the attention op cannot take either, so qkv runs in one
+    slice (no sum launch a layer) and o without fp16 pairs (no prep launch), the other matmuls keep both:
+    packed CUDA weights (quant_cuda.CudaPacked, here made on CPU) and a token gate's gated weights (qkv)."""
+    from adaptive_inference import gated_linear_op, quant
+    from adaptive_inference.plan import WeightSet
+    from adaptive_inference.quant_cuda import CudaPacked
+
+    lm = TorchLM.load(tiny_llama[1])
+    states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().numpy(), "int8")
+              for i, lw in enumerate(lm.layers) for f in ("wqkv", "wo", "w_gate_up", "w_down")}
+    quant.save_file(states, tmp_path / "int8.safetensors")
+    monkeypatch.setattr(TorchLM, "pack", lambda self, state, depth: CudaPacked("int8", state.shape, (), splits=4))
+    lm.add_weight_set(WeightSet("int8", str(tmp_path / "int8.safetensors")))
+    for lw in lm.weight_sets["int8"]:
+        assert lw.wqkv.splits == 1 and lw.wo.splits == lw.w_gate_up.splits == lw.w_down.splits == 4
+        assert not lw.wo.pairs and lw.wqkv.pairs and lw.w_gate_up.pairs and lw.w_down.pairs
+
+    monkeypatch.setattr(gated_linear_op, "split_k", lambda n, k, sms: 4)
+    lm = TorchLM.load(tiny_llama[1], dtype="bfloat16")
+    lm._sms = 132  # as on a GPU: gated 16-bit matmuls split K
+    gated = lm.gated_layer(lm.layers[1], torch.ones(1, dtype=torch.bool), 8)
+    assert gated.wqkv.splits == 1 and gated.wo.splits == gated.w_gate_up.splits == gated.w_down.splits == 4

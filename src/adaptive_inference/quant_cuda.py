@@ -9,9 +9,10 @@
   group, the 8-bit code rebuilt in registers); it also takes 4-bit reads where tinygemm's shape rules exclude
   a weight. Per 8B layer on an H100 at batch 1, each kernel alone
   (docs/measurements/cuda_gemv_variants_h100_llama3-8b_f16x2_*): tinygemm int4 g32 82.1 us, w4_linear's
-  fp16-pair GEMV (compiled decode) 74.1, its eager one 87.6; end to end the last measured are tinygemm 1.86x,
-  w4_linear 1.81x, but that run's x prep was not yet fused (an extra launch a matmul), and at batch 8
-  w4_linear leads (1.07x / 1.04x): "auto" keeps tinygemm at depth 4 until the fused run is measured.
+  fp16-pair GEMV (compiled decode) 74.1, its eager one 87.6; end to end, in one run (2026-12-07), tinygemm
+  1.826x, w4_linear 1.794x (it then still had two launches a layer of its own around the attention op, since
+  removed: torch_backend.around_attention; not yet remeasured), at batch 8 w4_linear leads (1.07x / 1.04x):
+  "auto" keeps tinygemm at depth 4.
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
   an H200 (docs/measurements/cuda_packed_kernels_*.json), the
@@ -43,6 +44,7 @@ class CudaPacked:
     group_size: int = 0
     nested: bool = False  # w4 read at depth 8
     splits: int = 1  # int8 / w4: slices of K the Triton kernels split the matmul into (gated_linear_op.split_k)
+    pairs: bool = True  # int8 / w4 at depth 4: the fp16-pair kernels where they apply (triton_kernels.f16x2_gemv)
     capturable = True  # aten ops and a custom op: compiled and captured like dense weights
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,11 +119,11 @@ def linear(x: torch.Tensor, w: CudaPacked, bias: torch.Tensor | None = None) -> 
     if w.kind == "int8":
         from .triton_kernels import w8_linear
 
-        y = w8_linear(x2, *w.tensors, w.splits)
+        y = w8_linear(x2, *w.tensors, w.splits, f16x2=None if w.pairs else False)
     elif w.kind == "w4":
         from .triton_kernels import w4_linear
 
-        y = w4_linear(x2, *w.tensors, w.group_size, w.nested, w.splits)
+        y = w4_linear(x2, *w.tensors, w.group_size, w.nested, w.splits, f16x2=None if w.pairs else False)
     else:
         y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w.tensors[0], w.group_size,
                                       w.tensors[1]).to(x.dtype)
