@@ -377,6 +377,16 @@ def test_gated_linear_partials_add_up_to_the_matmul():
             torch.testing.assert_close(got[:, 24:], x @ w[24:].T)
             torch.testing.assert_close(got[:, :24], x @ w[:24].T if any(runs) else torch.zeros(3, 24))
     assert split_k(4096, 14336, 132) == 8 and split_k(28672, 4096, 132) == 1 and split_k(4096, 512, 132) == 1
+    # one slice: nothing to add, the op stores the result in x's dtype (no cast launch after it), eager and
+    # compiled alike (the fake's dtype is the op's)
+    xb, wb, run = x.bfloat16(), w.bfloat16(), torch.tensor([True, False, False])
+    want = (xb.float() @ wb.float().T).bfloat16()
+    for splits, stored in ((1, torch.bfloat16), (3, torch.float32)):
+        assert gated_linear_partials(xb, wb, run, 24, splits).dtype == stored
+        for fn in (gated_linear, compiled):
+            got = fn(xb, wb, run, 24, splits)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want)
 
 
 def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):

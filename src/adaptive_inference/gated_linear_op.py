@@ -4,7 +4,9 @@ a token gate run it inside one captured step, so the gate needs no host read and
 reads none of those weights. The op returns fp32 partial sums over `splits` slices of K (split-K, so a matrix
 with few output rows still fills the GPU), which gated_linear adds up in plain torch ops: under torch.compile
 that sum fuses into the residual add that follows, so a split-K matmul costs one launch (no zero fill before
-its atomic adds, no cast after). Its implementation here is F.linear and a select (any device; what a CPU test
+its atomic adds, no cast after). With one slice there is nothing to add and the op stores the result in x's
+dtype (partials_dtype), so an op after it that inductor cannot fuse into (the attention op after qkv) reads
+it as it is, without a cast launch. Its implementation here is F.linear and a select (any device; what a CPU test
 runs); triton_kernels registers the CUDA kernel, whose programs read the flags before any weight."""
 
 from __future__ import annotations
@@ -40,26 +42,37 @@ def split_k(n: int, k: int, sms: int) -> int:
     return s
 
 
+def partials_dtype(x: torch.Tensor, splits: int) -> torch.dtype:
+    """What a partials op (gated / w8 / w4_linear_partials) stores: fp32 slices to add up, or with one slice
+    the result itself, in x's dtype."""
+    return torch.float32 if splits > 1 else x.dtype
+
+
+def add_partials(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A partials op's [splits, M, N] added up in dtype (one slice: a view, no kernel)."""
+    return y[0].to(dtype) if y.shape[0] == 1 else y.sum(0).to(dtype)
+
+
 @torch.library.custom_op("adaptive_inference::gated_linear_partials", mutates_args=())
 def gated_linear_partials(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int,
                           splits: int) -> torch.Tensor:
-    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T, with columns < gated zero
-    where no row of run [M] (bool) is set."""
+    """[splits, M, N] (partials_dtype) whose sum over the first axis is x [M, K] @ w [N, K].T, with columns
+    < gated zero where no row of run [M] (bool) is set."""
     y = F.linear(x, w).float()
     if gated > 0:
         y = torch.cat([torch.where(run.any(), y[:, :gated], torch.zeros((), dtype=y.dtype, device=y.device)),
                        y[:, gated:]], dim=1)
-    return torch.cat([y[None], y.new_zeros((splits - 1, *y.shape))])
+    return torch.cat([y[None], y.new_zeros((splits - 1, *y.shape))]).to(partials_dtype(x, splits))
 
 
 @gated_linear_partials.register_fake
 def _(x, w, run, gated, splits):
-    return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=torch.float32)
+    return x.new_empty((splits, x.shape[0], w.shape[0]), dtype=partials_dtype(x, splits))
 
 
 def gated_linear(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int = 1) -> torch.Tensor:
     """x [M, K] @ w [N, K].T in x's dtype, columns < gated zero where no row of run [M] is set."""
-    return gated_linear_partials(x, w, run, gated, splits).sum(0).to(x.dtype)
+    return add_partials(gated_linear_partials(x, w, run, gated, splits), x.dtype)
 
 
 class GatedWeight:

@@ -5,7 +5,8 @@ the matmul only streams the weight: each program owns a block of output rows and
 widening them in registers (up to GEMV_ROWS rows of x a reduction on the CUDA cores, above a tensor-core dot
 with the rows padded to 16), over one of `splits` slices of K when there are too few row blocks to fill the
 GPU. It returns the slices' fp32 partial sums, each stored once, for the caller to add up in torch ops (under
-torch.compile that sum fuses into the next op: one launch per matmul). Optionally gated by flags on the
+torch.compile that sum fuses into the next op: one launch per matmul); its ops store one slice in x's dtype,
+the result itself (gated_linear_op.partials_dtype). Optionally gated by flags on the
 device (gated_linear_op). Its ops (gated_linear_partials, w8_linear_partials) are custom ops, so
 torch.compile treats each as one opaque call and CUDA graphs capture it (the autotuning runs on first use,
 outside capture: the decoder's first step of a plan runs for real before it is captured).
@@ -39,6 +40,7 @@ import triton.language as tl
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
 from .f16x2 import I8_DOT, W4_DOT, prep_x
+from .gated_linear_op import add_partials, partials_dtype
 
 # the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
 # autotune: fp32 dots and one configuration there
@@ -238,8 +240,9 @@ _gated_tuned: set = set()
 
 
 def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, run: torch.Tensor | None,
-                    gated: int, splits: int, want: bool = True, xq: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
+                    gated: int, splits: int, want: bool = True, xq: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[splits, M, N] in dtype whose sum over the first axis is x [M, K] @ w [N, K].T (w 16-bit, or int8 times a
     per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
     atomics). With run [M] (bool): the first `gated` output columns are zero unless some row's flag equals
     `want`, and their programs then read no weight (the flags are read first). xq: prep_x(x, 1 / 256), for int8
@@ -251,7 +254,7 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     flags = run.contiguous().view(torch.uint8) if gate else x
     s = scale if scaled else x
     pad = max(16, triton.next_power_of_2(m))
-    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+    y = torch.empty((splits, m, n), device=x.device, dtype=dtype)  # the kernels' stores cast their fp32 sums
 
     if scaled and m <= GEMV_ROWS and k % 4:
         raise ValueError(f"matmul_partials: int8 weights need in-features divisible by 4, got {k}")
@@ -278,20 +281,21 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
 @torch.library.register_kernel("adaptive_inference::gated_linear_partials", "cuda")
 def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gated: int, splits: int) -> torch.Tensor:
     """gated_linear_op.gated_linear_partials in one launch whose skipped programs read no weight (16-bit weights)."""
-    return matmul_partials(x, w, None, run, gated, splits)
+    return matmul_partials(x, w, None, run, gated, splits, dtype=partials_dtype(x, splits))
 
 
 @torch.library.custom_op("adaptive_inference::w8_linear_partials", mutates_args=())
 def w8_linear_partials(x: torch.Tensor, xq: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                        splits: int) -> torch.Tensor:
-    """fp32 [splits, M, N] whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T; xq:
-    prep_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
-    return matmul_partials(x, q, scale, None, 0, splits, xq=xq if xq.numel() else None)
+    """[splits, M, N] (partials_dtype) whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T;
+    xq: prep_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
+    return matmul_partials(x, q, scale, None, 0, splits, xq=xq if xq.numel() else None,
+                           dtype=partials_dtype(x, splits))
 
 
 @w8_linear_partials.register_fake
 def _(x, xq, q, scale, splits):
-    return x.new_empty((splits, x.shape[0], q.shape[0]), dtype=torch.float32)
+    return x.new_empty((splits, x.shape[0], q.shape[0]), dtype=partials_dtype(x, splits))
 
 
 def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int = 1,
@@ -300,7 +304,7 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int
     f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
     f16x2 = (f16x2_gemv(x.shape[0]) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS) and x.shape[1] % 4 == 0
     xq = prep_x(x, 1 / 256) if f16x2 else x.new_empty(0)
-    return w8_linear_partials(x, xq, q, scale, splits).sum(0).to(x.dtype)
+    return add_partials(w8_linear_partials(x, xq, q, scale, splits), x.dtype)
 
 
 @triton.jit
@@ -546,14 +550,14 @@ def f16x2_gemv(m: int, nested: bool = False) -> bool:
 def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor,
                        scale: torch.Tensor, minv: torch.Tensor, group_size: int, nested: bool,
                        splits: int) -> torch.Tensor:
-    """fp32 [splits, M, N] partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
+    """[splits, M, N] (partials_dtype) partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
     see the module docstring), per group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout)
     when nested, else unused; xq: prep_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows),
     or empty."""
     m, k = x.shape
     n = codes.shape[0]
     x = x.contiguous()
-    y = torch.empty((splits, m, n), device=x.device, dtype=torch.float32)
+    y = torch.empty((splits, m, n), device=x.device, dtype=partials_dtype(x, splits))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
     if xq.numel() and m <= GEMV_ROWS and not nested:
         _w4_gemv_f16x2_kernel[grid](x, xq, codes.view(torch.int32), scale, minv, y, m, n, k, SPLITS=splits,
@@ -571,7 +575,7 @@ def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, r
 
 @w4_linear_partials.register_fake
 def _(x, xq, codes, residual, scale, minv, group_size, nested, splits):
-    return x.new_empty((splits, x.shape[0], codes.shape[0]), dtype=torch.float32)
+    return x.new_empty((splits, x.shape[0], codes.shape[0]), dtype=partials_dtype(x, splits))
 
 
 def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
@@ -579,7 +583,7 @@ def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scal
     """x [M, K] times the 4-bit weight, in x's dtype; f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
     f16x2 = f16x2_gemv(x.shape[0], nested) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS and not nested
     xq = prep_x(x, 1 / 16) if f16x2 else x.new_empty(0)
-    return w4_linear_partials(x, xq, codes, residual, scale, minv, group_size, nested, splits).sum(0).to(x.dtype)
+    return add_partials(w4_linear_partials(x, xq, codes, residual, scale, minv, group_size, nested, splits), x.dtype)
 
 
 def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
