@@ -98,9 +98,10 @@ def around_attention(layers: list[Layer]) -> list[Layer]:
     """Packed layers fitted to the attention op between their qkv and o matmuls, which inductor cannot fuse
     into: qkv in one slice of K (a split matmul's partial sums are added by the op after it, fused there into a
     residual add or the SiLU, but here a launch of its own; one slice is stored as the result, in x's dtype,
-    and is as fast for qkv: 4-bit 9.9 us vs 10.6 at 4 slices, int8 11.2 vs 10.7 plus the sum) and o on the fp32 kernels (the fp16-pair kernels' x prep would
-    be a launch of its own after the attention op, for 0.9-1.6 us of kernel time: int8 8.7 vs 7.8, 4-bit 8.8
-    vs 7.2). 8B shape, H100, each kernel alone (docs/measurements, 2026-12-07)."""
+    and is as fast for qkv: 4-bit 9.9 us vs 10.6 at 4 slices, int8 11.2 vs 10.7 plus the sum) and o on the
+    fp32 kernels (the fp16-pair kernels' x prep would be a launch of its own after the attention op, for
+    0.9-1.6 us of kernel time: int8 8.7 vs 7.8, 4-bit 8.8 vs 7.2). 8B shape, H100, each kernel alone
+    (docs/measurements, 2026-12-07)."""
     from .quant_cuda import CudaPacked
 
     def fit(w, **kw):

@@ -244,8 +244,9 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
         read[part][1] += n * k * itemsize
         return dataclasses.replace(p, tensors=tuple(t.clone() for t in p.tensors))
 
-    lm.weight_sets[name] = around_attention([dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
-                                             for lw in lm.weight_sets["full"]])
+    layers = [dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
+              for lw in lm.weight_sets["full"]]
+    lm.weight_sets[name] = around_attention(layers)  # as TorchLM.add_weight_set registers a packed set
     lm.packed_heads[name] = packed(lm.lm_head, "head")
     lm.relative_bytes[name] = {k: r / f for k, (r, f) in read.items()}
 
