@@ -11,7 +11,7 @@
   (docs/measurements/cuda_gemv_variants_h100_llama3-8b_f16x2_*): tinygemm int4 g32 82.1 us, w4_linear's
   fp16-pair GEMV (compiled decode) 74.1, its eager one 87.6; end to end, in one run (2026-12-07), tinygemm
   1.826x, w4_linear 1.794x (it then still had two launches a layer of its own around the attention op, since
-  removed: torch_backend.around_attention; not yet remeasured), at batch 8 w4_linear leads (1.07x / 1.04x):
+  removed: around_attention below; not yet remeasured), at batch 8 w4_linear leads (1.07x / 1.04x):
   "auto" keeps tinygemm at depth 4.
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
@@ -23,6 +23,7 @@ All are aten ops or custom ops on tensors, so packed plans are compiled and capt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,3 +131,18 @@ def linear(x: torch.Tensor, w: CudaPacked, bias: torch.Tensor | None = None) -> 
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], n)
+
+
+def around_attention(layers: list) -> list:
+    """Packed layers fitted to the attention op between their qkv and o matmuls, which inductor cannot fuse
+    into: qkv in one slice of K (a split matmul's partial sums are added by the op after it, fused there into a
+    residual add or the SiLU, but here a launch of its own; one slice is stored as the result, in x's dtype,
+    and is as fast for qkv: 4-bit 9.9 us vs 10.6 at 4 slices, int8 11.2 vs 10.7 plus the sum) and o on the
+    fp32 kernels (the fp16-pair kernels' x prep would be a launch of its own after the attention op, for
+    0.9-1.6 us of kernel time: int8 8.7 vs 7.8, 4-bit 8.8 vs 7.2). 8B shape, H100, each kernel alone
+    (docs/measurements, 2026-12-07)."""
+
+    def fit(w, **kw):
+        return dataclasses.replace(w, **kw) if isinstance(w, CudaPacked) else w
+
+    return [dataclasses.replace(lw, wqkv=fit(lw.wqkv, splits=1), wo=fit(lw.wo, pairs=False)) for lw in layers]

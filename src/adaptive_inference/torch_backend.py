@@ -94,22 +94,6 @@ def _triton_attention_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
     return attention_op.decode_attention_ok(cfg, dtype)
 
 
-def around_attention(layers: list[Layer]) -> list[Layer]:
-    """Packed layers fitted to the attention op between their qkv and o matmuls, which inductor cannot fuse
-    into: qkv in one slice of K (a split matmul's partial sums are added by the op after it, fused there into a
-    residual add or the SiLU, but here a launch of its own; one slice is stored as the result, in x's dtype,
-    and is as fast for qkv: 4-bit 9.9 us vs 10.6 at 4 slices, int8 11.2 vs 10.7 plus the sum) and o on the
-    fp32 kernels (the fp16-pair kernels' x prep would be a launch of its own after the attention op, for
-    0.9-1.6 us of kernel time: int8 8.7 vs 7.8, 4-bit 8.8 vs 7.2). 8B shape, H100, each kernel alone
-    (docs/measurements, 2026-12-07)."""
-    from .quant_cuda import CudaPacked
-
-    def fit(w, **kw):
-        return dataclasses.replace(w, **kw) if isinstance(w, CudaPacked) else w
-
-    return [dataclasses.replace(lw, wqkv=fit(lw.wqkv, splits=1), wo=fit(lw.wo, pairs=False)) for lw in layers]
-
-
 class TorchLM(Decoder):
     name = "torch"
 
@@ -559,8 +543,11 @@ class TorchLM(Decoder):
                                    w_gate_up=gated(lw.w_gate_up), w_down=gated(lw.w_down))
 
     def add_weight_set(self, ws) -> None:
+        from . import quant_cuda
+
         super().add_weight_set(ws)
-        self.weight_sets[ws.name] = around_attention(self.weight_sets[ws.name])
+        # the CUDA kernels' layout around the attention op (other weights stay as they are)
+        self.weight_sets[ws.name] = quant_cuda.around_attention(self.weight_sets[ws.name])
 
     def select_linear_ok(self, x, w_no, w_yes) -> bool:
         # CUDA: a Triton kernel (bf16 weights). On CPU torch runs eagerly: the host reads a decision at no cost

@@ -542,7 +542,7 @@ def f16x2_gemv(m: int, nested: bool = False) -> bool:
     """Whether a matmul of m rows of x takes the fp16-pair GEMVs (_rows_dot_i8_f16x2, _w4_gemv_f16x2_kernel):
     under torch.compile only, where their x prep (prep_x) fuses into the op that makes x; run eagerly it would
     be launches of its own. Where that op is opaque to inductor (the attention op before the o matmul) a
-    weight asks for the fp32 kernels instead (quant_cuda.CudaPacked.pairs, torch_backend.around_attention)."""
+    weight asks for the fp32 kernels instead (quant_cuda.CudaPacked.pairs, quant_cuda.around_attention)."""
     return m <= GEMV_ROWS and not nested and torch.compiler.is_compiling()
 
 

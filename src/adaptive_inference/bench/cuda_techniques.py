@@ -56,7 +56,7 @@ from ..techniques.gears import monitor
 from ..techniques.gears.apply import GearsPolicy
 from ..techniques.token_router.apply import TokenGate
 from ..techniques.vocab_router.head import GatedHead
-from ..torch_backend import DTYPES, TorchLM, around_attention
+from ..torch_backend import DTYPES, TorchLM
 from .stats import paired_speedup, realized_share
 
 SHAPES = {  # the embedded default, a 1B Llama, and the Llama-3-8B and Qwen2.5-14B shapes (random weights)
@@ -246,7 +246,7 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
 
     layers = [dataclasses.replace(lw, **{f: packed(getattr(lw, f), PART[f]) for f in LINEARS})
               for lw in lm.weight_sets["full"]]
-    lm.weight_sets[name] = around_attention(layers)  # as TorchLM.add_weight_set registers a packed set
+    lm.weight_sets[name] = quant_cuda.around_attention(layers)  # as TorchLM.add_weight_set registers a set
     lm.packed_heads[name] = packed(lm.lm_head, "head")
     lm.relative_bytes[name] = {k: r / f for k, (r, f) in read.items()}
 
