@@ -89,9 +89,11 @@ def _tile(ptr, rows, cols, R, C):
 
 
 @triton.jit
-def _tile_to(ptr, rows, cols, R, C, C_END):
-    """ptr[rows][:, cols] of a row-major [R, C] matrix, zeros outside it and from column C_END on."""
-    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C_END),
+def _tile_to(ptr, rows, cols, R, C, start, end):
+    """_tile for a tile whose columns begin at `start`, all zeros where start >= end: a K slice's end, which its
+    tiles never straddle (only the row's end, which C masks). A per-tile test, so the mask stays constant over
+    the 4 words a 128-bit load reads (a column test against the slice's end split each into two 64-bit loads)."""
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C) & (start < end),
                    other=0)
 
 
@@ -403,7 +405,7 @@ def _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS: tl.constexpr, NG: tl.c
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
     rw = k_lo // 4 + tl.arange(0, BLOCK_K // 4)
-    return rn, k_lo, k_hi, rw, _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4), tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    return rn, k_lo, k_hi, rw, _tile_to(c_ptr, rn, rw, N, HW, k_lo, k_hi), tl.zeros((BLOCK_N, NG), dtype=tl.float32)
 
 
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
@@ -419,11 +421,11 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
     NG: tl.constexpr = BLOCK_K // GROUP
     H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
     rn, k_lo, k_hi, rw, codes, acc = _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, BLOCK_N, BLOCK_K)
-    residual = _tile_to(r_ptr, rn, rw, N, HW, k_hi // 4) if NESTED else codes
+    residual = _tile_to(r_ptr, rn, rw, N, HW, k_lo, k_hi) if NESTED else codes
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
-            codes_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4)
-            residual_next = _tile_to(r_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4) if NESTED else codes_next
+            codes_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k0 + BLOCK_K, k_hi)
+            residual_next = _tile_to(r_ptr, rn, rw + BLOCK_W, N, HW, k0 + BLOCK_K, k_hi) if NESTED else codes_next
         ok = rw < HW
         for high in tl.static_range(2):
             xr = x_ptr + m * K + high * H
@@ -441,8 +443,8 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
         if PREFETCH:
             codes, residual = codes_next, residual_next
         else:
-            codes = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
-            residual = _tile_to(r_ptr, rn, rw, N, HW, k_hi // 4) if NESTED else codes
+            codes = _tile_to(c_ptr, rn, rw, N, HW, k0 + BLOCK_K, k_hi)
+            residual = _tile_to(r_ptr, rn, rw, N, HW, k0 + BLOCK_K, k_hi) if NESTED else codes
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
@@ -518,7 +520,7 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
     xq = xq_ptr.to(tl.pointer_type(tl.int32)) + m * H + 2 * rw  # fp16 pairs as words
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
-            w_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k_hi // 4)
+            w_next = _tile_to(c_ptr, rn, rw + BLOCK_W, N, HW, k0 + BLOCK_K, k_hi)
         ok = rw < HW
         xa, xb = tl.load(xq, mask=ok, other=0), tl.load(xq + 1, mask=ok, other=0)
         xc, xd = tl.load(xq + H // 2, mask=ok, other=0), tl.load(xq + H // 2 + 1, mask=ok, other=0)
@@ -534,7 +536,7 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
         if PREFETCH:
             w = w_next
         else:
-            w = _tile_to(c_ptr, rn, rw, N, HW, k_hi // 4)
+            w = _tile_to(c_ptr, rn, rw, N, HW, k0 + BLOCK_K, k_hi)
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
