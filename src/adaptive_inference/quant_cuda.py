@@ -1,18 +1,13 @@
 """CUDA runtime for the packed gears (quant.py formats): `prepare(packed)` once, then `linear(x, prepared)`.
 
-- int4 (and a nested weight read at depth 4) runs on torch's own tinygemm kernel, aten._weight_int4pack_mm
-  (what torchao's int4 weight-only layout calls): bf16 activations, the 4-bit codes in its tiled layout, and
-  per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 * scale (group sizes 32
-  to 256, in-features a multiple of 64, out-features of 8).
-- a nested weight read at depth 8 (the gears' mid gear on one copy) runs on our Triton kernel
+- 4-bit codes (int4, and a nested weight read at depth 4 or 8) run on our Triton kernels
   (triton_kernels.w4_linear: both nibble planes re-laid in split halves, the format's fp16 scale and min per
-  group, the 8-bit code rebuilt in registers); it also takes 4-bit reads where tinygemm's shape rules exclude
-  a weight. Per 8B layer on an H100 at batch 1, each kernel alone
-  (docs/measurements/cuda_gemv_variants_h100_llama3-8b_f16x2_*): tinygemm int4 g32 82.1 us, w4_linear's
-  fp16-pair GEMV (compiled decode) 74.1, its eager one 87.6; end to end, in one run (2026-12-07), tinygemm
-  1.826x, w4_linear 1.794x (it then still had two launches a layer of its own around the attention op, since
-  removed: around_attention below; not yet remeasured), at batch 8 w4_linear leads (1.07x / 1.04x):
-  "auto" keeps tinygemm at depth 4.
+  group; at depth 8 the 8-bit code rebuilt in registers from both planes). End to end on an H100 (8B shape,
+  compiled + graphs, batch 1, paired in one run, 2026-12-07): 1.916x against 1.848x for torch's own tinygemm
+  kernel (aten._weight_int4pack_mm, what torchao's int4 weight-only layout calls: bf16 activations, the codes
+  in its tiled layout, per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 *
+  scale), and ahead at batch 8 too (1.07x / 1.04x, 2026-12-06): "auto" takes ours where its shape rules allow
+  (group 32 / 64 / 128, in-features a multiple of 2 x group) and tinygemm elsewhere at depth 4 (group 256).
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
   an H200 (docs/measurements/cuda_packed_kernels_*.json), the
@@ -79,8 +74,8 @@ def triton_ok(p: quant.Int4Weight) -> bool:
 
 def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda",
             kernel: str = "auto") -> CudaPacked:
-    """kernel, for 4-bit codes: "auto" (tinygemm at depth 4 where its shape rules allow, the faster one
-    measured; w4_linear otherwise), "triton" (w4_linear) or "tinygemm"."""
+    """kernel, for 4-bit codes: "auto" (w4_linear where its shape rules allow, the faster one measured;
+    tinygemm otherwise), "triton" (w4_linear) or "tinygemm"."""
     def splits() -> int:  # for our Triton kernels (the device is asked only once the weight is known to fit one)
         return gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
 
@@ -91,10 +86,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
     n, k = p.shape
-    tiny_ok = depth == 4 and p.group_size in INT4_GROUPS and n % 8 == 0 and k % 64 == 0
-    if kernel == "auto":
-        kernel = "tinygemm" if tiny_ok else "triton"
-    if kernel == "triton" and triton_ok(p):
+    if kernel in ("auto", "triton") and triton_ok(p):
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
         return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,

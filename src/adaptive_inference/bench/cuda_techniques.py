@@ -214,6 +214,7 @@ def heads(lm: TorchLM, common_share: float, cls=GatedHead) -> tuple[GatedHead, G
 
 PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None = quant_cuda's choice)
     "int8": ("int8", None, None), "int4": ("int4", None, None), "int4-triton": ("int4", None, "triton"),
+    "int4-tinygemm": ("int4", None, "tinygemm"),  # torch's own int4 kernel, for reference
     "nested8": ("nested", 8, None), "nested4": ("nested", 4, None)}  # the gears' mid / low gear
 
 
