@@ -187,8 +187,15 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     assert "On a CUDA GPU" in md and "NVIDIA H200" in md
     assert re.search(r"\| llama3-8b \| compiled \| skip-25 \| 252\.9 \| 1\.303 \[1\.300–1\.307\] \| 1\.303 \| 1\.00 \| 68% \| — \|", md)
     assert re.search(r"\| llama3-8b \| compiled \| baseline \| 194\.3 \| .* \| 1326\.5 \|", md)
-    assert re.search(r"\| int8 \| 269\.8 \| 1\.663 \[1\.661–1\.668\] \| 1\.998 \| 0\.66 \| 66% \| 1900\.2 \| "
+    assert re.search(r"\| int8 \[triton\] \| 269\.8 \| 1\.663 \[1\.661–1\.668\] \| 1\.998 \| 0\.66 \| 66% \| 1900\.2 \| "
                      r"1\.496 / 1\.998 \(0\.50\) \|", md)
+    # the 4-bit kernel of each packed set: files written before results named it ran int4 on torch's tinygemm
+    assert "| int4 [tinygemm] | 300.4 |" in md
+    newer = json.loads(paired.read_text())
+    newer[0]["modes"]["compiled"]["configs"]["int4"]["kernel"] = "triton"
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    report.build({**PARAMS, "gpu_results": [str(tmp_path / "newer.json")]}, _all(tmp_path / "r5"), tmp_path / "out5")
+    assert "| int4 [triton] | 300.4 |" in (tmp_path / "out5" / "report.md").read_text()
     # the pipeline's own gpu_bench folder (results.json + manifest) comes first; a tampered one is refused
     from adaptive_inference import atomic, manifest
 

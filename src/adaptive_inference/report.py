@@ -459,6 +459,8 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                     real = realized_share(_get(c, "speedup"), _get(c, "bound"))  # recomputed: older files kept noise
                     gears = _get(c, "gear_share") or {}  # steps per weight set, where the gears switch them
                     label = name + (f" ({' / '.join(f'{k} {v:.0%}' for k, v in gears.items())})" if gears else "")
+                    kernel = _get(c, "kernel") or LEGACY_KERNELS.get(name)
+                    label += f" [{kernel}]" if kernel else ""
                     body.append([sh.get("shape"), mode, label, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),
                                  f"{_f(_get(c, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
                                  _f(_get(c, "bound"), "{:.3f}"), DASH if real is None else f"{real:.2f}",
@@ -467,6 +469,10 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                               "realized share", "share of bandwidth limit", "bs 8 tok/s",
                               "bs 8 speedup / bound (realized)"], body))
     return out
+
+
+# files written before results named their packed sets' kernels: int4 was then quant_cuda's choice, torch's tinygemm
+LEGACY_KERNELS = {"int4": "tinygemm", "int4-triton": "triton", "int8": "triton"}
 
 
 def _batch8(name: str, paired: dict, batch: dict) -> list[str]:

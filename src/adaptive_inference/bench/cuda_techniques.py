@@ -219,6 +219,8 @@ PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None 
 
 
 _STATES: dict = {}
+KERNELS: dict = {}  # packed set -> the kernels its matrices run on (results' "kernel")
+KERNEL_NAMES = {"w4": "triton", "int8": "triton", "int4": "tinygemm"}  # CudaPacked.kind -> kernel
 
 
 def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
@@ -240,6 +242,7 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
             state = _STATES[key]
             p = quant_cuda.prepare(state, depth=depth, kernel=kernel) if kernel else lm.pack(state, depth)
             made[(n, k)] = (p, quant.bytes_read(state, depth=depth))
+            KERNELS.setdefault(name, set()).add(KERNEL_NAMES[p.kind])
         p, nbytes = made[(n, k)]
         read[part][0] += nbytes
         read[part][1] += n * k * itemsize
@@ -254,6 +257,13 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
 
 GEAR_SETS = {"gears": ("nested4", "nested8"),  # the pipeline's default layout: one nested copy read at 4 or 8 bits
              "gears-separate": ("int4", "int8")}  # quantize.layout: separate
+
+
+def packed_kernels(name: str) -> str | None:
+    """The kernels a configuration's packed sets ran on ("triton", "tinygemm", "tinygemm+triton"), None
+    without packed sets."""
+    found = set().union(*(KERNELS.get(w, set()) for w in GEAR_SETS.get(name, (name,))))
+    return "+".join(sorted(found)) or None
 
 
 def gears_policy(lm: TorchLM, a, low_set: str, mid_set: str):
@@ -451,6 +461,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
             "bandwidth_share": tps * (frac * weights + kv) / bw,
             "common_rate": float(np.mean(decisions)) if name.startswith(("router", "stacked")) else None,
             "gear_share": gears if name in GEAR_SETS else None,
+            "kernel": packed_kernels(name),
             "row_layer_share": float(np.mean([e.row_layer_share for e in executed[name]]))}
     for batch in a.batches:
         step = batch_step_s(lm, batch, a)
