@@ -246,7 +246,13 @@ def test_cuda_int4_convention_is_the_dequantized_weight():
     assert halves.shape == (64, 128) and np.array_equal(halves & 15, cols[:, :128]) and np.array_equal(halves >> 4, cols[:, 128:])
     with pytest.raises(UserError, match="group_size"):
         quant_cuda.prepare(quant.Int4Weight(p.codes, p.scale, p.minv, 512))
-    # "auto" takes our Triton kernel wherever its shape rules allow (faster end to end on an H100, 2026-12-07)
+    # "auto": our Triton kernel for compiled steps wherever its shape rules allow (faster end to end on an H100,
+    # 2026-12-07); for eager ones tinygemm where its rules allow (faster alone than our fp32 kernel)
     for fmt, depth in (("int4", 4), ("nested", 4), ("nested", 8)):
         packed = quant_cuda.prepare(quant.quantize(w, fmt, group_size=64), depth=depth, device="cpu")
         assert (packed.kind, packed.nested) == ("w4", depth == 8)
+    g256 = quant.quantize(w, "int4", group_size=256)  # no tile of ours holds a group of 256
+    assert [quant_cuda.four_bit_kernel(q, 4, compiled=c) for q in (p, g256) for c in (True, False)] == \
+        ["triton", "tinygemm", "tinygemm", "tinygemm"]
+    assert quant_cuda.four_bit_kernel(quant.quantize(w, "nested", group_size=64), 8, compiled=False) == "triton"
+    assert quant_cuda.four_bit_kernel(g256, 4, "triton") == "triton"

@@ -6,8 +6,11 @@
   compiled + graphs, batch 1, paired in one run, 2026-12-07): 1.916x against 1.848x for torch's own tinygemm
   kernel (aten._weight_int4pack_mm, what torchao's int4 weight-only layout calls: bf16 activations, the codes
   in its tiled layout, per group a bf16 (scale, zero) with w~ = (q - 8) * scale + zero, so zero = minv + 8 *
-  scale), and ahead at batch 8 too (1.07x / 1.04x, 2026-12-06): "auto" takes ours where its shape rules allow
-  (group 32 / 64 / 128, in-features a multiple of 2 x group) and tinygemm elsewhere at depth 4 (group 256).
+  scale), and ahead at batch 8 too (1.07x / 1.04x, 2026-12-06): "auto" takes ours for compiled decode where
+  its shape rules allow (group 32 / 64 / 128, in-features a multiple of 2 x group). Eager decode has only our
+  fp32 kernel (the fp16-pair one needs its x prep fused by the compiler), slower alone than tinygemm (an 8B
+  layer 87.6 vs 82.1 us, H100, before its 128-bit code loads; not remeasured since): there "auto" keeps
+  tinygemm where its rules allow (group 32 to 256, in-features a multiple of 64, out-features of 8).
 - int8 (per-row scale) runs on our Triton kernels (triton_kernels.w8_linear: reads the int8 codes once,
   widens them in registers; a CUDA-core reduction at decode batch sizes, tensor cores above). Measured on
   an H200 (docs/measurements/cuda_packed_kernels_*.json), the
@@ -72,10 +75,20 @@ def triton_ok(p: quant.Int4Weight) -> bool:
     return p.group_size in TRITON_GROUPS and p.shape[1] % (2 * p.group_size) == 0
 
 
+def four_bit_kernel(p: quant.Int4Weight, depth: int, kernel: str = "auto", compiled: bool = True) -> str:
+    """"triton" (w4_linear) or "tinygemm" for 4-bit codes read at depth: kernel "auto" takes the one measured
+    faster for the decode mode (module docstring) where the weight fits it, else the other."""
+    if kernel != "auto":
+        return kernel
+    n, k = p.shape
+    tiny_ok = depth == 4 and p.group_size in INT4_GROUPS and n % 8 == 0 and k % 64 == 0
+    return "triton" if triton_ok(p) and (compiled or not tiny_ok) else "tinygemm"
+
+
 def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda",
-            kernel: str = "auto") -> CudaPacked:
-    """kernel, for 4-bit codes: "auto" (w4_linear where its shape rules allow, the faster one measured;
-    tinygemm otherwise), "triton" (w4_linear) or "tinygemm"."""
+            kernel: str = "auto", compiled: bool = True) -> CudaPacked:
+    """kernel, for 4-bit codes: "auto" (four_bit_kernel: for compiled decode steps, or eager ones where not
+    `compiled`), "triton" (w4_linear) or "tinygemm"."""
     def splits() -> int:  # for our Triton kernels (the device is asked only once the weight is known to fit one)
         return gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
 
@@ -86,7 +99,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
     n, k = p.shape
-    if kernel in ("auto", "triton") and triton_ok(p):
+    if four_bit_kernel(p, depth, kernel, compiled) == "triton" and triton_ok(p):
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
         return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,

@@ -512,7 +512,7 @@ class TorchLM(Decoder):
         if torch.device(self.device).type == "cuda":
             from . import quant_cuda
 
-            return quant_cuda.prepare(state, depth=depth, device=self.device)
+            return quant_cuda.prepare(state, depth=depth, device=self.device, compiled=self.compile)
         if self.device != "cpu":
             raise UserError(f"packed weight sets run on CPU (AVX2 C++) and CUDA only; device is {self.device}")
         from . import quant_torch
