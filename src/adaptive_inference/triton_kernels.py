@@ -90,9 +90,10 @@ def _tile(ptr, rows, cols, R, C):
 
 @triton.jit
 def _tile_to(ptr, rows, cols, R, C, start, end):
-    """_tile for a tile whose columns begin at `start`, all zeros where start >= end: a K slice's end, which its
-    tiles never straddle (only the row's end, which C masks). A per-tile test, so the mask stays constant over
-    the 4 words a 128-bit load reads (a column test against the slice's end split each into two 64-bit loads)."""
+    """_tile, all zeros where start >= end (the tile's first column and its K slice's end, in one unit): the
+    tiles of a slice never straddle its end (only the row's end, which C masks). A per-tile test, so the mask
+    stays constant over the 4 words a 128-bit load reads (a column test against the slice's end split each into
+    two 64-bit loads)."""
     return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < C) & (start < end),
                    other=0)
 
