@@ -98,35 +98,25 @@ def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m, group):
             torch.testing.assert_close(f16x2.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def _packed_sets(lm, tmp_path) -> list:
-    """int4, int8 and nested (read at depth 4 and 8) weight sets of lm's weights, as quant.py files."""
-    from adaptive_inference import quant
-    from adaptive_inference.plan import WeightSet
-
-    sets = []
-    for fmt in ("int4", "int8", "nested"):
-        states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
-                  for i, lw in enumerate(lm.layers) for f in ("wqkv", "wo", "w_gate_up", "w_down")}
-        states["lm_head"] = quant.quantize(lm.lm_head.float().cpu().numpy(), fmt, group_size=32)
-        quant.save_file(states, tmp_path / f"{fmt}.safetensors")
-        sets += [WeightSet(f"{fmt}{d or ''}", str(tmp_path / f"{fmt}.safetensors"), d)
-                 for d in ((4, 8) if fmt == "nested" else (None,))]
-    return sets
-
-
-def _packed_plans(sets) -> list:
-    return [StepPlan(weights=sets[0]), StepPlan(), StepPlan(weights=sets[1], skip_layers=frozenset({1})),
-            StepPlan(weights=sets[2]), StepPlan(weights=sets[3])]  # the gears' mid and low reads of one copy
-
-
 @pytest.mark.parametrize("compile", [False, True])
 def test_packed_weight_sets_compile_and_replay(tiny_llama, tmp_path, compile):
     """A plan on a packed weight set (int4 and int8 from a quant.py file) is captured like a full one (and
     compiled): replayed steps give the eager steps' logits, plans switching between packed and full."""
+    from adaptive_inference import quant
+    from adaptive_inference.plan import WeightSet
+
     eager = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
-    sets = _packed_sets(eager, tmp_path)
+    sets = []
+    for fmt in ("int4", "int8", "nested"):
+        states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
+                  for i, lw in enumerate(eager.layers) for f in ("wqkv", "wo", "w_gate_up", "w_down")}
+        states["lm_head"] = quant.quantize(eager.lm_head.float().cpu().numpy(), fmt, group_size=32)
+        quant.save_file(states, tmp_path / f"{fmt}.safetensors")
+        sets += [WeightSet(f"{fmt}{d or ''}", str(tmp_path / f"{fmt}.safetensors"), d)
+                 for d in ((4, 8) if fmt == "nested" else (None,))]
     graphs = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)
-    plans = _packed_plans(sets)
+    plans = [StepPlan(weights=sets[0]), StepPlan(), StepPlan(weights=sets[1], skip_layers=frozenset({1})),
+             StepPlan(weights=sets[2]), StepPlan(weights=sets[3])]  # the gears' mid and low reads of one copy
     want = _two_interleaved(eager, 1, plans)
     for _ in range(2):
         np.testing.assert_allclose(_two_interleaved(graphs, 1, plans), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
@@ -282,26 +272,3 @@ def test_device_gate_in_the_bf16_step(tiny_llama, writes_kv):
             np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
             assert got.executed == want.executed
     assert dev.graphs and all(k[0] != "io" for k in dev.graphs)  # whole-step graphs, no per-block ones
-
-
-@pytest.mark.parametrize("pdl", ["kernels", "all"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_programmatic_dependent_launch_gives_the_same_steps(tiny_llama, tmp_path, pdl, batch):
-    """Compiled, captured steps with programmatic dependent launch (each kernel waits on the device for the one
-    before it, after asking L2 for its weights) against the same steps launched plainly: bf16 and packed
-    plans switching, the attention kernel. Same kernels and tiles, so within rounding of
-    nothing: any read before its producer finished would show."""
-    from adaptive_inference import torch_backend
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs sm_90")
-    plain = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=True)
-    plans = _packed_plans(_packed_sets(plain, tmp_path))
-    want = _two_interleaved(plain, batch, plans)
-    try:
-        pdl_lm = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=True, cuda_pdl=pdl)
-        for _ in range(2):
-            got = _two_interleaved(pdl_lm, batch, plans)
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
-    finally:
-        torch_backend._use_pdl("none", "cuda")

@@ -397,46 +397,6 @@ def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):
     assert not TorchLM.load(tiny[1], cuda_attention="kernel").attention_kernel  # the Triton kernel is CUDA only
 
 
-def test_cuda_pdl_choice_is_checked(tiny, monkeypatch):
-    """cuda_pdl: an unknown value, a CPU model asking for it, and a GPU below sm_90 are refused in one line; on
-    sm_90 it sets our kernels' launch and inductor's (process-wide switches, both reset by "none")."""
-    import sys
-    import types
-
-    import torch._inductor.config as inductor
-
-    from adaptive_inference import torch_backend
-    from adaptive_inference.errors import UserError
-
-    with pytest.raises(UserError, match="cuda_pdl 'yes'"):
-        TorchLM.load(tiny[1], cuda_pdl="yes")
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        TorchLM.load(tiny[1], cuda_pdl="kernels")
-    assert TorchLM.load(tiny[1]).cuda_graphs is False  # "none", the default, changes nothing on CPU
-    state = {}
-    fake = types.ModuleType("adaptive_inference.triton_kernels")
-    fake.use_pdl = lambda on: state.update(kernels=on)
-    monkeypatch.setitem(sys.modules, "adaptive_inference.triton_kernels", fake)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Old GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    with inductor.patch({"triton.enable_pdl": False}):
-        _check_pdl_switches(torch_backend, inductor, state, monkeypatch)
-
-
-def _check_pdl_switches(torch_backend, inductor, state, monkeypatch):
-    from adaptive_inference.errors import UserError
-
-    with pytest.raises(UserError, match=r"cuda_pdl 'all': .* needs compute capability 9.0 or newer, Old GPU has \(8, 0\)"):
-        torch_backend._use_pdl("all", "cuda")
-    assert state == {} and not inductor.triton.enable_pdl  # nothing set
-    torch_backend._use_pdl("none", "cuda")  # always allowed: what the other choices undo
-    assert state == {"kernels": False} and not inductor.triton.enable_pdl
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    for mode, want in (("kernels", (True, False)), ("all", (True, True)), ("none", (False, False))):
-        torch_backend._use_pdl(mode, "cuda")
-        assert (state["kernels"], inductor.triton.enable_pdl) == want
-
-
 @pytest.mark.parametrize("compile", [False, True])
 def test_decode_attention_op_in_the_step_equals_the_ops(tiny_llama, compile):
     """The one-op decode attention (here its torch implementation; on CUDA the Triton kernel) inside the step,

@@ -43,8 +43,6 @@ CPU_MATMULS = ("kernel", "library")
 # CUDA decode attention: one Triton kernel a layer (16-bit, the default: the compiled 8B step 153 -> 168 tok/s on
 # an H100, docs/measurements) or RoPE, cache writes and SDPA as ops
 CUDA_ATTENTION = ("sdpa", "kernel")
-# programmatic dependent launch on sm_90+ (_use_pdl): none, our Triton kernels, or those and inductor's
-CUDA_PDL = ("none", "kernels", "all")
 RUN_GRAPHS = 64  # captured block sequences per KV cache storage (TorchLM.run_layers)
 CACHE_BUCKET = 128  # compiled decode: cache lengths rounded up to this (one graph per bucket and batch size)
 
@@ -90,21 +88,6 @@ class KVCache:
         return self.bias == 0
 
 
-def _use_pdl(mode: str, device: str) -> None:
-    """Set programmatic dependent launch for the process (CUDA_PDL; both switches are process-wide, read when a
-    kernel is launched or compiled): each kernel may launch while the one before it finishes and waits on the
-    device for its inputs. Needs sm_90 (griddepcontrol)."""
-    import torch._inductor.config as inductor
-
-    from . import triton_kernels
-
-    if mode != "none" and torch.cuda.get_device_capability(device) < (9, 0):
-        raise UserError(f"cuda_pdl {mode!r}: programmatic dependent launch needs compute capability 9.0 or newer, "
-                        f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-    triton_kernels.use_pdl(mode != "none")
-    inductor.triton.enable_pdl = mode == "all"
-
-
 def _triton_attention_ok(cfg: ModelConfig, dtype: torch.dtype) -> bool:
     from . import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)
 
@@ -116,13 +99,11 @@ class TorchLM(Decoder):
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype, *,
                  cpu_matmul: str = "kernel", compile: bool = False, cuda_graphs: bool = True,
-                 cuda_attention: str = "kernel", cuda_pdl: str = "none"):
+                 cuda_attention: str = "kernel"):
         if cpu_matmul not in CPU_MATMULS:
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
         if cuda_attention not in CUDA_ATTENTION:
             raise UserError(f"cuda_attention {cuda_attention!r}: expected one of {', '.join(CUDA_ATTENTION)}")
-        if cuda_pdl not in CUDA_PDL:
-            raise UserError(f"cuda_pdl {cuda_pdl!r}: expected one of {', '.join(CUDA_PDL)}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.dense_kernel = cpu_matmul == "kernel" and device == "cpu" and dtype in (torch.float32, torch.bfloat16)
         # the same extension runs the rest of an fp32 eager decode step in few calls (norms, attention, SiLU)
@@ -141,9 +122,6 @@ class TorchLM(Decoder):
             from . import triton_kernels  # noqa: F401  (registers the gated and attention ops' CUDA kernels)
 
             self._sms = gated_linear_op.sms(device)
-            _use_pdl(cuda_pdl, device)
-        elif cuda_pdl != "none":
-            raise UserError(f"cuda_pdl {cuda_pdl!r}: programmatic dependent launch needs a CUDA device, not {device}")
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
         self.compiled_steps: dict = {}  # plan without its head -> (blocks, executed) or None (eager)
         self.graphs: dict = {}  # (plan without its head, cache storage) -> captured step
@@ -169,8 +147,7 @@ class TorchLM(Decoder):
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", cpu_matmul: str = "kernel",
-             compile: bool = False, cuda_graphs: bool = True, cuda_attention: str = "kernel",
-             cuda_pdl: str = "none") -> TorchLM:
+             compile: bool = False, cuda_graphs: bool = True, cuda_attention: str = "kernel") -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -183,7 +160,7 @@ class TorchLM(Decoder):
                     weights[k] = sf.get_tensor(k).to(device=device, dtype=DTYPES[dtype])
         try:
             return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile,
-                       cuda_graphs=cuda_graphs, cuda_attention=cuda_attention, cuda_pdl=cuda_pdl)
+                       cuda_graphs=cuda_graphs, cuda_attention=cuda_attention)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 

@@ -37,7 +37,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
 from .f16x2 import I8_DOT, W4_DOT, prep_x
@@ -61,43 +60,6 @@ _W4_GEMV_CONFIGS = [triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_w
                     for p in (1, 0) for c in _GEMV_CONFIGS + [triton.Config({"BLOCK_N": bn, "BLOCK_K": 512}, num_warps=w,
                                                                             num_stages=3) for bn, w in ((32, 4), (64, 8))]
                     ][: 1 if INTERPRET else None]
-PDL = False  # programmatic dependent launch of every kernel here (use_pdl)
-_PREFETCH_LINES = tl.constexpr(4)  # 128-byte lines of each of its weight rows a GEMV asks L2 for while it waits (PDL)
-
-
-def use_pdl(on: bool) -> None:
-    """Launch the kernels of this module with programmatic dependent launch (sm_90+): each may start while the
-    kernel before it in the stream finishes, asks L2 for the first lines of its weight rows (constants, no
-    dependence), then waits for that kernel (griddepcontrol.wait) before it reads x or stores anything, and lets
-    the next kernel launch. Captured into CUDA graphs as programmatic edges. Process-wide, like inductor's
-    own switch (torch._inductor.config.triton.enable_pdl), which TorchLM sets beside it (cuda_pdl)."""
-    global PDL
-    PDL = bool(on) and not INTERPRET
-
-
-def _pdl_launch() -> dict:
-    """The launch options of use_pdl (none when off: the interpreter takes no launch_pdl)."""
-    return {"launch_pdl": True} if PDL else {}
-
-
-@triton.jit
-def _wait_inputs(PDL: tl.constexpr):
-    """Under PDL: wait for the kernel before this one (its outputs visible), then let the next one launch.
-    Every kernel here calls this before its first read of an activation and its first store."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_rows(ptr, rows, R, C, start, end, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the first LINES lines (LINE elements each) of rows `rows` of a row-major [R, C] weight from column
-    start, up to column end: prefetch.global.L2, no registers held (addresses outside are clamped to the base)."""
-    cols = start + tl.arange(0, LINES) * LINE
-    ok = (rows[:, None] < R) & (cols[None, :] < end)
-    addr = ptr + tl.where(ok, rows[:, None] * C + cols[None, :], 0)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -146,15 +108,14 @@ def _k_slice(K, pid_k, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SPLITS", "GATE", "SCALED"])
 @triton.jit
 def _tc_kernel(x_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr, RUN_PAD: tl.constexpr,
-               GATE: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               GATE: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """matmul_partials on tensor cores: blocks of BLOCK_M rows of x (padded), weights of any dtype widened in
     registers; the gating and the stores of matmul_partials."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    _wait_inputs(PDL)
     runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
         k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
@@ -253,19 +214,13 @@ def _rows_dot_i8_f16x2(xq_ptr, w_ptr, m, rn, N, K, k_lo, k_hi, BLOCK_N: tl.const
 @triton.jit
 def _gemv_kernel(x_ptr, xq_ptr, w_ptr, s_ptr, run_ptr, y_ptr, M, N, K, GATED, SPLITS: tl.constexpr,
                  RUN_PAD: tl.constexpr, GATE: tl.constexpr, SCALED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
-                 PDL: tl.constexpr, LINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """matmul_partials for a few rows of x on the CUDA cores: one program per (block of output columns, row of
     x, K slice), a reduction instead of a tensor-core dot padded to 16 rows. SCALED: int8 codes as int32 words
-    (XQ: dotted in fp16 pairs with xq = prep_x(x, 1 / 256), _rows_dot_i8_f16x2). LINE: weight elements in 128
-    bytes (words for int8)."""
+    (XQ: dotted in fp16 pairs with xq = prep_x(x, 1 / 256), _rows_dot_i8_f16x2)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PDL and GATE == 0:  # a gated program may read no weight: nothing asked for it
-        k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
-        per: tl.constexpr = 4 if SCALED else 1  # columns a weight element holds
-        _prefetch_rows(w_ptr, rn, N, K // per, k_lo // per, k_hi // per, _PREFETCH_LINES, LINE)
-    _wait_inputs(PDL)
     runs, needed = _gate(run_ptr, M, GATED, pid_n, RUN_PAD, GATE, BLOCK_N)
     if needed:
         k_lo, k_hi = _k_slice(K, pid_k, SPLITS, BLOCK_K)
@@ -310,14 +265,13 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     def launch(flags):
         if m <= GEMV_ROWS:  # int8 codes read as int32 words
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-            wv = w.view(torch.int32) if scaled else w
-            _gemv_kernel[grid](x, x if xq is None else xq, wv, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad,
-                               GATE=gate, SCALED=scaled, XQ=xq is not None, ASM=not INTERPRET, PDL=PDL,
-                               LINE=128 // wv.element_size(), **_pdl_launch())
+            _gemv_kernel[grid](x, x if xq is None else xq, w.view(torch.int32) if scaled else w, s, flags, y, m, n, k,
+                               gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled, XQ=xq is not None,
+                               ASM=not INTERPRET)
         else:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
             _tc_kernel[grid](x, w, s, flags, y, m, n, k, gated, SPLITS=splits, RUN_PAD=pad, GATE=gate, SCALED=scaled,
-                             DOT_DTYPE=DOT_DTYPE, PDL=PDL, BLOCK_M=16, **_pdl_launch())
+                             DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
 
     tag = (n, k, splits, m <= GEMV_ROWS, gate)
     if gate and tag not in _gated_tuned:  # autotune with every weight read (a skipped program times nothing)
@@ -400,7 +354,7 @@ def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr
                  key=["N", "K", "SPLITS", "NESTED"])
 @triton.jit
 def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-               NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr, PDL: tl.constexpr,
+               NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     H = K // 2  # packed columns; column j of the low half pairs with column j + H of the high half
@@ -409,7 +363,6 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
-    _wait_inputs(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
@@ -445,29 +398,21 @@ def _nibbles_dot(w, w_hi, xw, XW_OK, magic, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _w4_gemv_start(c_ptr, r_ptr, N, H, HW, pid_n, pid_k, SPLITS: tl.constexpr, NG: tl.constexpr,
-                   NESTED: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """A 4-bit GEMV program's start: its weight rows rn, its slice [k_lo, k_hi) of the H packed columns, the word
     columns rw of its first tile and that tile's code words, and its per-group accumulator [BLOCK_N, NG]. (K is a
-    multiple of 2 x GROUP >= 64: quant_cuda.triton_ok; HW = K / 8 words a row.) Under PDL the first tile and
-    the lines after it are asked for before the wait for x (_wait_inputs)."""
+    multiple of 2 x GROUP >= 64: quant_cuda.triton_ok; HW = K / 8 words a row.)"""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
     rw = k_lo // 4 + tl.arange(0, BLOCK_K // 4)
-    first = _tile_to(c_ptr, rn, rw, N, HW, k_lo, k_hi)
-    if PDL:
-        _prefetch_rows(c_ptr, rn, N, HW, k_lo // 4, k_hi // 4, _PREFETCH_LINES, 32)
-        if NESTED:
-            _prefetch_rows(r_ptr, rn, N, HW, k_lo // 4, k_hi // 4, _PREFETCH_LINES, 32)
-    _wait_inputs(PDL)
-    return rn, k_lo, k_hi, rw, first, tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    return rn, k_lo, k_hi, rw, _tile_to(c_ptr, rn, rw, N, HW, k_lo, k_hi), tl.zeros((BLOCK_N, NG), dtype=tl.float32)
 
 
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"])
 @triton.jit
 def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                    NESTED: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """w4 for a few rows of x (decode): one program per (row block of the weight, row of x, K slice), a
     reduction on the CUDA cores instead of a tensor-core dot padded to 16 rows. The codes are read as int32
     words [N, K / 8] (8 codes a word, BLOCK_K / 4 words a tile); per group: scale x (codes . x) + min x sum(x)
@@ -476,8 +421,7 @@ def _w4_gemv_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, MAGIC, SP
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
     H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
-    rn, k_lo, k_hi, rw, codes, acc = _w4_gemv_start(c_ptr, r_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, NESTED, PDL,
-                                                    BLOCK_N, BLOCK_K)
+    rn, k_lo, k_hi, rw, codes, acc = _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, BLOCK_N, BLOCK_K)
     residual = _tile_to(r_ptr, rn, rw, N, HW, k_lo, k_hi) if NESTED else codes
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
@@ -564,8 +508,8 @@ def _group_sums(d, NG: tl.constexpr, ASM: tl.constexpr):
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GROUP"])
 @triton.jit
 def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
-                          GROUP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                          GROUP: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PREFETCH: tl.constexpr):
     """_w4_gemv_kernel (depth 4) with the codes dotted in fp16 pairs (_f16x2_dot) and summed per group in fp16
     pairs, then in fp32: per group scale x 16 x (centred codes . x / 16) + (min + 8 scale) x sum(x). xq: fp16
     [M, K], prep_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
@@ -573,8 +517,7 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
     H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
-    rn, k_lo, k_hi, rw, w, acc = _w4_gemv_start(c_ptr, c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, False, PDL,
-                                                BLOCK_N, BLOCK_K)
+    rn, k_lo, k_hi, rw, w, acc = _w4_gemv_start(c_ptr, N, H, HW, pid_n, pid_k, SPLITS, NG, BLOCK_N, BLOCK_K)
     xq = xq_ptr.to(tl.pointer_type(tl.int32)) + m * H + 2 * rw  # fp16 pairs as words
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
@@ -621,15 +564,15 @@ def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, r
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
     if xq.numel() and m <= GEMV_ROWS and not nested:
         _w4_gemv_f16x2_kernel[grid](x, xq, codes.view(torch.int32), scale, minv, y, m, n, k, SPLITS=splits,
-                                    GROUP=group_size, ASM=not INTERPRET, PDL=PDL, **_pdl_launch())
+                                    GROUP=group_size, ASM=not INTERPRET)
     elif m <= GEMV_ROWS:
         words = codes.view(torch.int32), (residual if nested else codes).view(torch.int32)  # 8 codes a word
         _w4_gemv_kernel[grid](x, *words, scale, minv, y, m, n, k, FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size,
-                              NESTED=nested, PDL=PDL, **_pdl_launch())
+                              NESTED=nested)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 16), splits)  # noqa: E731
         _w4_kernel[grid](x, codes, residual, scale, minv, y, m, n, k, SPLITS=splits, GROUP=group_size,
-                         NESTED=nested, DOT_DTYPE=DOT_DTYPE, PDL=PDL, BLOCK_M=16, **_pdl_launch())
+                         NESTED=nested, DOT_DTYPE=DOT_DTYPE, BLOCK_M=16)
     return y
 
 
@@ -658,7 +601,7 @@ def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S, scale,
                              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
-                             BLOCK_S: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_S: tl.constexpr, DOT: tl.constexpr):
     """One (row, kv head): RoPE on the new k and the group's q heads, k / v written at slot pos of the cache (the
     row's bias slot marked written by kv head 0), then attention of the group's q heads over the whole static
     cache under its bias (online softmax, fp32), slot pos taken from registers (another program's write of
@@ -666,7 +609,6 @@ def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, 
     b, h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     HALF: tl.constexpr = D // 2
-    _wait_inputs(PDL)
     pos = tl.load(pos_ptr)
     rd = tl.arange(0, D)
     rot = (rd + HALF) % D  # rotate-half partner: [-x2, x1]
@@ -728,5 +670,5 @@ def _decode_attention_cuda(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _decode_attention_kernel[(b, kv_heads)](
         qkv.contiguous(), k_cache, v_cache, bias, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(),
         positions, out, s, d ** -0.5, H=heads, HKV=kv_heads, D=d, G_PAD=g_pad, BLOCK_S=64 if d <= 128 else 32,
-        DOT=DOT_DTYPE, PDL=PDL, num_warps=4, **_pdl_launch())
+        DOT=DOT_DTYPE, num_warps=4)
     return out

@@ -56,7 +56,7 @@ from ..techniques.gears import monitor
 from ..techniques.gears.apply import GearsPolicy
 from ..techniques.token_router.apply import TokenGate
 from ..techniques.vocab_router.head import GatedHead
-from ..torch_backend import CUDA_PDL, DTYPES, TorchLM
+from ..torch_backend import DTYPES, TorchLM
 from .stats import paired_speedup, realized_share
 
 SHAPES = {  # the embedded default, a 1B Llama, and the Llama-3-8B and Qwen2.5-14B shapes (random weights)
@@ -143,11 +143,9 @@ class GatePolicy(StaticPolicy):
         super().__init__(StepPlan(gate=gate))
 
 
-def random_model(shape: str, dtype: str, device: str, mode: str, attention: str = "kernel",
-                 pdl: str = "none") -> TorchLM:
+def random_model(shape: str, dtype: str, device: str, mode: str, attention: str = "kernel") -> TorchLM:
     """Random weights of the shape, made on the device (an 8B model never passes through the host); attention:
-    "sdpa" (RoPE, cache writes and SDPA as ops) or "kernel" (the Triton decode attention where it applies);
-    pdl: TorchLM's cuda_pdl."""
+    "sdpa" (RoPE, cache writes and SDPA as ops) or "kernel" (the Triton decode attention where it applies)."""
     cfg = ModelConfig.from_dict(SHAPES[shape])
     g = torch.Generator(device=device).manual_seed(0)
     H, inter, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
@@ -167,7 +165,7 @@ def random_model(shape: str, dtype: str, device: str, mode: str, attention: str 
               q + "mlp.up_proj.weight": rand(inter, H), q + "mlp.down_proj.weight": rand(H, inter),
               q + "input_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype]),
               q + "post_attention_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype])}
-    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode], cuda_attention=attention, cuda_pdl=pdl)
+    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode], cuda_attention=attention)
     del w
     return lm
 
@@ -360,7 +358,7 @@ def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
 def profile(shape: str, a) -> None:
     """Prints the CUDA kernels of one compiled batch-1 baseline step (run without graph capture, so the
     profiler sees each kernel), by total time: what the captured step spends its time on."""
-    lm = random_model(shape, a.dtype, a.device, "compiled", a.attention, a.pdl)
+    lm = random_model(shape, a.dtype, a.device, "compiled", a.attention)
     lm.cuda_graphs = False
     cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
     lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
@@ -379,7 +377,7 @@ def profile_configs(shape: str, a) -> None:
     """Per configuration in --configs (and the baseline), compiled + graphs as measured: the wall time of a
     decode step against the GPU time of its kernels (torch.profiler over 16 tokens), so a configuration's
     steps show whether they lose time on the GPU or to host work the GPU waits for; then its kernels."""
-    lm = random_model(shape, a.dtype, a.device, "compiled", a.attention, a.pdl)
+    lm = random_model(shape, a.dtype, a.device, "compiled", a.attention)
     configs = {"baseline": lambda: StaticPolicy(),
                **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}}
     prompt = list(range(1, 1 + a.prompt_tokens))
@@ -428,7 +426,7 @@ def batch_configs(lm: TorchLM, configs: dict, a, batch: int, context: int) -> di
 
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
-    lm = random_model(shape, a.dtype, a.device, mode, a.attention, a.pdl)
+    lm = random_model(shape, a.dtype, a.device, mode, a.attention)
     chosen = {k: v for k, v in (technique_configs(lm, a) if techniques else {}).items()
               if not a.configs or k in a.configs}
     configs = {"baseline": lambda: StaticPolicy(), **chosen}
@@ -486,7 +484,7 @@ def measure(shape: str, a) -> dict:
     out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "read_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
            "limit_tps_batch1": bw / weights, "prompt_tokens": a.prompt_tokens,
-           "new_tokens": a.new_tokens, "repeats": a.repeats, "attention": a.attention, "pdl": a.pdl, "modes": {}}
+           "new_tokens": a.new_tokens, "repeats": a.repeats, "attention": a.attention, "modes": {}}
     for mode in a.modes:
         techniques = mode in (a.technique_modes or a.modes[-1:]) and not a.baseline_only
         out["modes"][mode] = measure_mode(shape, mode, techniques, bw, a)
@@ -524,8 +522,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", default="kernel", choices=["sdpa", "kernel"],
                     help="CUDA decode attention: the Triton kernel (the backend's default), or RoPE, cache writes "
                          "and SDPA as ops")
-    ap.add_argument("--pdl", default="none", choices=list(CUDA_PDL),
-                    help="programmatic dependent launch (sm_90+): none, our Triton kernels, or those and inductor's")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     return ap
 
@@ -541,7 +537,7 @@ def _check(a) -> None:
 # gpu_bench params -> this script's options (lists as nargs values)
 OPTIONS = {"shapes": "--shapes", "modes": "--modes", "configs": "--configs", "packed": "--packed",
            "batches": "--batches", "technique_batches": "--technique-batches", "repeats": "--repeats",
-           "attention": "--attention", "new_tokens": "--new-tokens", "pdl": "--pdl"}
+           "attention": "--attention", "new_tokens": "--new-tokens"}
 
 
 def argv(params: dict) -> list[str]:
