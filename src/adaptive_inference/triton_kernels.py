@@ -249,10 +249,10 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     per-row scale [N]), in one launch: each program stores its K slice's partial sums once (no zero fill, no
     atomics). With run [M] (bool): the first `gated` output columns are zero unless some row's flag equals
     `want`, and their programs then read no weight (the flags are read first). xq: prep_x(x, 1 / 256), for int8
-    weights at up to GEMV_ROWS rows (then dotted in fp16 pairs)."""
-    m, k = x.shape
+    weights at up to GEMV_ROWS rows (then dotted in fp16 pairs, and x is not read: it may be an empty [M, 0])."""
+    m, k = x.shape[0], w.shape[1]
     n = w.shape[0]
-    x = x.contiguous()
+    x = x.contiguous() if xq is None else xq
     gate, scaled = (0 if run is None else 1 if want else 2), scale is not None
     flags = run.contiguous().view(torch.uint8) if gate else x
     s = scale if scaled else x
@@ -261,6 +261,8 @@ def matmul_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
 
     if scaled and m <= GEMV_ROWS and k % 4:
         raise ValueError(f"matmul_partials: int8 weights need in-features divisible by 4, got {k}")
+    if xq is not None and not (scaled and m <= GEMV_ROWS):
+        raise ValueError(f"matmul_partials: xq is for int8 weights at up to {GEMV_ROWS} rows, got {m} rows")
 
     def launch(flags):
         if m <= GEMV_ROWS:  # int8 codes read as int32 words
@@ -291,7 +293,8 @@ def _gated_linear_cuda(x: torch.Tensor, w: torch.Tensor, run: torch.Tensor, gate
 def w8_linear_partials(x: torch.Tensor, xq: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                        splits: int) -> torch.Tensor:
     """[splits, M, N] (partials_dtype) whose sum over the first axis is x [M, K] @ (q [N, K] int8 * scale [N]).T;
-    xq: prep_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows), or empty."""
+    xq: prep_x(x, 1 / 256) for _rows_dot_i8_f16x2 (up to GEMV_ROWS rows; x then only gives M and the dtype), or
+    empty."""
     return matmul_partials(x, q, scale, None, 0, splits, xq=xq if xq.numel() else None,
                            dtype=partials_dtype(x, splits))
 
@@ -304,10 +307,11 @@ def _(x, xq, q, scale, splits):
 def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int = 1,
               f16x2: bool | None = None) -> torch.Tensor:
     """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile);
-    f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
+    f16x2: the fp16-pair GEMV (default: f16x2_gemv), which reads xq only."""
     f16x2 = (f16x2_gemv(x.shape[0]) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS) and x.shape[1] % 4 == 0
-    xq = prep_x(x, 1 / 256) if f16x2 else x.new_empty(0)
-    return add_partials(w8_linear_partials(x, xq, q, scale, splits), x.dtype)
+    if not f16x2:
+        return add_partials(w8_linear_partials(x, x.new_empty(0), q, scale, splits), x.dtype)
+    return add_partials(w8_linear_partials(*x_for_pairs(x, 1 / 256), q, scale, splits), x.dtype)
 
 
 @triton.jit
@@ -482,6 +486,13 @@ def _f16_lane(words, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _pair_sums(xa, xb, NG: tl.constexpr):
+    """[NG] fp32 sums of the fp16 pairs xa, xb [BLOCK_W] (4 columns a word position) over NG equal groups."""
+    four = _f16_lane(xa, 0) + _f16_lane(xa, 16) + _f16_lane(xb, 0) + _f16_lane(xb, 16)
+    return tl.sum(tl.reshape(four, (NG, xa.shape[0] // NG)), axis=1)
+
+
+@triton.jit
 def _add_f16x2(a, b):
     return tl.inline_asm_elementwise("add.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
                                      pack=1)
@@ -507,12 +518,13 @@ def _group_sums(d, NG: tl.constexpr, ASM: tl.constexpr):
 
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "SPLITS", "GROUP"])
 @triton.jit
-def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
+def _w4_gemv_f16x2_kernel(xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr,
                           GROUP: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PREFETCH: tl.constexpr):
     """_w4_gemv_kernel (depth 4) with the codes dotted in fp16 pairs (_f16x2_dot) and summed per group in fp16
     pairs, then in fp32: per group scale x 16 x (centred codes . x / 16) + (min + 8 scale) x sum(x). xq: fp16
-    [M, K], prep_x(x, 1 / 16), read as int32 pairs (w4_linear makes it)."""
+    [M, K], prep_x(x, 1 / 16), read as int32 pairs (w4_linear makes it); sum(x) is taken from it too, so x itself
+    is not read and need not exist (x_for_pairs)."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     NG: tl.constexpr = BLOCK_K // GROUP
@@ -527,9 +539,7 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
         xc, xd = tl.load(xq + H // 2, mask=ok, other=0), tl.load(xq + H // 2 + 1, mask=ok, other=0)
         lo, hi = _f16x2_dot(w, xa[None, :], xb[None, :], xc[None, :], xd[None, :], ASM)
         for high in tl.static_range(2):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xg = tl.sum(tl.reshape(tl.load(x_ptr + m * K + high * H + rk, mask=rk < H, other=0.0).to(tl.float32),
-                                   (NG, GROUP)), axis=1)
+            xg = _pair_sums(xc if high else xa, xd if high else xb, NG) * 16  # sum(x) per group, from x / 16
             sc, mn = _scales(s_ptr, m_ptr, rn, (k0 + high * H) // GROUP, N, G, GROUP, False, BLOCK_K)
             acc += _group_sums(hi if high else lo, NG, ASM) * (16 * sc) + (mn + 8 * sc) * xg[None, :]
         rw += BLOCK_W
@@ -539,6 +549,13 @@ def _w4_gemv_f16x2_kernel(x_ptr, xq_ptr, c_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SP
         else:
             w = _tile_to(c_ptr, rn, rw, N, HW, k0 + BLOCK_K, k_hi)
     tl.store(y_ptr + (pid_k * M + m) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+def x_for_pairs(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x's stand-in, xq) for a partials op whose kernel reads xq = prep_x(x, scale) only: an empty [M, 0] of
+    x's dtype, so that under torch.compile x itself is never stored when nothing else reads it (the SiLU's
+    output before the MLP's down matrix: a launch a layer of its own, beside the one making xq)."""
+    return x.new_empty((x.shape[0], 0)), prep_x(x, scale)
 
 
 def f16x2_gemv(m: int, nested: bool = False) -> bool:
@@ -555,17 +572,18 @@ def w4_linear_partials(x: torch.Tensor, xq: torch.Tensor, codes: torch.Tensor, r
                        splits: int) -> torch.Tensor:
     """[splits, M, N] (partials_dtype) partial sums of x [M, K] times the weight of codes [N, K/2] (the split-halves layout,
     see the module docstring), per group scale / min [N, K/g] fp16; residual: the depth-8 plane (same layout)
-    when nested, else unused; xq: prep_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows),
-    or empty."""
-    m, k = x.shape
+    when nested, else unused; xq: prep_x(x, 1 / 16) for _w4_gemv_f16x2_kernel (depth 4, up to GEMV_ROWS rows; x
+    then only gives M and the dtype), or empty."""
+    m, k = x.shape[0], 2 * codes.shape[1]
     n = codes.shape[0]
-    x = x.contiguous()
     y = torch.empty((splits, m, n), device=x.device, dtype=partials_dtype(x, splits))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m, splits)  # noqa: E731
-    if xq.numel() and m <= GEMV_ROWS and not nested:
-        _w4_gemv_f16x2_kernel[grid](x, xq, codes.view(torch.int32), scale, minv, y, m, n, k, SPLITS=splits,
+    if xq.numel() and m <= GEMV_ROWS and not nested:  # x is not read
+        _w4_gemv_f16x2_kernel[grid](xq, codes.view(torch.int32), scale, minv, y, m, n, k, SPLITS=splits,
                                     GROUP=group_size, ASM=not INTERPRET)
-    elif m <= GEMV_ROWS:
+        return y
+    x = x.contiguous()
+    if m <= GEMV_ROWS:
         words = codes.view(torch.int32), (residual if nested else codes).view(torch.int32)  # 8 codes a word
         _w4_gemv_kernel[grid](x, *words, scale, minv, y, m, n, k, FP32_2POW23_BITS, SPLITS=splits, GROUP=group_size,
                               NESTED=nested)
@@ -583,10 +601,11 @@ def _(x, xq, codes, residual, scale, minv, group_size, nested, splits):
 
 def w4_linear(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
               group_size: int, nested: bool, splits: int = 1, f16x2: bool | None = None) -> torch.Tensor:
-    """x [M, K] times the 4-bit weight, in x's dtype; f16x2: the fp16-pair GEMV (default: f16x2_gemv)."""
+    """x [M, K] times the 4-bit weight, in x's dtype; f16x2: the fp16-pair GEMV (default: f16x2_gemv), which
+    reads xq only."""
     f16x2 = f16x2_gemv(x.shape[0], nested) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS and not nested
-    xq = prep_x(x, 1 / 16) if f16x2 else x.new_empty(0)
-    return add_partials(w4_linear_partials(x, xq, codes, residual, scale, minv, group_size, nested, splits), x.dtype)
+    xs = x_for_pairs(x, 1 / 16) if f16x2 else (x, x.new_empty(0))
+    return add_partials(w4_linear_partials(*xs, codes, residual, scale, minv, group_size, nested, splits), x.dtype)
 
 
 def select_linear(x: torch.Tensor, w_no: torch.Tensor, w_yes: torch.Tensor, take: torch.Tensor):
