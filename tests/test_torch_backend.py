@@ -389,23 +389,6 @@ def test_gated_linear_partials_add_up_to_the_matmul():
             torch.testing.assert_close(got, want)
 
 
-def test_partials_add_up_slice_by_slice():
-    """add_partials adds the slices as pointwise adds, never a sum over the slice axis: inductor turns a sum of 8
-    or more slices (the 8B down matrix's) into a reduction kernel of its own, where adds fuse into the next op."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from adaptive_inference.gated_linear_op import add_partials
-
-    for splits in (1, 3, 8, 16):
-        y = torch.randn(splits, 2, 40, generator=torch.Generator().manual_seed(splits))
-        graph = make_fx(lambda t: add_partials(t, torch.bfloat16))(y).graph
-        ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
-        assert not any("sum" in o for o in ops), ops
-        assert sum("add" in str(n.target) for n in graph.nodes) == splits - 1
-        torch.testing.assert_close(add_partials(y, torch.float32), y.sum(0))
-        assert add_partials(y, torch.bfloat16).dtype == torch.bfloat16
-
-
 def test_cuda_attention_choice_is_checked_and_cpu_keeps_its_path(tiny):
     from adaptive_inference.errors import UserError
 

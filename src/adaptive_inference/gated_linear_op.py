@@ -49,14 +49,12 @@ def partials_dtype(x: torch.Tensor, splits: int) -> torch.dtype:
 
 
 def add_partials(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A partials op's [splits, M, N] added up in dtype (one slice: a view, no kernel). Slice by slice, as
-    pointwise adds: inductor fuses those into the op that follows at any slice count, where a sum over the
-    first axis fuses only below 8 slices (config.unroll_reductions_threshold) and is a launch of its own at 8
-    (the 8B down matrix: a kernel a layer on an H100, 2026-12-07)."""
-    total = y[0]
-    for i in range(1, y.shape[0]):
-        total = total + y[i]
-    return total.to(dtype)
+    """A partials op's [splits, M, N] added up in dtype (one slice: a view, no kernel). Under torch.compile a sum
+    of fewer than 8 slices becomes adds fused into the next op (inductor's unroll_reductions_threshold), 8 or
+    more a kernel of its own: the 8B down matrix's 8 slices, 1.3 us a layer on an H100. Adding them one by one
+    fuses them into the next RMSNorm instead, one program that then reads every slice in both of its passes;
+    tried with x_for_pairs (2026-12-07), the two measured no faster end to end, and this one was taken back."""
+    return y[0].to(dtype) if y.shape[0] == 1 else y.sum(0).to(dtype)
 
 
 @torch.library.custom_op("adaptive_inference::gated_linear_partials", mutates_args=())
