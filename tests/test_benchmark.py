@@ -194,3 +194,18 @@ def test_bandwidth_probe_runs_no_torch_thread_pool():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:4] == [out[0], "True", "True"] and int(out[4]) >= 1
     assert out[0] == "False"  # importing the probe loads no torch either
+
+
+def test_step_profile_is_per_decode_step():
+    """cuda_techniques --profile --configs: kernels and wall time of the profiled decode steps, per step (the
+    prefill is left out of them), each kernel name's calls and time largest first; no steps is refused."""
+    from adaptive_inference.bench.cuda_techniques import step_profile
+
+    kernels = [("gemv", 10.0), ("norm", 2.0), ("gemv", 12.0), ("norm", 2.5)] * 2  # two steps of 26.5 us
+    p = step_profile(kernels, [40e-6, 40e-6])
+    assert p["steps"] == 2 and p["kernels"] == 4
+    assert p["step_ms_wall"] == pytest.approx(0.040) and p["kernel_ms"] == pytest.approx(0.0265)
+    assert p["uncovered_ms"] == pytest.approx(0.0135)
+    assert p["by_kernel"] == [{"name": "gemv", "calls": 2.0, "us": 22.0}, {"name": "norm", "calls": 2.0, "us": 4.5}]
+    with pytest.raises(ValueError, match="no steps"):
+        step_profile(kernels, [])

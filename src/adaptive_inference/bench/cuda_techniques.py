@@ -373,26 +373,48 @@ def profile(shape: str, a) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.profile_rows, max_name_column_width=150))
 
 
-def profile_configs(shape: str, a) -> None:
+def step_profile(kernels: list[tuple[str, float]], walls: list[float]) -> dict:
+    """What decode steps ran on the GPU, per step: kernels [(name, GPU us)] of len(walls) steps of walls seconds
+    each -> wall and kernel ms, kernels, the wall not covered by kernels (host work and gaps the GPU waits
+    through), and each kernel name's calls and us, largest first."""
+    n = len(walls)
+    if not n:
+        raise ValueError("step_profile: no steps")
+    names: dict[str, list[float]] = {}
+    for name, us in kernels:
+        names.setdefault(name, []).append(us)
+    wall_ms, kernel_ms = 1e3 * sum(walls) / n, sum(us for _, us in kernels) / 1e3 / n
+    return {"steps": n, "step_ms_wall": wall_ms, "kernel_ms": kernel_ms, "uncovered_ms": wall_ms - kernel_ms,
+            "kernels": len(kernels) / n,
+            "by_kernel": [{"name": k, "calls": len(v) / n, "us": sum(v) / n}
+                          for k, v in sorted(names.items(), key=lambda kv: -sum(kv[1]))]}
+
+
+def profile_configs(shape: str, a) -> dict:
     """Per configuration in --configs (and the baseline), compiled + graphs as measured: the wall time of a
-    decode step against the GPU time of its kernels (torch.profiler over 16 tokens), so a configuration's
-    steps show whether they lose time on the GPU or to host work the GPU waits for; then its kernels."""
+    decode step against the GPU time of its kernels (torch.profiler over --profile-tokens decode steps, the
+    prefill left out), so a configuration's steps show whether they lose time on the GPU or to host work the
+    GPU waits for; then its kernels per step (step_profile)."""
     lm = random_model(shape, a.dtype, a.device, "compiled", a.attention)
     configs = {"baseline": lambda: StaticPolicy(),
                **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}}
-    prompt = list(range(1, 1 + a.prompt_tokens))
+    prompt = np.arange(1, 1 + a.prompt_tokens)[None]
+    out = {}
     for name, policy in configs.items():
-        generate(lm, prompt, max_new_tokens=a.new_tokens, policy=policy())  # warm-up: compile, capture
+        generate(lm, list(prompt[0]), max_new_tokens=a.new_tokens, policy=policy())  # warm-up: compile, capture
+        steps = stream(lm, prompt, max_new_tokens=a.profile_tokens + 1, policy=policy())
+        next(steps)  # the prefill and the first token, outside the profile
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            res = generate(lm, prompt, max_new_tokens=17, policy=policy())
+            walls = [s.seconds for s in steps]
             torch.cuda.synchronize()
-        steps = res.token_latencies_s[1:]
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_ms = sum(e.device_time for e in kernels) / 1e3 / (len(steps) + 1)
-        print(f"{shape} {name}: step {1e3 * sum(steps) / len(steps):.3f} ms wall, {gpu_ms:.3f} ms of kernels a "
-              f"token ({len(kernels) / (len(steps) + 1):.0f} kernels a token)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=80))
+        kernels = [(e.name, e.device_time) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out[name] = row = step_profile(kernels, walls)
+        print(f"{shape} {name}: step {row['step_ms_wall']:.3f} ms wall, {row['kernel_ms']:.3f} ms of kernels "
+              f"({row['kernels']:.0f} kernels) a decode step")
+        for k in row["by_kernel"][:a.profile_rows]:
+            print(f"  {k['us']:9.1f} us {k['calls']:6.1f} x  {k['name'][:150]}")
+    return out
 
 
 def batch_configs(lm: TorchLM, configs: dict, a, batch: int, context: int) -> dict:
@@ -523,6 +545,7 @@ def parser() -> argparse.ArgumentParser:
                     help="CUDA decode attention: the Triton kernel (the backend's default), or RoPE, cache writes "
                          "and SDPA as ops")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
+    ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps --profile --configs records")
     return ap
 
 
@@ -569,8 +592,16 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(str(e))
     if a.profile:
+        profiles = {}
         for shape in a.shapes:
-            profile_configs(shape, a) if a.configs else profile(shape, a)
+            if a.configs:
+                profiles[shape] = profile_configs(shape, a)
+            else:
+                profile(shape, a)
+        if a.out and profiles:  # --configs: the per-step kernel budgets as JSON
+            a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                         "attention": a.attention, "profile_tokens": a.profile_tokens,
+                                         "shapes": profiles}, indent=1) + "\n")
         return
     results = []
     for shape in a.shapes:
