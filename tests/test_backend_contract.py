@@ -48,6 +48,47 @@ class PerStep(StaticPolicy):
         return self.plans.get(step, StepPlan())
 
 
+class Spy(StaticPolicy):
+    """A policy that logs when it plans and observes (static or not)."""
+
+    def __init__(self, static: bool, log: list):
+        super().__init__()
+        self.static, self.log = static, log
+
+    def plan(self, step):
+        self.log.append(("plan", step))
+        return super().plan(step)
+
+    def observe(self, executed, logits):
+        self.log.append(("observe", logits.shape[0]))
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
+    """Where the backend runs ahead (CUDA; forced here) a static policy's step s + 1 is queued before step s's
+    token is read: the same tokens and executed steps in the same order, each step observed once, in order,
+    and never a step past max_new_tokens; a policy that is not static plans only after it observed."""
+    prompts = np.array([IDS[:5], IDS[3:8]])
+    want_log: list = []
+    want = list(stream(lm, prompts, max_new_tokens=6, policy=Spy(static, want_log)))
+    monkeypatch.setattr(lm, "runs_ahead", True, raising=False)
+    steps, log = [], []
+    for s in stream(lm, prompts, max_new_tokens=6, policy=Spy(static, log)):
+        steps.append(s)
+        log.append(("yield", len(steps) - 1))
+    assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
+    assert [s.executed for s in steps] == [s.executed for s in want]
+    assert all(s.seconds > 0 for s in steps)
+    plans = [e for e in log if e[0] == "plan"]
+    assert plans == [("plan", i) for i in range(6)]  # six steps, no seventh launched
+    order = [e[0] for e in log]
+    if static:  # plan(s + 1) comes before step s is observed and yielded
+        assert order[:3] == ["plan", "plan", "observe"]
+        assert [log.index(("plan", i + 1)) < log.index(("yield", i)) for i in range(5)] == [True] * 5
+    else:
+        assert order == ["plan", "observe", "yield"] * 6
+
+
 def test_matches_transformers(lm, tiny):
     np.testing.assert_allclose(lm.logits(IDS), hf_logits(tiny[2], IDS), atol=1e-4, rtol=1e-4)
 

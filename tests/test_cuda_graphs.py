@@ -272,3 +272,20 @@ def test_device_gate_in_the_bf16_step(tiny_llama, writes_kv):
             np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * np.abs(b).max())
             assert got.executed == want.executed
     assert dev.graphs and all(k[0] != "io" for k in dev.graphs)  # whole-step graphs, no per-block ones
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_generation_one_step_ahead_gives_the_same_tokens(tiny_llama, compile):
+    """On CUDA generation queues step s + 1 before it reads step s's token (static plans): the same greedy tokens
+    as reading each token before the next step, captured (and compiled) steps, a plan that skips a layer too."""
+    from adaptive_inference.generation import generate_batch
+    from adaptive_inference.plan import StaticPolicy
+
+    lm = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)
+    assert lm.runs_ahead
+    prompts = np.array([IDS[:5], IDS[2:7]])
+    for plan in (StepPlan(), StepPlan(skip_layers=frozenset({1}))):
+        ahead = generate_batch(lm, prompts, max_new_tokens=8, policy=StaticPolicy(plan))
+        lm.runs_ahead = False
+        np.testing.assert_array_equal(generate_batch(lm, prompts, max_new_tokens=8, policy=StaticPolicy(plan)), ahead)
+        lm.runs_ahead = True

@@ -63,6 +63,9 @@ class Decoder(abc.ABC):
 
     name = ""
     device = "cpu"
+    # whether generation may queue the next step before reading this one's token (generation.stream): where
+    # the device runs asynchronously from the host (CUDA)
+    runs_ahead = False
     cfg: ModelConfig
     weight_sets: dict[str, list[Layer]]
 

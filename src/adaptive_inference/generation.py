@@ -25,20 +25,45 @@ class Step:
 def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperature: float = 0.0,
            seed: int = 0) -> Iterator[Step]:
     """Yield one Step per generated token for a [B, T] prompt of equal-length rows. The policy picks each
-    step's plan and observes what ran and the step's logits."""
+    step's plan and observes what ran and the step's logits.
+
+    Where the backend queues work asynchronously (lm.runs_ahead: CUDA) and the policy's plan is the same every
+    step (`static`), step s + 1 is queued before step s's token is read back (its input ids never leave the
+    device): the host's per-token work (the read, the policy, the next step's launches) then overlaps the
+    device's step instead of leaving the device idle through it every token. The same Steps come out, in the
+    same order, observed in the same order; a Step's seconds is then the time since the one before."""
     policy = policy or StaticPolicy()
     ids = lm.ids_array(np.atleast_2d(prompt))
     cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     state = lm.sampler_state(seed)
+    ahead = getattr(lm, "runs_ahead", False) and getattr(policy, "static", False)
+    pending = None  # ahead: the queued step whose token is not read yet
+    lm.materialize()
+    t0 = time.perf_counter()
+
+    def finish(fwd, ids) -> Step:
+        nonlocal t0
+        out = lm.to_numpy(ids)  # the host needs the token: this evaluates the step
+        policy.observe(fwd.executed, fwd.out.logits)  # after: what ran may be known only once evaluated
+        t1 = time.perf_counter()
+        done, t0 = Step(out, t1 - t0, fwd.executed), t1
+        return done
+
     for step in range(max_new_tokens):
-        lm.materialize()
-        t0 = time.perf_counter()
+        if not ahead:
+            lm.materialize()
+            t0 = time.perf_counter()
         plan = policy.plan(step)
         fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
         ids, state = lm.next_tokens(fwd.out, temperature, state)
-        out = lm.to_numpy(ids)  # the host needs the token: this evaluates the step
-        policy.observe(fwd.executed, fwd.out.logits)  # after: what ran may be known only once evaluated
-        yield Step(out, time.perf_counter() - t0, fwd.executed)
+        if not ahead:
+            yield finish(fwd, ids)
+            continue
+        if pending is not None:
+            yield finish(*pending)
+        pending = fwd, ids
+    if pending is not None:
+        yield finish(*pending)
 
 
 @dataclass

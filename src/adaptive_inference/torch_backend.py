@@ -113,6 +113,7 @@ class TorchLM(Decoder):
             torch_kernels.kernels()  # build (or load) now: a missing compiler fails here, in one line
         self.compile = compile
         self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
+        self.runs_ahead = torch.device(device).type == "cuda"  # kernels queue: generation may run a step ahead
         self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
                                  and _triton_attention_ok(cfg, dtype))
         # a plan's gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
