@@ -341,7 +341,8 @@ def _event_ms(fn, n: int) -> float:
 
 def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
     """Where a batch-1 baseline step goes: the captured blocks replayed back to back, the LM head alone,
-    and the rest of the measured step (host work and the per-token sync the generation loop makes)."""
+    and the rest of the measured step: host work and the per-token sync of the generation loop, as far as
+    running a step ahead (generation.stream) does not hide them."""
     cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
     lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
     tok = lm.ids_array(np.array([1]))
