@@ -309,9 +309,8 @@ def w8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, splits: int
     """x [M, K] times the int8 weight, in x's dtype (the partial sums added in torch ops: fused under compile);
     f16x2: the fp16-pair GEMV (default: f16x2_gemv), which reads xq only."""
     f16x2 = (f16x2_gemv(x.shape[0]) if f16x2 is None else f16x2 and x.shape[0] <= GEMV_ROWS) and x.shape[1] % 4 == 0
-    if not f16x2:
-        return add_partials(w8_linear_partials(x, x.new_empty(0), q, scale, splits), x.dtype)
-    return add_partials(w8_linear_partials(*x_for_pairs(x, 1 / 256), q, scale, splits), x.dtype)
+    xs = x_for_pairs(x, 1 / 256) if f16x2 else (x, x.new_empty(0))
+    return add_partials(w8_linear_partials(*xs, q, scale, splits), x.dtype)
 
 
 @triton.jit
