@@ -89,6 +89,33 @@ def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
         assert order == ["plan", "observe", "yield"] * 6
 
 
+def test_a_policy_behind_never_runs_ahead(lm, monkeypatch):
+    """cuda_techniques --run-ahead off|both: a static policy wrapped in Behind plans each step only after the
+    step before was observed, with the same tokens, and one whose plans follow the step index alone
+    (`plans_ahead`, the benchmark's rate-forced router) runs ahead; "both" names each twin NAME/behind."""
+    from adaptive_inference.bench.cuda_techniques import Behind, with_run_ahead
+
+    prompts = np.array([IDS[:5]])
+    want = [s.tokens.tolist() for s in stream(lm, prompts, max_new_tokens=4)]
+    monkeypatch.setattr(lm, "runs_ahead", True, raising=False)
+    log: list = []
+    got = []
+    for s in stream(lm, prompts, max_new_tokens=4, policy=Behind(Spy(True, log))):
+        got.append(s.tokens.tolist())
+        log.append(("yield",))
+    assert got == want and [e[0] for e in log] == ["plan", "observe", "yield"] * 4
+    stepwise = Spy(False, log := [])  # plans that follow the step index alone run ahead though not static
+    stepwise.plans_ahead = True
+    for _ in stream(lm, prompts, max_new_tokens=4, policy=stepwise):
+        log.append(("yield",))
+    assert [e[0] for e in log][:4] == ["plan", "plan", "observe", "yield"]
+    configs = {"baseline": lambda: Spy(True, [])}
+    assert with_run_ahead(configs, "on") is configs
+    assert isinstance(with_run_ahead(configs, "off")["baseline"](), Behind)
+    both = with_run_ahead(configs, "both")
+    assert list(both) == ["baseline", "baseline/behind"] and both["baseline"]().static
+
+
 def test_matches_transformers(lm, tiny):
     np.testing.assert_allclose(lm.logits(IDS), hf_logits(tiny[2], IDS), atol=1e-4, rtol=1e-4)
 

@@ -191,6 +191,11 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
                      r"1\.496 / 1\.998 \(0\.50\) \|", md)
     # the 4-bit kernel of each packed set: files written before results named it ran int4 on torch's tinygemm
     assert "| int4 [tinygemm] | 300.4 |" in md
+    ahead = ROOT / "docs/measurements/cuda_techniques_h100_llama3-8b_run_ahead_repeats8_2026-12-07.json"
+    report.build({**PARAMS, "gpu_results": [str(ahead)]}, _all(tmp_path / "r6"), tmp_path / "out6")
+    md = (tmp_path / "out6" / "report.md").read_text()
+    assert "each NAME/behind row is that configuration reading each token first" in md
+    assert re.search(r"\| baseline/behind \| 168\.2 \| 0\.984 \[0\.983–0\.985\] \|", md)
     newer = json.loads(paired.read_text())
     newer[0]["modes"]["compiled"]["configs"]["int4"]["kernel"] = "triton"
     (tmp_path / "newer.json").write_text(json.dumps(newer))

@@ -22,13 +22,19 @@ class Step:
     executed: ExecutedStep
 
 
+def runs_ahead(lm, policy) -> bool:
+    """Whether stream queues a step before reading the token of the one before (see stream)."""
+    return getattr(lm, "runs_ahead", False) and getattr(policy, "plans_ahead", getattr(policy, "static", False))
+
+
 def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperature: float = 0.0,
            seed: int = 0) -> Iterator[Step]:
     """Yield one Step per generated token for a [B, T] prompt of equal-length rows. The policy picks each
     step's plan and observes what ran and the step's logits.
 
-    Where the backend queues work asynchronously (lm.runs_ahead: CUDA) and the policy's plan is the same every
-    step (`static`), step s + 1 is queued before step s's token is read back (its input ids never leave the
+    Where the backend queues work asynchronously (lm.runs_ahead: CUDA) and the policy's plans never depend on
+    what it observed (`static`: the same plan every step; or `plans_ahead`: a plan that follows the step index
+    alone), step s + 1 is queued before step s's token is read back (its input ids never leave the
     device): the host's per-token work (the read, the policy, the next step's launches) then overlaps the
     device's step instead of leaving the device idle through it every token. The same Steps come out, in the
     same order, observed in the same order; a Step's seconds is then the time since the one before."""
@@ -36,7 +42,7 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     ids = lm.ids_array(np.atleast_2d(prompt))
     cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     state = lm.sampler_state(seed)
-    ahead = getattr(lm, "runs_ahead", False) and getattr(policy, "static", False)
+    ahead = runs_ahead(lm, policy)
     pending = None  # ahead: the queued step whose token is not read yet
     lm.materialize()
     t0 = time.perf_counter()

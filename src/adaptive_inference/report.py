@@ -450,7 +450,8 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                              "once per token. Random weights: speed only."
                              + {"kernel": " Decode attention: one Triton kernel a layer.",
                                 "sdpa": " Decode attention: RoPE, cache writes and SDPA as separate ops."}.get(
-                                 sh.get("attention"), "")))
+                                 sh.get("attention"), "")
+                             + RUN_AHEAD.get(sh.get("run_ahead"), "")))
             for mode, m in sh["modes"].items():
                 batch = _get(m, "batch") or {}
                 paired8 = _get(m, "configs_batch", "8") or {}  # every configuration beside the baseline at batch 8
@@ -469,6 +470,13 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                               "realized share", "share of bandwidth limit", "bs 8 tok/s",
                               "bs 8 speedup / bound (realized)"], body))
     return out
+
+
+# cuda_techniques --run-ahead (files before it ran every step behind, or ahead without saying so: nothing said)
+RUN_AHEAD = {"on": " Generation queues a static plan's next step before reading its token.",
+             "off": " Generation reads each token before queuing the next step.",
+             "both": " Generation queues a static plan's next step before reading its token; each NAME/behind row is "
+                     "that configuration reading each token first (its speedup against the baseline running ahead)."}
 
 
 # files written before results named their packed sets' kernels: int4 was then quant_cuda's choice, torch's tinygemm

@@ -49,7 +49,7 @@ from .. import atomic, manifest, quant, quant_cuda
 from ..cost import structural
 from ..decoder import LINEARS, PART
 from ..errors import UserError
-from ..generation import generate, stream
+from ..generation import generate, runs_ahead, stream
 from ..model_config import ModelConfig
 from ..plan import GateDecision, StaticPolicy, StepPlan
 from ..techniques.gears import monitor
@@ -77,9 +77,11 @@ MODES = {"eager": dict(cuda_graphs=False), "graphs": dict(cuda_graphs=True),
 
 class RatePolicy:
     """The gated head on every step, forced to the common head on `rate` of them (spread evenly); the
-    router runs on every step as it would for real."""
+    router runs on every step as it would for real. Its plans follow the step index alone, so generation runs
+    them ahead as it does the pipeline's router (one static plan whose head decides on the device)."""
 
     static = False
+    plans_ahead = True
 
     def __init__(self, common: GatedHead, full: GatedHead, rate: float, zero_mlp=frozenset()):
         self.heads, self.rate, self.zero_mlp = (full, common), rate, frozenset(zero_mlp)
@@ -136,8 +138,31 @@ class HostGate:
         return self.gate.decide(x, lm)
 
 
+class Behind:
+    """A policy as given, marked not static: generation then reads each token before queuing the next step
+    (what every step did before generation ran ahead)."""
+
+    static = plans_ahead = False
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def plan(self, step: int) -> StepPlan:
+        return self.policy.plan(step)
+
+    def observe(self, executed, logits) -> None:
+        self.policy.observe(executed, logits)
+
+
+def with_run_ahead(configs: dict, mode: str) -> dict:
+    """--run-ahead: "on" the configurations as they are; "off" each behind (Behind); "both" each beside its
+    twin behind, named NAME/behind, so one run pairs what running ahead gains."""
+    behind = {(n if mode == "off" else f"{n}/behind"): (lambda make=make: Behind(make())) for n, make in configs.items()}
+    return {"on": configs, "off": behind, "both": configs | behind}[mode]
+
+
 class GatePolicy(StaticPolicy):
-    static = False
+    """A token gate's plan, the same every step (as the pipeline's TokenPolicy): generation runs it ahead."""
 
     def __init__(self, gate: RateGate):
         super().__init__(StepPlan(gate=gate))
@@ -397,8 +422,9 @@ def profile_configs(shape: str, a) -> dict:
     prefill left out), so a configuration's steps show whether they lose time on the GPU or to host work the
     GPU waits for; then its kernels per step (step_profile)."""
     lm = random_model(shape, a.dtype, a.device, "compiled", a.attention)
-    configs = {"baseline": lambda: StaticPolicy(),
-               **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}}
+    configs = with_run_ahead({"baseline": lambda: StaticPolicy(),
+                              **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}},
+                             a.run_ahead)
     prompt = np.arange(1, 1 + a.prompt_tokens)[None]
     out = {}
     for name, make in configs.items():
@@ -410,7 +436,7 @@ def profile_configs(shape: str, a) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             walls = [s.seconds for s in steps]
             torch.cuda.synchronize()
-        if lm.runs_ahead and getattr(policy, "static", False):
+        if runs_ahead(lm, policy):
             walls = walls[1:]  # step 1 ran before the profile (its kernels unseen): its interval is only the read
         kernels = [(e.name, e.device_time) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         out[name] = row = step_profile(kernels, walls)
@@ -455,7 +481,7 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     lm = random_model(shape, a.dtype, a.device, mode, a.attention)
     chosen = {k: v for k, v in (technique_configs(lm, a) if techniques else {}).items()
               if not a.configs or k in a.configs}
-    configs = {"baseline": lambda: StaticPolicy(), **chosen}
+    configs = with_run_ahead({"baseline": lambda: StaticPolicy(), **chosen}, a.run_ahead)
     prompt = list(range(1, 1 + a.prompt_tokens))
     for name in configs:  # warm-up: CUDA context, cuBLAS handles, compiled code, captured graphs
         generate(lm, prompt, max_new_tokens=a.new_tokens, policy=configs[name]())
@@ -510,7 +536,8 @@ def measure(shape: str, a) -> dict:
     out = {"shape": shape, "dtype": a.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "read_bandwidth_gbs": bw / 1e9, "weight_bytes": weights,
            "limit_tps_batch1": bw / weights, "prompt_tokens": a.prompt_tokens,
-           "new_tokens": a.new_tokens, "repeats": a.repeats, "attention": a.attention, "modes": {}}
+           "new_tokens": a.new_tokens, "repeats": a.repeats, "attention": a.attention, "run_ahead": a.run_ahead,
+           "modes": {}}
     for mode in a.modes:
         techniques = mode in (a.technique_modes or a.modes[-1:]) and not a.baseline_only
         out["modes"][mode] = measure_mode(shape, mode, techniques, bw, a)
@@ -550,6 +577,9 @@ def parser() -> argparse.ArgumentParser:
                          "and SDPA as ops")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps --profile --configs records")
+    ap.add_argument("--run-ahead", default="on", choices=["on", "off", "both"],
+                    help="generation queues a static plan's next step before reading its token (on, as the "
+                         "pipeline runs), reads each token first (off), or both side by side (NAME/behind rows)")
     return ap
 
 
