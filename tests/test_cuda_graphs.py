@@ -289,3 +289,55 @@ def test_generation_one_step_ahead_gives_the_same_tokens(tiny_llama, compile):
         lm.runs_ahead = False
         np.testing.assert_array_equal(generate_batch(lm, prompts, max_new_tokens=8, policy=StaticPolicy(plan)), ahead)
         lm.runs_ahead = True
+
+
+@pytest.mark.parametrize("pro", ["plain", "norm", "swiglu"])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("pairs", [True, False])
+def test_w8_block_kernel_is_its_ops_arithmetic(pro, m, pairs):
+    """triton_block's GEMV, x made where it is read (RMSNorm, SwiGLU or as stored), fp16-pair or fp32 dots: the
+    block ops' reference arithmetic in fp32, within bf16's rounding (in-features not a multiple of its tile)."""
+    from adaptive_inference import block_op
+    from adaptive_inference.triton_block import NORM, PLAIN, SWIGLU, w8_block
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, k = 200, 4 * 700
+    q = torch.randint(-127, 128, (n, k), generator=g, device="cuda", dtype=torch.int8)
+    scale = (torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-3).bfloat16()
+    x = (torch.randn(m, 2 * k if pro == "swiglu" else k, generator=g, device="cuda") * 3).bfloat16()
+    lnw, r = (torch.rand(k, generator=g, device="cuda") + 0.5).bfloat16(), torch.randn(m, n, device="cuda").bfloat16()
+    bias = torch.randn(n, generator=g, device="cuda").bfloat16()
+    f = lambda *t: [a.float() for a in t]  # noqa: E731
+    if pro == "norm":
+        got = w8_block(x, q, scale, NORM, lnw=lnw, eps=1e-5, bias=bias, pairs=pairs)
+        want = block_op.w8_norm_linear(*f(x, lnw), 1e-5, q, *f(scale, bias))
+    else:
+        got = w8_block(x, q, scale, SWIGLU if pro == "swiglu" else PLAIN, residual=r, pairs=pairs)
+        want = block_op.w8_linear_add(x.float(), q, scale.float(), r.float(), pro == "swiglu")
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 1.2e-2, err  # bf16 rounding of x, of the matmul and of the sum (the separate ops': ~0.5e-2)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_block_ops_on_an_int8_set(tiny_llama, tmp_path, compile, batch):
+    """cuda_block_ops: an int8 set's decode blocks on block_op's kernels (norms, SwiGLU and residual adds in the
+    matmuls) give the separate kernels' logits, captured (and compiled), plans switching; full weights and
+    prefills run as before."""
+    from adaptive_inference import quant
+    from adaptive_inference.decoder import LINEARS
+    from adaptive_inference.plan import WeightSet
+
+    ref = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
+    states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), "int8")
+              for i, lw in enumerate(ref.layers) for f in LINEARS}
+    quant.save_file(states, tmp_path / "int8.safetensors")
+    ws = WeightSet("int8", str(tmp_path / "int8.safetensors"), None)
+    block = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile, cuda_block_ops=True)
+    plans = [StepPlan(weights=ws), StepPlan(), StepPlan(weights=ws, skip_layers=frozenset({1}), zero_mlp=frozenset({2}))]
+    want = _two_interleaved(ref, batch, plans)
+    for _ in range(2):
+        np.testing.assert_allclose(_two_interleaved(block, batch, plans), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    assert all(getattr(lw, n).block for lw in block.weight_sets["int8"] for n in LINEARS)
+    assert not any(getattr(lw, n).block for lw in ref.weight_sets["int8"] for n in LINEARS)

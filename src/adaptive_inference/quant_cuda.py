@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import gated_linear_op, quant
+from . import block_op, gated_linear_op, quant
 from .errors import UserError
 
 INT4_GROUPS = (32, 64, 128, 256)  # tinygemm's
@@ -44,10 +44,19 @@ class CudaPacked:
     nested: bool = False  # w4 read at depth 8
     splits: int = 1  # int8 / w4: slices of K the Triton kernels split the matmul into (gated_linear_op.split_k)
     pairs: bool = True  # int8 / w4 at depth 4: the fp16-pair kernels where they apply (triton_kernels.f16x2_gemv)
+    block: bool = False  # int8: a decode block on these weights runs as block_op's ops (TorchLM._block_ops)
     capturable = True  # aten ops and a custom op: compiled and captured like dense weights
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, self, bias)
+
+    def norm_linear(self, x: torch.Tensor, lnw: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
+        """RMSNorm(x [M, K]) * lnw times this int8 weight (+ bias), one op (block_op.w8_norm_linear)."""
+        return block_op.w8_norm_linear(x, lnw, eps, *self.tensors, x.new_empty(0) if bias is None else bias)
+
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """residual + x (or the SwiGLU of its [gate | up] halves) times this int8 weight (block_op.w8_linear_add)."""
+        return block_op.w8_linear_add(x, *self.tensors, residual, swiglu)
 
 
 def scale_and_zero(p: quant.Int4Weight) -> np.ndarray:
@@ -86,15 +95,16 @@ def four_bit_kernel(p: quant.Int4Weight, depth: int, kernel: str = "auto", compi
 
 
 def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda",
-            kernel: str = "auto", compiled: bool = True) -> CudaPacked:
+            kernel: str = "auto", compiled: bool = True, block: bool = False) -> CudaPacked:
     """kernel, for 4-bit codes: "auto" (four_bit_kernel: for compiled decode steps, or eager ones where not
-    `compiled`), "triton" (w4_linear) or "tinygemm"."""
+    `compiled`), "triton" (w4_linear) or "tinygemm". block: int8 weights marked for block_op's ops."""
     def splits() -> int:  # for our Triton kernels (the device is asked only once the weight is known to fit one)
         return gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
 
     if isinstance(p, quant.Int8Weight):
         return CudaPacked("int8", p.shape, (torch.from_numpy(np.ascontiguousarray(p.q)).to(device),
-                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits())
+                                            torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits(),
+                          block=block)
     depth = max(p.depths) if depth is None else depth
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")

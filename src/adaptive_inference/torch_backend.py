@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from . import attention_op, gated_linear_op, torch_kernels
+from . import attention_op, block_op, gated_linear_op, torch_kernels
 from .cpu_gemv_source import kernel_name
 from .decoder import LINEARS, Decoder, Forward, Layer
 from .errors import UserError
@@ -99,7 +99,7 @@ class TorchLM(Decoder):
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str, dtype: torch.dtype, *,
                  cpu_matmul: str = "kernel", compile: bool = False, cuda_graphs: bool = True,
-                 cuda_attention: str = "kernel"):
+                 cuda_attention: str = "kernel", cuda_block_ops: bool = False):
         if cpu_matmul not in CPU_MATMULS:
             raise UserError(f"cpu_matmul {cpu_matmul!r}: expected one of {', '.join(CPU_MATMULS)}")
         if cuda_attention not in CUDA_ATTENTION:
@@ -116,11 +116,14 @@ class TorchLM(Decoder):
         self.runs_ahead = torch.device(device).type == "cuda"  # kernels queue: generation may run a step ahead
         self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
                                  and _triton_attention_ok(cfg, dtype))
+        # int8 weight sets on CUDA: decode blocks as block_op's ops, the norms, SwiGLU and residual adds folded
+        # into the matmuls (5 launches a block instead of 10)
+        self.cuda_block_ops = cuda_block_ops
         # a plan's gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
         self.device_gate = torch.device(device).type == "cuda"
         self._sms = None  # SMs of the CUDA device: the gated matmuls' split-K (known before any step is traced)
         if self.device_gate:
-            from . import triton_kernels  # noqa: F401  (registers the gated and attention ops' CUDA kernels)
+            from . import triton_block, triton_kernels  # noqa: F401  (register the ops' CUDA kernels)
 
             self._sms = gated_linear_op.sms(device)
         self.reuse_caches = self.cuda_graphs  # a captured graph holds its cache's addresses
@@ -148,7 +151,8 @@ class TorchLM(Decoder):
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", cpu_matmul: str = "kernel",
-             compile: bool = False, cuda_graphs: bool = True, cuda_attention: str = "kernel") -> TorchLM:
+             compile: bool = False, cuda_graphs: bool = True, cuda_attention: str = "kernel",
+             cuda_block_ops: bool = False) -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
@@ -161,7 +165,7 @@ class TorchLM(Decoder):
                     weights[k] = sf.get_tensor(k).to(device=device, dtype=DTYPES[dtype])
         try:
             return cls(cfg, weights, device, DTYPES[dtype], cpu_matmul=cpu_matmul, compile=compile,
-                       cuda_graphs=cuda_graphs, cuda_attention=cuda_attention)
+                       cuda_graphs=cuda_graphs, cuda_attention=cuda_attention, cuda_block_ops=cuda_block_ops)
         except KeyError as e:
             raise UserError(f"{model_dir}: missing weight {e.args[0]}") from None
 
@@ -294,6 +298,8 @@ class TorchLM(Decoder):
         return h
 
     def _block(self, x, lw: Layer, i: int, cache, rope, positions, rows, mlp: bool, alpha: float, observe=None):
+        if rows is None and observe is None and self._block_ops(x, lw):
+            return self._packed_block(x, lw, i, cache, rope, positions, mlp, alpha)
         if rows is None and observe is None and self._fused(x) and self._dense_block(lw):
             # the whole block in one kernel call: the per-op path's arithmetic without its ~15 dispatches
             B = x.shape[0]
@@ -306,6 +312,26 @@ class TorchLM(Decoder):
             return super()._block(x, lw, i, cache, rope, positions, rows, mlp, alpha, observe)
         return self._layer_replay(("block", id(lw), i, mlp, alpha), x, rope, positions, cache,
                                   self._layer_fn(("block", mlp, alpha), lw, i, cache))
+
+    def _block_ops(self, x, lw: Layer) -> bool:
+        """Whether a block runs as block_op's ops: one token of at most GEMV_ROWS rows, the decode attention op,
+        every matrix int8 packed for them (CudaPacked.block)."""
+        return (x.shape[-2] == 1 and x.shape[0] <= block_op.ROWS and self.attention_kernel
+                and all(getattr(getattr(lw, n), "block", False) for n in LINEARS))
+
+    def _packed_block(self, x, lw: Layer, i: int, cache, rope, positions, mlp: bool, alpha: float):
+        """_block's arithmetic in 5 launches: qkv with its norm, the attention op, o with the residual add,
+        gate_up with its norm, down with the SwiGLU and the residual add."""
+        B, eps = x.shape[0], self.cfg.rms_norm_eps
+        h = x.reshape(B, -1)
+        qkv = lw.wqkv.norm_linear(h, lw.ln1, eps, lw.bqkv)
+        out = attention_op.decode_attention(qkv, cache.k[i], cache.v[i], cache.bias[i], rope[0], rope[1], positions,
+                                              self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
+        y = lw.wo.linear_add(out.reshape(B, -1), h)
+        if mlp:
+            y = lw.w_down.linear_add(lw.w_gate_up.norm_linear(y, lw.ln2, eps), y, swiglu=True)
+        y = y.view_as(x)
+        return y if alpha == 1.0 else x + alpha * (y - x)
 
     def write_kv(self, x, lw: Layer, layer: int, cache: KVCache, rope, positions):
         if self._layer_graphs is not cache:
@@ -513,7 +539,8 @@ class TorchLM(Decoder):
         if torch.device(self.device).type == "cuda":
             from . import quant_cuda
 
-            return quant_cuda.prepare(state, depth=depth, device=self.device, compiled=self.compile)
+            return quant_cuda.prepare(state, depth=depth, device=self.device, compiled=self.compile,
+                                      block=self.cuda_block_ops)
         if self.device != "cpu":
             raise UserError(f"packed weight sets run on CPU (AVX2 C++) and CUDA only; device is {self.device}")
         from . import quant_torch

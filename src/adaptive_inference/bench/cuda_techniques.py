@@ -240,12 +240,13 @@ def heads(lm: TorchLM, common_share: float, cls=GatedHead) -> tuple[GatedHead, G
 PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None = quant_cuda's choice)
     "int8": ("int8", None, None), "int4": ("int4", None, None), "int4-triton": ("int4", None, "triton"),
     "int4-tinygemm": ("int4", None, "tinygemm"),  # torch's own int4 kernel, for reference
-    "nested8": ("nested", 8, None), "nested4": ("nested", 4, None)}  # the gears' mid / low gear
+    "nested8": ("nested", 8, None), "nested4": ("nested", 4, None),  # the gears' mid / low gear
+    "int8-block": ("int8", None, None)}  # int8 with its blocks on block_op's ops (TorchLM cuda_block_ops)
 
 
 _STATES: dict = {}
 KERNELS: dict = {}  # packed set -> the kernels its matrices run on (results' "kernel")
-KERNEL_NAMES = {"w4": "triton", "int8": "triton", "int4": "tinygemm"}  # CudaPacked.kind -> kernel
+KERNEL_NAMES = {"w4": "triton", "int8": "triton", "int4": "tinygemm"}  # CudaPacked.kind -> kernel (+ "-block")
 
 
 def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
@@ -266,8 +267,10 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
                                               group_size=group_size)
             state = _STATES[key]
             p = quant_cuda.prepare(state, depth=depth, kernel=kernel) if kernel else lm.pack(state, depth)
+            if name.endswith("-block") and p.kind == "int8":
+                p = dataclasses.replace(p, block=True)
             made[(n, k)] = (p, quant.bytes_read(state, depth=depth))
-            KERNELS.setdefault(name, set()).add(KERNEL_NAMES[p.kind])
+            KERNELS.setdefault(name, set()).add(KERNEL_NAMES[p.kind] + ("-block" if p.block else ""))
         p, nbytes = made[(n, k)]
         read[part][0] += nbytes
         read[part][1] += n * k * itemsize

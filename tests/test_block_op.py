@@ -1,0 +1,63 @@
+"""block_op: a decode block whose int8 matmuls take the norms, the SwiGLU and the residual adds into two ops gives
+the block of the separate ops (here the ops' reference implementations; the CUDA kernels in test_cuda_graphs)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_inference import block_op, quant
+from adaptive_inference.decoder import LINEARS
+from adaptive_inference.quant_cuda import CudaPacked
+from adaptive_inference.torch_backend import TorchLM
+
+IDS = [5, 17, 99, 3, 64, 12]
+
+
+def _int8(w: torch.Tensor):
+    """(the weight int8-packed for the block ops, its dequantized dense twin)."""
+    p = quant.quantize(w.float().numpy(), "int8")
+    q, s = torch.from_numpy(p.q), torch.from_numpy(p.scale)
+    return CudaPacked("int8", tuple(w.shape), (q, s), block=True), (q.float() * s[:, None]).to(w.dtype)
+
+
+@pytest.mark.parametrize("mlp, alpha, batch", [(True, 1.0, 1), (False, 1.0, 2), (True, 0.5, 3)])
+def test_block_ops_give_the_separate_ops_block(tiny_llama, mlp, alpha, batch):
+    """One decode block on int8 weights: as block_op's ops (norm folded into qkv / gate_up, residual into o /
+    down, SwiGLU into down) and as the separate ops on the dequantized weights: the same output and K/V."""
+    lm = TorchLM.load(tiny_llama[1], device="cpu")
+    lm.attention_kernel = True  # the decode attention op (its CPU implementation), as on CUDA
+    lw = lm.layers[1]
+    pairs = {n: _int8(getattr(lw, n)) for n in LINEARS}
+    blocked = dataclasses.replace(lw, **{n: p for n, (p, _) in pairs.items()})
+    dense = dataclasses.replace(lw, **{n: d for n, (_, d) in pairs.items()})
+    assert lm._block_ops(torch.zeros(batch, 1, 1), blocked) and not lm._block_ops(torch.zeros(batch, 1, 1), dense)
+    assert not lm._block_ops(torch.zeros(batch, 2, 1), blocked)  # a prefill runs the separate ops
+    caches = [lm.new_cache(batch, len(IDS) + 1) for _ in range(2)]
+    for c in caches:
+        lm.forward(torch.tensor([IDS] * batch), c)
+    positions = lm.positions(len(IDS), 1)
+    rope = lm.rope(positions)
+    x = torch.randn(batch, 1, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = lm._block(x, dense, 1, caches[0], rope, positions, None, mlp, alpha)
+    got = lm._block(x, blocked, 1, caches[1], rope, positions, None, mlp, alpha)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(caches[1].k.numpy(), caches[0].k.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(caches[1].bias.numpy(), caches[0].bias.numpy())
+
+
+def test_block_ops_are_the_ops_they_fold():
+    """The ops' own arithmetic: RMSNorm then the int8 matmul and bias; residual + matmul of x or its SwiGLU."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (6, 8), generator=g, dtype=torch.int8)
+    scale, x, lnw = torch.rand(6, generator=g), torch.randn(2, 8, generator=g), torch.rand(8, generator=g)
+    w = q.float() * scale[:, None]
+    normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * lnw
+    bias = torch.randn(6, generator=g)
+    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, bias), normed @ w.T + bias)
+    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, x.new_empty(0)), normed @ w.T)
+    r, gu = torch.randn(2, 6, generator=g), torch.randn(2, 16, generator=g)
+    torch.testing.assert_close(block_op.w8_linear_add(x, q, scale, r, False), r + x @ w.T)
+    act = torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:]
+    torch.testing.assert_close(block_op.w8_linear_add(gu, q, scale, r, True), r + act @ w.T)
