@@ -48,16 +48,18 @@ def test_block_ops_give_the_separate_ops_block(tiny_llama, mlp, alpha, batch):
 
 
 def test_block_ops_are_the_ops_they_fold():
-    """The ops' own arithmetic: RMSNorm then the int8 matmul and bias; residual + matmul of x or its SwiGLU."""
+    """The ops' own arithmetic: RMSNorm then the int8 matmul and bias (glu: silu(gate) * up of the output's
+    halves); residual + the matmul."""
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (6, 8), generator=g, dtype=torch.int8)
     scale, x, lnw = torch.rand(6, generator=g), torch.randn(2, 8, generator=g), torch.rand(8, generator=g)
     w = q.float() * scale[:, None]
     normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * lnw
     bias = torch.randn(6, generator=g)
-    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, bias), normed @ w.T + bias)
-    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, x.new_empty(0)), normed @ w.T)
-    r, gu = torch.randn(2, 6, generator=g), torch.randn(2, 16, generator=g)
-    torch.testing.assert_close(block_op.w8_linear_add(x, q, scale, r, False), r + x @ w.T)
-    act = torch.nn.functional.silu(gu[:, :8]) * gu[:, 8:]
-    torch.testing.assert_close(block_op.w8_linear_add(gu, q, scale, r, True), r + act @ w.T)
+    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, bias, False), normed @ w.T + bias)
+    y = normed @ w.T
+    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, x.new_empty(0), False), y)
+    torch.testing.assert_close(block_op.w8_norm_linear(x, lnw, 1e-6, q, scale, x.new_empty(0), True),
+                               torch.nn.functional.silu(y[:, :3]) * y[:, 3:])
+    r = torch.randn(2, 6, generator=g)
+    torch.testing.assert_close(block_op.w8_linear_add(x, q, scale, r), r + x @ w.T)

@@ -291,30 +291,33 @@ def test_generation_one_step_ahead_gives_the_same_tokens(tiny_llama, compile):
         lm.runs_ahead = True
 
 
-@pytest.mark.parametrize("pro", ["plain", "norm", "swiglu"])
+@pytest.mark.parametrize("op", ["norm", "norm_glu", "add"])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("pairs", [True, False])
-def test_w8_block_kernel_is_its_ops_arithmetic(pro, m, pairs):
-    """triton_block's GEMV, x made where it is read (RMSNorm, SwiGLU or as stored), fp16-pair or fp32 dots: the
-    block ops' reference arithmetic in fp32, within bf16's rounding (in-features not a multiple of its tile)."""
+def test_w8_block_kernel_is_its_ops_arithmetic(op, m, pairs):
+    """triton_block's GEMV (x RMS-normed where it is read, or as stored; silu(gate) * up or the residual added in
+    its epilogue), fp16-pair or fp32 dots: the block ops' reference arithmetic in fp32, within bf16's rounding
+    (in-features not a multiple of its tile)."""
     from adaptive_inference import block_op
-    from adaptive_inference.triton_block import NORM, PLAIN, SWIGLU, w8_block
+    from adaptive_inference.triton_block import w8_block
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, k = 200, 4 * 700
     q = torch.randint(-127, 128, (n, k), generator=g, device="cuda", dtype=torch.int8)
     scale = (torch.rand(n, generator=g, device="cuda") * 0.01 + 1e-3).bfloat16()
-    x = (torch.randn(m, 2 * k if pro == "swiglu" else k, generator=g, device="cuda") * 3).bfloat16()
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).bfloat16()
     lnw, r = (torch.rand(k, generator=g, device="cuda") + 0.5).bfloat16(), torch.randn(m, n, device="cuda").bfloat16()
     bias = torch.randn(n, generator=g, device="cuda").bfloat16()
-    f = lambda *t: [a.float() for a in t]  # noqa: E731
-    if pro == "norm":
-        got = w8_block(x, q, scale, NORM, lnw=lnw, eps=1e-5, bias=bias, pairs=pairs)
-        want = block_op.w8_norm_linear(*f(x, lnw), 1e-5, q, *f(scale, bias))
+    glu = op == "norm_glu"
+    if op == "add":
+        got = w8_block(x, q, scale, residual=r, pairs=pairs)
+        want = block_op.w8_linear_add(x.float(), q, scale.float(), r.float())
     else:
-        got = w8_block(x, q, scale, SWIGLU if pro == "swiglu" else PLAIN, residual=r, pairs=pairs)
-        want = block_op.w8_linear_add(x.float(), q, scale.float(), r.float(), pro == "swiglu")
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        b = None if glu else bias
+        got = w8_block(x, q, scale, lnw=lnw, eps=1e-5, bias=b, glu=glu, pairs=pairs)
+        want = block_op.w8_norm_linear(x.float(), lnw.float(), 1e-5, q, scale.float(),
+                                       x.new_empty(0, dtype=torch.float32) if glu else bias.float(), glu)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n // 2 if glu else n)
     err = (got.float() - want).abs().max() / want.abs().max()
     assert err < 1.2e-2, err  # bf16 rounding of x, of the matmul and of the sum (the separate ops': ~0.5e-2)
 

@@ -3,12 +3,12 @@ is its 4 matmuls and the attention op: 5 launches where the separate ops took 10
 H100: two RMSNorm kernels, the SiLU, the sum of a split matmul's slices and an x prep besides them, ~0.36 ms a
 step; docs/measurements, 2026-12-07).
 
-- `w8_norm_linear(x, lnw, eps, q, scale, bias)`: RMSNorm(x) * lnw times the int8 weight (qkv, gate_up). Each
-  program of the kernel takes the norm of x itself before its dot (x is a few KB, in L2), so no launch makes
-  the normed x.
-- `w8_linear_add(x, q, scale, residual, swiglu)`: residual + x times the weight (o, down), with x the SwiGLU of a
-  [gate | up] row when swiglu (down: the activation is made where it is read). No split of K: each program
-  owns whole output rows, so it adds the residual itself and nothing is left to sum.
+- `w8_norm_linear(x, lnw, eps, q, scale, bias, glu)`: RMSNorm(x) * lnw times the int8 weight (qkv; gate_up with
+  glu, which returns silu(gate) * up of the two halves of its output). Each program of the kernel takes the
+  norm of x itself before its dot (x is a few KB, in L2), so no launch makes the normed x.
+- `w8_linear_add(x, q, scale, residual)`: residual + x times the weight (o, down).
+No split of K: a program owns whole output rows (gate_up: row i of both halves), so it finishes them itself and
+nothing is left to sum.
 
 Their implementations here are the plain torch ops they replace (any device; what a CPU test runs);
 triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M at most GEMV_ROWS."""
@@ -30,27 +30,27 @@ def _w8(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tenso
 
 @torch.library.custom_op("adaptive_inference::w8_norm_linear", mutates_args=())
 def w8_norm_linear(x: torch.Tensor, lnw: torch.Tensor, eps: float, q: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor) -> torch.Tensor:
-    """[M, N] in x's dtype: F.rms_norm(x [M, K], lnw, eps) times the int8 weight, + bias (empty: none)."""
-    return _w8(F.rms_norm(x, (x.shape[-1],), lnw, eps), q, scale, bias)
+                   bias: torch.Tensor, glu: bool) -> torch.Tensor:
+    """[M, N] in x's dtype: F.rms_norm(x [M, K], lnw, eps) times the int8 weight, + bias (empty: none); glu:
+    silu(gate) * up of its halves [gate | up], [M, N / 2]."""
+    y = _w8(F.rms_norm(x, (x.shape[-1],), lnw, eps), q, scale, bias)
+    if glu:
+        gate, up = y.chunk(2, -1)
+        y = F.silu(gate) * up
+    return y
 
 
 @w8_norm_linear.register_fake
-def _(x, lnw, eps, q, scale, bias):
-    return x.new_empty((x.shape[0], q.shape[0]))
+def _(x, lnw, eps, q, scale, bias, glu):
+    return x.new_empty((x.shape[0], q.shape[0] // 2 if glu else q.shape[0]))
 
 
 @torch.library.custom_op("adaptive_inference::w8_linear_add", mutates_args=())
-def w8_linear_add(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor,
-                  swiglu: bool) -> torch.Tensor:
-    """[M, N] in x's dtype: residual [M, N] + x [M, K] times the int8 weight; swiglu: x is [M, 2K], [gate | up],
-    and silu(gate) * up is multiplied."""
-    if swiglu:
-        gate, up = x.chunk(2, -1)
-        x = F.silu(gate) * up
+def w8_linear_add(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """[M, N] in x's dtype: residual [M, N] + x [M, K] times the int8 weight."""
     return residual + _w8(x, q, scale, x.new_empty(0))
 
 
 @w8_linear_add.register_fake
-def _(x, q, scale, residual, swiglu):
+def _(x, q, scale, residual):
     return x.new_empty((x.shape[0], q.shape[0]))

@@ -50,13 +50,15 @@ class CudaPacked:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, self, bias)
 
-    def norm_linear(self, x: torch.Tensor, lnw: torch.Tensor, eps: float, bias: torch.Tensor | None = None):
-        """RMSNorm(x [M, K]) * lnw times this int8 weight (+ bias), one op (block_op.w8_norm_linear)."""
-        return block_op.w8_norm_linear(x, lnw, eps, *self.tensors, x.new_empty(0) if bias is None else bias)
+    def norm_linear(self, x: torch.Tensor, lnw: torch.Tensor, eps: float, bias: torch.Tensor | None = None,
+                    glu: bool = False) -> torch.Tensor:
+        """RMSNorm(x [M, K]) * lnw times this int8 weight (+ bias; glu: silu(gate) * up of the halves), one op
+        (block_op.w8_norm_linear)."""
+        return block_op.w8_norm_linear(x, lnw, eps, *self.tensors, x.new_empty(0) if bias is None else bias, glu)
 
-    def linear_add(self, x: torch.Tensor, residual: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-        """residual + x (or the SwiGLU of its [gate | up] halves) times this int8 weight (block_op.w8_linear_add)."""
-        return block_op.w8_linear_add(x, *self.tensors, residual, swiglu)
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x times this int8 weight, one op (block_op.w8_linear_add)."""
+        return block_op.w8_linear_add(x, *self.tensors, residual)
 
 
 def scale_and_zero(p: quant.Int4Weight) -> np.ndarray:

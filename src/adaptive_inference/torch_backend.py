@@ -321,7 +321,7 @@ class TorchLM(Decoder):
 
     def _packed_block(self, x, lw: Layer, i: int, cache, rope, positions, mlp: bool, alpha: float):
         """_block's arithmetic in 5 launches: qkv with its norm, the attention op, o with the residual add,
-        gate_up with its norm, down with the SwiGLU and the residual add."""
+        gate_up with its norm and the SwiGLU, down with the residual add."""
         B, eps = x.shape[0], self.cfg.rms_norm_eps
         h = x.reshape(B, -1)
         qkv = lw.wqkv.norm_linear(h, lw.ln1, eps, lw.bqkv)
@@ -329,7 +329,7 @@ class TorchLM(Decoder):
                                               self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
         y = lw.wo.linear_add(out.reshape(B, -1), h)
         if mlp:
-            y = lw.w_down.linear_add(lw.w_gate_up.norm_linear(y, lw.ln2, eps), y, swiglu=True)
+            y = lw.w_down.linear_add(lw.w_gate_up.norm_linear(y, lw.ln2, eps, glu=True), y)
         y = y.view_as(x)
         return y if alpha == 1.0 else x + alpha * (y - x)
 

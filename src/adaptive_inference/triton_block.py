@@ -1,9 +1,10 @@
-"""The CUDA kernel of block_op's two ops (imported on CUDA only, with triton_kernels): one int8 GEMV whose x is
-made where it is read. A program owns BLOCK_N output rows and one row of x, reads its weights once as int32 words
-and walks all of K (no split: it adds the residual itself). x's four columns of a word come RMS-normed (its
-program first takes x's norm over the whole row, from L2), as the SwiGLU of a [gate | up] row, or as they are,
+"""The CUDA kernel of block_op's two ops (imported on CUDA only, with triton_kernels): one int8 GEMV that makes its
+x where it reads it and finishes its rows itself. A program owns BLOCK_N output rows (with glu, the matching
+rows of both halves of [gate | up]) and one row of x, reads its weights once as int32 words and walks all of K
+(no split, so nothing is left to sum and it can add the residual or take silu(gate) * up itself). x's four
+columns of a word come RMS-normed (its program first takes x's norm over the whole row, from L2) or as they are,
 rounded through x's dtype as the separate ops would store them, then go into triton_kernels' int8 dots: fp16
-pairs made in registers (no x prep launch; the ASM path, CUDA) or fp32 (the interpreter)."""
+pairs made in registers (no x prep launch; ASM on CUDA, emulated in fp32 in the interpreter) or fp32."""
 
 from __future__ import annotations
 
@@ -23,22 +24,15 @@ from .triton_kernels import (
     _tile,
 )
 
-PLAIN, NORM, SWIGLU = 0, 1, 2  # how the kernel makes x (PRO)
-
 
 @triton.jit
-def _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, PRO: tl.constexpr):
-    """Columns cols of row m of x as the matmul reads them, fp32 rounded through x's dtype: as stored (PLAIN),
-    x * rstd * lnw (NORM), or silu(gate) * up of a [gate | up] row of 2K (SWIGLU)."""
-    if PRO == 2:
-        g = tl.load(x_ptr + m * 2 * K + cols, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + m * 2 * K + K + cols, mask=ok, other=0.0).to(tl.float32)
-        v = g / (1.0 + tl.exp(-g)) * u
-    else:
-        v = tl.load(x_ptr + m * K + cols, mask=ok, other=0.0).to(tl.float32)
-        if PRO == 1:
-            v = v * rstd * tl.load(l_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    return v.to(x_ptr.dtype.element_ty).to(tl.float32)
+def _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM: tl.constexpr):
+    """Columns cols of row m of x as the matmul reads them, fp32 rounded through x's dtype: x * rstd * lnw
+    (NORM, as F.rms_norm stores it) or as stored."""
+    v = tl.load(x_ptr + m * K + cols, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        v = (v * rstd * tl.load(l_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -49,79 +43,100 @@ def _f16_pair(a, b):
     return lo | hi
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "PRO", "ADD", "PAIRS"])
 @triton.jit
-def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, PRO: tl.constexpr,
-                     BIAS: tl.constexpr, ADD: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y [M, N] = (residual +) x' [M, K] @ (q * scale).T (+ bias), x' made from x by PRO (_x_cols); q as int32
-    words [N, K / 4]. PAIRS: dotted in fp16 pairs of x' / 256 (_i8_f16x2_dot), else in fp32 (_int8_byte)."""
+def _dot(acc, w, x0, x1, x2, x3, xa, xb, PAIRS: tl.constexpr, ASM: tl.constexpr):
+    """acc + one tile of int32 words w [BLOCK_N, BLOCK_W] dotted with x's four columns a word: in fp16 pairs
+    (xa, xb: prep_x's pairs of x / 256; the sums come out / 256) or in fp32 (x0..x3)."""
+    if PAIRS:
+        acc += _group_sums(_i8_f16x2_dot(w, xa[None, :], xb[None, :], ASM), w.shape[1] // 4, ASM)
+    else:  # bytes 1 and 3 come out times 256
+        acc += (_int8_byte(w, 0) * x0[None, :] + _int8_byte(w, 1) * (x1 * (1 / 256))[None, :]
+                + _int8_byte(w, 2) * x2[None, :] + _int8_byte(w, 3) * (x3 * (1 / 256))[None, :])
+    return acc
+
+
+@triton.jit
+def _rows_out(acc, s_ptr, rows, N, PAIRS: tl.constexpr):
+    """The rows' dots, scaled (q * scale), fp32."""
+    y = tl.sum(acc, axis=1) * (256.0 if PAIRS else 1.0)
+    return y * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NORM", "GLU", "ADD", "PAIRS"])
+@triton.jit
+def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, NORM: tl.constexpr,
+                     GLU: tl.constexpr, BIAS: tl.constexpr, ADD: tl.constexpr, PAIRS: tl.constexpr,
+                     ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row m of y = (residual +) x' [M, K] @ (q * scale).T (+ bias), q [N, K] as int32 words [N, K / 4]; x' is
+    x RMS-normed (NORM) or as stored. GLU: the program owns rows rn and rn + N / 2 of the weight ([gate | up]) and
+    stores silu(gate) * up [M, N / 2]. PAIRS: dotted in fp16 pairs, else in fp32. Nothing is split: each product
+    is complete in its program."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
+    NY = N // 2 if GLU else N  # y's columns
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     KW = K // 4
     k_lo, k_hi = _k_slice(K, 0, 1, BLOCK_K)  # all of K (as bounds the interpreter's range takes too)
     rstd = 0.0
-    if PRO == 1:  # the row's norm, before the dot (F.rms_norm's: fp32 mean of squares)
+    if NORM:  # the row's norm, before the dot (F.rms_norm's: fp32 mean of squares)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
             ss += v * v
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    if PAIRS:
-        acc = tl.zeros((BLOCK_N, BLOCK_W // 4), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_W // 4 if PAIRS else BLOCK_W), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_W // 4 if PAIRS else BLOCK_W), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rw = k0 // 4 + tl.arange(0, BLOCK_W)
         ok = rw < KW
-        w = _tile(w_ptr, rn, rw, N, KW)
-        x0 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw, ok, rstd, PRO)
-        x1 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 1, ok, rstd, PRO)
-        x2 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 2, ok, rstd, PRO)
-        x3 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 3, ok, rstd, PRO)
+        x0 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw, ok, rstd, NORM)
+        x1 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 1, ok, rstd, NORM)
+        x2 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 2, ok, rstd, NORM)
+        x3 = _x_cols(x_ptr, l_ptr, m, K, 4 * rw + 3, ok, rstd, NORM)
+        xa, xb = x0, x1
         if PAIRS:  # x / 256, as prep_x(x, 1 / 256): the pairs' sums stay far from fp16's range
             xa = _f16_pair(x0 * (1 / 256), x2 * (1 / 256))
             xb = _f16_pair(x1 * (1 / 256), x3 * (1 / 256))
-            acc += _group_sums(_i8_f16x2_dot(w, xa[None, :], xb[None, :], ASM), BLOCK_W // 4, ASM)
-        else:  # bytes 1 and 3 come out times 256
-            acc += (_int8_byte(w, 0) * x0[None, :] + _int8_byte(w, 1) * (x1 * (1 / 256))[None, :]
-                    + _int8_byte(w, 2) * x2[None, :] + _int8_byte(w, 3) * (x3 * (1 / 256))[None, :])
-    y = tl.sum(acc, axis=1)
-    if PAIRS:
-        y = y * 256
-    y = y * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc = _dot(acc, _tile(w_ptr, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
+        if GLU:
+            acc_up = _dot(acc_up, _tile(w_ptr + NY * KW, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
+    y = _rows_out(acc, s_ptr, rn, NY, PAIRS)
     if BIAS:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    if GLU:  # gate and up as the matmul would store them, then silu(gate) * up
+        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        u = _rows_out(acc_up, s_ptr + NY, rn, NY, PAIRS).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
     if ADD:  # the matmul's result in x's dtype, then the residual add, as the separate ops round
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * N + rn, mask=rn < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + rn, y, mask=rn < N)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
 
 
-def w8_block(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, pro: int, *, lnw: torch.Tensor | None = None,
-             eps: float = 0.0, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             pairs: bool = True) -> torch.Tensor:
-    """_w8_block_kernel for x [M, K] (M <= GEMV_ROWS; SWIGLU: [M, 2K]) and q [N, K] int8: [M, N] in x's dtype;
-    pairs: the fp16-pair dots (else fp32)."""
+def w8_block(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, lnw: torch.Tensor | None = None,
+             eps: float = 0.0, bias: torch.Tensor | None = None, glu: bool = False,
+             residual: torch.Tensor | None = None, pairs: bool = True) -> torch.Tensor:
+    """_w8_block_kernel for x [M, K] (M <= GEMV_ROWS) and q [N, K] int8: [M, N] in x's dtype ([M, N / 2] with
+    glu); x RMS-normed first where lnw is given; pairs: the fp16-pair dots (else fp32)."""
     (m, kx), (n, k) = x.shape, q.shape
-    if m > GEMV_ROWS or k % 4 or kx != (2 * k if pro == SWIGLU else k):
+    if m > GEMV_ROWS or k % 4 or kx != k or (glu and n % 2):
         raise ValueError(f"w8_block: x {tuple(x.shape)} against weight {tuple(q.shape)} (rows <= {GEMV_ROWS}, "
-                         "in-features divisible by 4)")
+                         "in-features divisible by 4, an even number of out-features for glu)")
     x = x.contiguous()
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+    ny = n // 2 if glu else n
+    y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
     _w8_block_kernel[grid](x, x if lnw is None else lnw, q.view(torch.int32), scale, scale if bias is None else bias,
-                           y if residual is None else residual.contiguous(), y, m, n, k, eps, PRO=pro,
-                           BIAS=bias is not None, ADD=residual is not None, PAIRS=pairs, ASM=not INTERPRET)
+                           y if residual is None else residual.contiguous(), y, m, n, k, eps, NORM=lnw is not None,
+                           GLU=glu, BIAS=bias is not None, ADD=residual is not None, PAIRS=pairs, ASM=not INTERPRET)
     return y
 
 
 @torch.library.register_kernel("adaptive_inference::w8_norm_linear", "cuda")
-def _w8_norm_linear_cuda(x, lnw, eps, q, scale, bias):
-    return w8_block(x, q, scale, NORM, lnw=lnw, eps=eps, bias=bias if bias.numel() else None)
+def _w8_norm_linear_cuda(x, lnw, eps, q, scale, bias, glu):
+    return w8_block(x, q, scale, lnw=lnw, eps=eps, bias=bias if bias.numel() else None, glu=glu)
 
 
 @torch.library.register_kernel("adaptive_inference::w8_linear_add", "cuda")
-def _w8_linear_add_cuda(x, q, scale, residual, swiglu):
-    return w8_block(x, q, scale, SWIGLU if swiglu else PLAIN, residual=residual)
+def _w8_linear_add_cuda(x, q, scale, residual):
+    return w8_block(x, q, scale, residual=residual)
