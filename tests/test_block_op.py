@@ -1,5 +1,6 @@
-"""block_op: a decode block whose int8 matmuls take the norms, the SwiGLU and the residual adds into two ops gives
-the block of the separate ops (here the ops' reference implementations; the CUDA kernels in test_cuda_graphs)."""
+"""block_op: a decode block whose int8 / 4-bit matmuls take the norms, the SwiGLU and the residual adds into two ops
+gives the block of the separate ops (here the ops' reference implementations; the CUDA kernels in
+test_cuda_graphs)."""
 
 import dataclasses
 
@@ -9,27 +10,32 @@ import torch
 
 from adaptive_inference import block_op, quant
 from adaptive_inference.decoder import LINEARS
-from adaptive_inference.quant_cuda import CudaPacked
+from adaptive_inference.quant_cuda import CudaPacked, split_halves
 from adaptive_inference.torch_backend import TorchLM
 
 IDS = [5, 17, 99, 3, 64, 12]
 
 
-def _int8(w: torch.Tensor):
-    """(the weight int8-packed for the block ops, its dequantized dense twin)."""
-    p = quant.quantize(w.float().numpy(), "int8")
-    q, s = torch.from_numpy(p.q), torch.from_numpy(p.scale)
-    return CudaPacked("int8", tuple(w.shape), (q, s), block=True), (q.float() * s[:, None]).to(w.dtype)
+def _packed(w: torch.Tensor, fmt: str):
+    """(the weight packed for the block ops as quant_cuda lays it, its dequantized dense twin)."""
+    p = quant.quantize(w.float().numpy(), fmt, group_size=32)
+    dense = torch.from_numpy(quant.dequantize(p)).to(w.dtype)
+    if fmt == "int8":
+        return CudaPacked("int8", tuple(w.shape), (torch.from_numpy(p.q), torch.from_numpy(p.scale)), block=True), dense
+    t = (torch.from_numpy(split_halves(p.codes)), torch.empty(0, dtype=torch.uint8), torch.from_numpy(p.scale),
+         torch.from_numpy(p.minv))
+    return CudaPacked("w4", tuple(w.shape), t, 32, block=True), dense
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("mlp, alpha, batch", [(True, 1.0, 1), (False, 1.0, 2), (True, 0.5, 3)])
-def test_block_ops_give_the_separate_ops_block(tiny_llama, mlp, alpha, batch):
-    """One decode block on int8 weights: as block_op's ops (norm folded into qkv / gate_up, residual into o /
-    down, SwiGLU into down) and as the separate ops on the dequantized weights: the same output and K/V."""
+def test_block_ops_give_the_separate_ops_block(tiny_llama, fmt, mlp, alpha, batch):
+    """One decode block on int8 or 4-bit weights: as block_op's ops (norm folded into qkv / gate_up, SwiGLU into
+    gate_up, residual into o / down) and as the separate ops on the dequantized weights: the same output and K/V."""
     lm = TorchLM.load(tiny_llama[1], device="cpu")
     lm.attention_kernel = True  # the decode attention op (its CPU implementation), as on CUDA
     lw = lm.layers[1]
-    pairs = {n: _int8(getattr(lw, n)) for n in LINEARS}
+    pairs = {n: _packed(getattr(lw, n), fmt) for n in LINEARS}
     blocked = dataclasses.replace(lw, **{n: p for n, (p, _) in pairs.items()})
     dense = dataclasses.replace(lw, **{n: d for n, (_, d) in pairs.items()})
     assert lm._block_ops(torch.zeros(batch, 1, 1), blocked) and not lm._block_ops(torch.zeros(batch, 1, 1), dense)
@@ -45,6 +51,14 @@ def test_block_ops_give_the_separate_ops_block(tiny_llama, mlp, alpha, batch):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(caches[1].k.numpy(), caches[0].k.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(caches[1].bias.numpy(), caches[0].bias.numpy())
+
+
+def test_w4_dequantize_reads_quant_cudas_layout():
+    """The 4-bit ops' reference reads the codes as quant_cuda lays them (split halves) to quant's weight."""
+    p = quant.quantize(np.random.default_rng(2).standard_normal((6, 128)).astype(np.float32), "int4", group_size=32)
+    got = block_op.w4_dequantize(torch.from_numpy(split_halves(p.codes)), torch.from_numpy(p.scale),
+                                 torch.from_numpy(p.minv), 32)
+    np.testing.assert_allclose(got.numpy(), quant.dequantize(p), rtol=0, atol=1e-6)
 
 
 def test_block_ops_are_the_ops_they_fold():

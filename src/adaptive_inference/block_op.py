@@ -10,6 +10,9 @@ step; docs/measurements, 2026-12-07).
 No split of K: a program owns whole output rows (gate_up: row i of both halves), so it finishes them itself and
 nothing is left to sum.
 
+`w4_norm_linear` and `w4_linear_add` are the same for 4-bit codes read at depth 4 (quant_cuda's "w4": split
+halves, an fp16 scale and min per group).
+
 Their implementations here are the plain torch ops they replace (any device; what a CPU test runs);
 triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M at most GEMV_ROWS."""
 
@@ -33,11 +36,7 @@ def w8_norm_linear(x: torch.Tensor, lnw: torch.Tensor, eps: float, q: torch.Tens
                    bias: torch.Tensor, glu: bool) -> torch.Tensor:
     """[M, N] in x's dtype: F.rms_norm(x [M, K], lnw, eps) times the int8 weight, + bias (empty: none); glu:
     silu(gate) * up of its halves [gate | up], [M, N / 2]."""
-    y = _w8(F.rms_norm(x, (x.shape[-1],), lnw, eps), q, scale, bias)
-    if glu:
-        gate, up = y.chunk(2, -1)
-        y = F.silu(gate) * up
-    return y
+    return _glu(_w8(F.rms_norm(x, (x.shape[-1],), lnw, eps), q, scale, bias), glu)
 
 
 @w8_norm_linear.register_fake
@@ -54,3 +53,43 @@ def w8_linear_add(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, residua
 @w8_linear_add.register_fake
 def _(x, q, scale, residual):
     return x.new_empty((x.shape[0], q.shape[0]))
+
+
+def w4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] fp32 of 4-bit codes [N, K / 2] in w4_linear's split halves (byte j: column j low, j + K / 2 high)
+    with a scale and min [N, K / group] per group: code * scale + min."""
+    c = torch.cat([codes & 15, codes >> 4], dim=1).float()
+    g = torch.arange(c.shape[1], device=c.device) // group_size
+    return c * scale.float()[:, g] + minv.float()[:, g]
+
+
+def _glu(y: torch.Tensor, glu: bool) -> torch.Tensor:
+    if not glu:
+        return y
+    gate, up = y.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+@torch.library.custom_op("adaptive_inference::w4_norm_linear", mutates_args=())
+def w4_norm_linear(x: torch.Tensor, lnw: torch.Tensor, eps: float, codes: torch.Tensor, scale: torch.Tensor,
+                   minv: torch.Tensor, group_size: int, bias: torch.Tensor, glu: bool) -> torch.Tensor:
+    """w8_norm_linear for 4-bit codes (w4_dequantize)."""
+    y = (F.rms_norm(x, (x.shape[-1],), lnw, eps).float() @ w4_dequantize(codes, scale, minv, group_size).T).to(x.dtype)
+    return _glu(y + bias if bias.numel() else y, glu)
+
+
+@w4_norm_linear.register_fake
+def _(x, lnw, eps, codes, scale, minv, group_size, bias, glu):
+    return x.new_empty((x.shape[0], codes.shape[0] // 2 if glu else codes.shape[0]))
+
+
+@torch.library.custom_op("adaptive_inference::w4_linear_add", mutates_args=())
+def w4_linear_add(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int,
+                  residual: torch.Tensor) -> torch.Tensor:
+    """w8_linear_add for 4-bit codes (w4_dequantize)."""
+    return residual + (x.float() @ w4_dequantize(codes, scale, minv, group_size).T).to(x.dtype)
+
+
+@w4_linear_add.register_fake
+def _(x, codes, scale, minv, group_size, residual):
+    return x.new_empty((x.shape[0], codes.shape[0]))

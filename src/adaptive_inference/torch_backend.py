@@ -16,6 +16,8 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
   storage, reset (decode_pairs keeps two alive: two storages, each with its graphs).
+- cuda_block_ops (CUDA, off by default until timed): a decode block on int8 or depth-4 weights (quant_cuda)
+  runs as block_op's ops, its norms, SwiGLU and residual adds folded into the matmuls: 5 launches, not 10.
 """
 
 from __future__ import annotations
@@ -116,9 +118,7 @@ class TorchLM(Decoder):
         self.runs_ahead = torch.device(device).type == "cuda"  # kernels queue: generation may run a step ahead
         self.attention_kernel = (cuda_attention == "kernel" and torch.device(device).type == "cuda"
                                  and _triton_attention_ok(cfg, dtype))
-        # int8 weight sets on CUDA: decode blocks as block_op's ops, the norms, SwiGLU and residual adds folded
-        # into the matmuls (5 launches a block instead of 10)
-        self.cuda_block_ops = cuda_block_ops
+        self.cuda_block_ops = cuda_block_ops  # packed decode blocks as block_op's ops (module docstring)
         # a plan's gate decides on the device where steps are compiled / captured (on CPU the host reads for free)
         self.device_gate = torch.device(device).type == "cuda"
         self._sms = None  # SMs of the CUDA device: the gated matmuls' split-K (known before any step is traced)
@@ -315,7 +315,7 @@ class TorchLM(Decoder):
 
     def _block_ops(self, x, lw: Layer) -> bool:
         """Whether a block runs as block_op's ops: one token of at most GEMV_ROWS rows, the decode attention op,
-        every matrix int8 packed for them (CudaPacked.block)."""
+        every matrix packed for them (CudaPacked.block: int8, or 4-bit codes read at depth 4)."""
         return (x.shape[-2] == 1 and x.shape[0] <= block_op.ROWS and self.attention_kernel
                 and all(getattr(getattr(lw, n), "block", False) for n in LINEARS))
 

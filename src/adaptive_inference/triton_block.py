@@ -15,13 +15,19 @@ import triton.language as tl
 from . import block_op  # noqa: F401  (defines the ops this module gives CUDA kernels)
 from .triton_kernels import (
     _GEMV_CONFIGS,
+    _W4_GEMV_CONFIGS,
     GEMV_ROWS,
     INTERPRET,
+    _f16x2_dot,
     _group_sums,
     _i8_f16x2_dot,
     _int8_byte,
     _k_slice,
+    _pair_sums,
+    _scales,
     _tile,
+    _tile_to,
+    _w4_gemv_start,
 )
 
 
@@ -140,3 +146,116 @@ def _w8_norm_linear_cuda(x, lnw, eps, q, scale, bias, glu):
 @torch.library.register_kernel("adaptive_inference::w8_linear_add", "cuda")
 def _w8_linear_add_cuda(x, q, scale, residual):
     return w8_block(x, q, scale, residual=residual)
+
+
+@triton.jit
+def _w4_tile_dot(acc, w, xa, xb, xc, xd, s_ptr, m_ptr, rn, k0, H, N, G, GROUP: tl.constexpr, NG: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """acc [BLOCK_N, NG] + one tile of 4-bit code words w (split halves) dotted with x's fp16 pairs / 16 (xa, xb:
+    the low half's columns, xc, xd: the high half's), per group: 16 scale (centred codes . x / 16) + (min + 8
+    scale) sum(x), as _w4_gemv_f16x2_kernel's loop."""
+    lo, hi = _f16x2_dot(w, xa[None, :], xb[None, :], xc[None, :], xd[None, :], ASM)
+    for high in tl.static_range(2):
+        xg = _pair_sums(xc if high else xa, xd if high else xb, NG) * 16  # sum(x) per group, from x / 16
+        sc, mn = _scales(s_ptr, m_ptr, rn, (k0 + high * H) // GROUP, N, G, GROUP, False, BLOCK_K)
+        acc += _group_sums(hi if high else lo, NG, ASM) * (16 * sc) + (mn + 8 * sc) * xg[None, :]
+    return acc
+
+
+@triton.jit
+def _x_pairs(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM: tl.constexpr):
+    """x's columns cols + 0..3 (as _x_cols makes them) / 16 as the fp16 pairs (cols, cols + 2), (cols + 1, cols + 3)."""
+    x0 = _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM) * 0.0625
+    x1 = _x_cols(x_ptr, l_ptr, m, K, cols + 1, ok, rstd, NORM) * 0.0625
+    x2 = _x_cols(x_ptr, l_ptr, m, K, cols + 2, ok, rstd, NORM) * 0.0625
+    x3 = _x_cols(x_ptr, l_ptr, m, K, cols + 3, ok, rstd, NORM) * 0.0625
+    return _f16_pair(x0, x2), _f16_pair(x1, x3)
+
+
+@triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "GROUP", "NORM", "GLU", "ADD"])
+@triton.jit
+def _w4_block_kernel(x_ptr, l_ptr, c_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, GROUP: tl.constexpr,
+                     NORM: tl.constexpr, GLU: tl.constexpr, BIAS: tl.constexpr, ADD: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """_w8_block_kernel for 4-bit codes (w4_linear's split halves, read as int32 words [N, K / 8], fp16 scale and
+    min [N, K / GROUP]), dotted in fp16 pairs as _w4_gemv_f16x2_kernel does, with its register prefetch of the
+    next tile's words (PREFETCH)."""
+    pid_n, m = tl.program_id(0), tl.program_id(1)
+    NY = N // 2 if GLU else N
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    NG: tl.constexpr = BLOCK_K // GROUP
+    H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
+    rn, k_lo, k_hi, rw, w, acc = _w4_gemv_start(c_ptr, NY, H, HW, pid_n, 0, 1, NG, BLOCK_N, BLOCK_K)
+    acc_up = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    w_up = w
+    if GLU:
+        w_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
+    rstd = 0.0
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, 2 * k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            ss += v * v
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            w_next = _tile_to(c_ptr, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi)
+            if GLU:
+                w_up_next = _tile_to(c_ptr + NY * HW, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi)
+        ok = rw < HW
+        xa, xb = _x_pairs(x_ptr, l_ptr, m, K, 4 * rw, ok, rstd, NORM)
+        xc, xd = _x_pairs(x_ptr, l_ptr, m, K, H + 4 * rw, ok, rstd, NORM)
+        acc = _w4_tile_dot(acc, w, xa, xb, xc, xd, s_ptr, m_ptr, rn, k0, H, NY, G, GROUP, NG, BLOCK_K, ASM)
+        if GLU:
+            acc_up = _w4_tile_dot(acc_up, w_up, xa, xb, xc, xd, s_ptr + NY * G, m_ptr + NY * G, rn, k0, H, NY, G,
+                                  GROUP, NG, BLOCK_K, ASM)
+        rw += BLOCK_W
+        if PREFETCH:
+            w = w_next
+            if GLU:
+                w_up = w_up_next
+        else:
+            w = _tile_to(c_ptr, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+            if GLU:
+                w_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+    y = tl.sum(acc, axis=1)
+    if BIAS:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    if GLU:
+        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        u = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+    if ADD:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+
+
+def w4_block(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int, *,
+             lnw: torch.Tensor | None = None, eps: float = 0.0, bias: torch.Tensor | None = None, glu: bool = False,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout (depth 4) with fp16 scale and min [N, K / group]."""
+    (m, k), n = x.shape, codes.shape[0]
+    if m > GEMV_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
+        raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {GEMV_ROWS}, "
+                         f"in-features a multiple of 2 x group {group_size}, an even number of out-features for glu)")
+    x = x.contiguous()
+    ny = n // 2 if glu else n
+    y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
+    _w4_block_kernel[grid](x, x if lnw is None else lnw, codes.view(torch.int32), scale, minv,
+                           scale if bias is None else bias, y if residual is None else residual.contiguous(), y, m,
+                           n, k, eps, GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None,
+                           ADD=residual is not None, ASM=not INTERPRET)
+    return y
+
+
+@torch.library.register_kernel("adaptive_inference::w4_norm_linear", "cuda")
+def _w4_norm_linear_cuda(x, lnw, eps, codes, scale, minv, group_size, bias, glu):
+    return w4_block(x, codes, scale, minv, group_size, lnw=lnw, eps=eps, bias=bias if bias.numel() else None,
+                    glu=glu)
+
+
+@torch.library.register_kernel("adaptive_inference::w4_linear_add", "cuda")
+def _w4_linear_add_cuda(x, codes, scale, minv, group_size, residual):
+    return w4_block(x, codes, scale, minv, group_size, residual=residual)
