@@ -178,10 +178,11 @@ def test_router_decides_on_the_device_under_graphs(tiny_llama, batch, threshold)
     assert any(k[1][0] == "decide" for k in lm.graphs if k[0] == "segment")
 
 
-@pytest.mark.parametrize("B, H, Hkv, D, S, pos", [(1, 32, 8, 128, 128, 70), (3, 6, 2, 64, 40, 0), (2, 4, 4, 16, 90, 89)])
+@pytest.mark.parametrize("B, H, Hkv, D, S, pos", [(1, 32, 8, 128, 128, 70), (3, 6, 2, 64, 40, 0), (2, 4, 4, 16, 90, 89),
+                                                  (1, 32, 8, 128, 4096, 130)])  # a long cache read up to pos
 def test_decode_attention_kernel_equals_rope_write_and_sdpa(B, H, Hkv, D, S, pos):
     """The Triton kernel against the ops it replaces: RoPE, index_copy into the caches, the bias slot marked
-    written, SDPA over the whole static cache (a hole in row 0 stays masked)."""
+    written, SDPA over the whole static cache (a hole in row 0 stays masked; the kernel reads up to pos)."""
     import torch.nn.functional as F
 
     from adaptive_inference import triton_kernels  # noqa: F401  (registers the op's CUDA kernel)

@@ -21,7 +21,9 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                      cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, heads: int,
                      kv_heads: int) -> torch.Tensor:
     """qkv [B, (H + 2 Hkv) D] before RoPE; k / v caches [B, Hkv, S, D] and bias [B, S] (0 written, -inf not) of
-    one layer, written at slot positions[0]; cos / sin [1, D] at that position. Returns [B, H D]."""
+    one layer, written at slot positions[0]; cos / sin [1, D] at that position. Returns [B, H D]. The slots after
+    positions[0] are unwritten (a cache starts with every slot masked and is written in order), so a kernel may
+    leave them unread."""
     b, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = (t.reshape(b, 1, n, d).transpose(1, 2) for t, n in
                zip(qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1), (heads, kv_heads, kv_heads), strict=True))

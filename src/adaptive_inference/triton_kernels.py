@@ -621,9 +621,10 @@ def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, 
                              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
                              BLOCK_S: tl.constexpr, DOT: tl.constexpr):
     """One (row, kv head): RoPE on the new k and the group's q heads, k / v written at slot pos of the cache (the
-    row's bias slot marked written by kv head 0), then attention of the group's q heads over the whole static
-    cache under its bias (online softmax, fp32), slot pos taken from registers (another program's write of
-    the bias may land later)."""
+    row's bias slot marked written by kv head 0), then attention of the group's q heads over the cache's slots up
+    to pos under its bias (online softmax, fp32; the later slots are unwritten, so a long static cache costs
+    nothing until it fills), slot pos taken from registers (another program's write of the bias may land
+    later)."""
     b, h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = H // HKV
     HALF: tl.constexpr = D // 2
@@ -652,7 +653,7 @@ def _decode_attention_kernel(qkv_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, 
     m_i = tl.full((G_PAD,), -1e30, tl.float32)  # finite: a block of unwritten slots gives exp(-inf) = 0, not nan
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, D), tl.float32)
-    for s0 in range(0, S, BLOCK_S):
+    for s0 in range(0, pos + 1, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         sm = rs < S
         new = rs == pos

@@ -367,21 +367,29 @@ def _event_ms(fn, n: int) -> float:
     return start.elapsed_time(end) / n
 
 
+def _blocks_ms(lm: TorchLM, a, slots: int) -> float:
+    """Milliseconds of the baseline's captured blocks at the position after the prompt, replayed back to back,
+    on a static cache of `slots` slots."""
+    cache = lm.new_cache(1, slots)
+    lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
+    lm.decode_one_token(lm.ids_array(np.array([1])), cache)  # captures the graph for this storage, or replays it
+    cache.length -= 1  # the replays below rewrite that slot
+    return _event_ms(lm.graphs[(StepPlan(), id(cache.k))][0], 50)
+
+
 def anatomy(lm: TorchLM, a, step_tps: float) -> dict:
     """Where a batch-1 baseline step goes: the captured blocks replayed back to back, the LM head alone,
     and the rest of the measured step: host work and the per-token sync of the generation loop, as far as
-    running a step ahead (generation.stream) does not hide them."""
-    cache = lm.new_cache(1, a.prompt_tokens + a.new_tokens)
-    lm.prefill(lm.ids_array(np.arange(1, 1 + a.prompt_tokens)[None]), cache)
-    tok = lm.ids_array(np.array([1]))
-    lm.decode_one_token(tok, cache)  # captures the graph for this storage, or replays it
-    cache.length -= 1  # the replays below rewrite that slot
-    replay = lm.graphs[(StepPlan(), id(cache.k))][0]
+    running a step ahead (generation.stream) does not hide them. With --long-cache, the blocks again on a static
+    cache of that many slots at the same position (what a long generation budget costs its first steps)."""
+    blocks = _blocks_ms(lm, a, a.prompt_tokens + a.new_tokens)
     h = torch.zeros(1, lm.cfg.hidden_size, device=lm.device, dtype=lm.dtype)
-    blocks = _event_ms(replay, 50)
     head = _event_ms(lambda: lm.logits32(h, lm.lm_head).argmax(-1), 50)
     step = 1e3 / step_tps
-    return {"blocks_ms": blocks, "head_ms": head, "step_ms": step, "rest_ms": step - blocks - head}
+    out = {"blocks_ms": blocks, "head_ms": head, "step_ms": step, "rest_ms": step - blocks - head}
+    if a.long_cache:
+        out |= {"long_cache_slots": a.long_cache, "blocks_ms_long_cache": _blocks_ms(lm, a, a.long_cache)}
+    return out
 
 
 def profile(shape: str, a) -> None:
@@ -580,6 +588,8 @@ def parser() -> argparse.ArgumentParser:
                          "and SDPA as ops")
     ap.add_argument("--profile-rows", type=int, default=25, help="kernels --profile lists (by total time)")
     ap.add_argument("--profile-tokens", type=int, default=16, help="decode steps --profile --configs records")
+    ap.add_argument("--long-cache", type=int, default=0,
+                    help="anatomy: also time the baseline's blocks on a static cache of this many slots (0: no)")
     ap.add_argument("--run-ahead", default="on", choices=["on", "off", "both"],
                     help="generation queues a static plan's next step before reading its token (on, as the "
                          "pipeline runs), reads each token first (off), or both side by side (NAME/behind rows)")
@@ -590,6 +600,9 @@ def _check(a) -> None:
     known = {*a.packed, *OTHER_CONFIGS, *GEAR_SETS}
     if a.configs and not set(a.configs) <= known:
         raise UserError(f"cuda_techniques: unknown configs {sorted(set(a.configs) - known)} (known: {sorted(known)})")
+    if a.long_cache and a.long_cache <= a.prompt_tokens:
+        raise UserError(f"cuda_techniques: --long-cache {a.long_cache} cannot hold the {a.prompt_tokens}-token prompt "
+                        "and a token")
     if not torch.cuda.is_available():
         raise UserError("cuda_techniques: no CUDA device here (torch.cuda.is_available() is False)")
 
