@@ -9,7 +9,8 @@ NAMES = ("torch", "mlx")
 
 def load_backend(name: str, model_dir: Path, dtype: str = "float32", device: str | None = None,
                  runtime: dict | None = None):
-    """runtime: params benchmark.runtime (cpu_matmul, compile, cuda_graphs); torch reads all, MLX cpu_matmul."""
+    """runtime: params benchmark.runtime (cpu_matmul, compile, cuda_graphs, cuda_block_ops); torch reads all, MLX
+    cpu_matmul."""
     if name == "torch":
         from .torch_backend import TorchLM, default_device
 
