@@ -114,7 +114,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
     if isinstance(p, quant.Int8Weight):
         return CudaPacked("int8", p.shape, (torch.from_numpy(np.ascontiguousarray(p.q)).to(device),
                                             torch.from_numpy(np.ascontiguousarray(p.scale)).to(device)), splits=splits(),
-                          block=block)
+                          block=block and p.shape[1] % 4 == 0)  # the block kernel reads 4 codes a word
     depth = max(p.depths) if depth is None else depth
     if depth not in p.depths:
         raise UserError(f"quant_cuda.prepare: depth {depth} not stored (have {p.depths})")
