@@ -19,18 +19,18 @@ IDS = [5, 17, 99, 3, 64, 12]
 def _packed(w: torch.Tensor, fmt: str):
     """(the weight packed for the block ops as quant_cuda lays it, its dequantized dense twin)."""
     p = quant.quantize(w.float().numpy(), fmt, group_size=32)
-    dense = torch.from_numpy(quant.dequantize(p)).to(w.dtype)
+    dense = torch.from_numpy(quant.dequantize(p)).to(w.dtype)  # nested: at depth 8, its deepest
     if fmt == "int8":
         return CudaPacked("int8", tuple(w.shape), (torch.from_numpy(p.q), torch.from_numpy(p.scale)), block=True), dense
-    t = (torch.from_numpy(split_halves(p.codes)), torch.empty(0, dtype=torch.uint8), torch.from_numpy(p.scale),
-         torch.from_numpy(p.minv))
-    return CudaPacked("w4", tuple(w.shape), t, 32, block=True), dense
+    plane = torch.from_numpy(split_halves(p.residual)) if fmt == "nested" else torch.empty(0, dtype=torch.uint8)
+    t = (torch.from_numpy(split_halves(p.codes)), plane, torch.from_numpy(p.scale), torch.from_numpy(p.minv))
+    return CudaPacked("w4", tuple(w.shape), t, 32, nested=fmt == "nested", block=True), dense
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nested"])
 @pytest.mark.parametrize("mlp, alpha, batch", [(True, 1.0, 1), (False, 1.0, 2), (True, 0.5, 3)])
 def test_block_ops_give_the_separate_ops_block(tiny_llama, fmt, mlp, alpha, batch):
-    """One decode block on int8 or 4-bit weights: as block_op's ops (norm folded into qkv / gate_up, SwiGLU into
+    """One decode block on int8, 4-bit or nested 8-bit weights: as block_op's ops (norm folded into qkv / gate_up, SwiGLU into
     gate_up, residual into o / down) and as the separate ops on the dequantized weights: the same output and K/V."""
     lm = TorchLM.load(tiny_llama[1], device="cpu")
     lm.attention_kernel = True  # the decode attention op (its CPU implementation), as on CUDA
@@ -53,12 +53,14 @@ def test_block_ops_give_the_separate_ops_block(tiny_llama, fmt, mlp, alpha, batc
     np.testing.assert_array_equal(caches[1].bias.numpy(), caches[0].bias.numpy())
 
 
-def test_w4_dequantize_reads_quant_cudas_layout():
-    """The 4-bit ops' reference reads the codes as quant_cuda lays them (split halves) to quant's weight."""
-    p = quant.quantize(np.random.default_rng(2).standard_normal((6, 128)).astype(np.float32), "int4", group_size=32)
-    got = block_op.w4_dequantize(torch.from_numpy(split_halves(p.codes)), torch.from_numpy(p.scale),
-                                 torch.from_numpy(p.minv), 32)
-    np.testing.assert_allclose(got.numpy(), quant.dequantize(p), rtol=0, atol=1e-6)
+@pytest.mark.parametrize("fmt, depth", [("int4", 4), ("nested", 4), ("nested", 8)])
+def test_w4_dequantize_reads_quant_cudas_layout(fmt, depth):
+    """The 4-bit ops' reference reads the codes as quant_cuda lays them (split halves, the nested format's second
+    plane at depth 8) to quant's weight."""
+    p = quant.quantize(np.random.default_rng(2).standard_normal((6, 128)).astype(np.float32), fmt, group_size=32)
+    plane = split_halves(p.residual) if depth == 8 else np.zeros(0, np.uint8)
+    got = block_op.w4_dequantize(*(torch.from_numpy(a) for a in (split_halves(p.codes), plane, p.scale, p.minv)), 32)
+    np.testing.assert_allclose(got.numpy(), quant.dequantize(p, depth=depth), rtol=0, atol=1e-6)
 
 
 def test_block_ops_are_the_ops_they_fold():

@@ -323,10 +323,10 @@ def test_w8_block_kernel_is_its_ops_arithmetic(op, m, pairs):
     assert err < 1.2e-2, err  # bf16 rounding of x, of the matmul and of the sum (the separate ops': ~0.5e-2)
 
 
-@pytest.mark.parametrize("fmt, compile", [("int8", False), ("int8", True), ("int4", True)])
+@pytest.mark.parametrize("fmt, compile", [("int8", False), ("int8", True), ("int4", True), ("nested", False)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
-    """cuda_block_ops: an int8 / 4-bit set's decode blocks on block_op's kernels (norms, SwiGLU and residual adds
+    """cuda_block_ops: an int8 / 4-bit / nested (read at depth 8) set's decode blocks on block_op's kernels (norms, SwiGLU and residual adds
     in the matmuls) give the separate kernels' logits, captured (and compiled: eager 4-bit steps take tinygemm),
     plans switching; full weights and prefills run as before."""
     from adaptive_inference import quant
@@ -337,7 +337,7 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
     states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
               for i, lw in enumerate(ref.layers) for f in LINEARS}
     quant.save_file(states, tmp_path / f"{fmt}.safetensors")
-    ws = WeightSet(fmt, str(tmp_path / f"{fmt}.safetensors"), None)
+    ws = WeightSet(fmt, str(tmp_path / f"{fmt}.safetensors"), 8 if fmt == "nested" else None)
     block = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile, cuda_block_ops=True)
     plans = [StepPlan(weights=ws), StepPlan(), StepPlan(weights=ws, skip_layers=frozenset({1}), zero_mlp=frozenset({2}))]
     want = _two_interleaved(ref, batch, plans)
@@ -349,26 +349,29 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
 
 @pytest.mark.parametrize("op", ["norm", "norm_glu", "add"])
 @pytest.mark.parametrize("m, group", [(1, 32), (3, 64)])
-def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group):
-    """triton_block's 4-bit GEMV (depth 4, fp16 pairs): the block ops' reference arithmetic in fp32, within bf16's
-    rounding."""
+@pytest.mark.parametrize("fmt", ["int4", "nested"])
+def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, fmt):
+    """triton_block's 4-bit GEMVs (depth 4 in fp16 pairs; nested at depth 8 in fp32): the block ops' reference
+    arithmetic in fp32, within bf16's rounding."""
     from adaptive_inference import block_op, quant, quant_cuda
     from adaptive_inference.triton_block import w4_block
 
     n, k = 200, 2 * 640
-    p = quant.quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.05, "int4",
+    p = quant.quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.05, fmt,
                        group_size=group)
-    codes, scale, minv = (torch.from_numpy(a).cuda() for a in (quant_cuda.split_halves(p.codes), p.scale, p.minv))
+    plane = quant_cuda.split_halves(p.residual) if fmt == "nested" else np.zeros(0, np.uint8)
+    codes, plane, scale, minv = (torch.from_numpy(a).cuda() for a in (quant_cuda.split_halves(p.codes), plane, p.scale,
+                                                                       p.minv))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(m, k, generator=g, device="cuda") * 3).bfloat16()
     lnw, r = (torch.rand(k, generator=g, device="cuda") + 0.5).bfloat16(), torch.randn(m, n, device="cuda").bfloat16()
     glu = op == "norm_glu"
     if op == "add":
-        got = w4_block(x, codes, scale, minv, group, residual=r)
-        want = block_op.w4_linear_add(x.float(), codes, scale, minv, group, r.float())
+        got = w4_block(x, codes, plane, scale, minv, group, residual=r)
+        want = block_op.w4_linear_add(x.float(), codes, plane, scale, minv, group, r.float())
     else:
-        got = w4_block(x, codes, scale, minv, group, lnw=lnw, eps=1e-5, glu=glu)
-        want = block_op.w4_norm_linear(x.float(), lnw.float(), 1e-5, codes, scale, minv, group,
+        got = w4_block(x, codes, plane, scale, minv, group, lnw=lnw, eps=1e-5, glu=glu)
+        want = block_op.w4_norm_linear(x.float(), lnw.float(), 1e-5, codes, plane, scale, minv, group,
                                        x.new_empty(0, dtype=torch.float32), glu)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n // 2 if glu else n)
     err = (got.float() - want).abs().max() / want.abs().max()

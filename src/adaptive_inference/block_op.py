@@ -10,8 +10,8 @@ step; docs/measurements, 2026-12-07).
 No split of K: a program owns whole output rows (gate_up: row i of both halves), so it finishes them itself and
 nothing is left to sum.
 
-`w4_norm_linear` and `w4_linear_add` are the same for 4-bit codes read at depth 4 (quant_cuda's "w4": split
-halves, an fp16 scale and min per group).
+`w4_norm_linear` and `w4_linear_add` are the same for 4-bit codes (quant_cuda's "w4": split halves, an fp16
+scale and min per group) read at depth 4, or at depth 8 with the nested format's second plane.
 
 Their implementations here are the plain torch ops they replace (any device; what a CPU test runs);
 triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M at most GEMV_ROWS."""
@@ -55,12 +55,19 @@ def _(x, q, scale, residual):
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
-def w4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int) -> torch.Tensor:
+def w4_dequantize(codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
     """[N, K] fp32 of 4-bit codes [N, K / 2] in w4_linear's split halves (byte j: column j low, j + K / 2 high)
-    with a scale and min [N, K / group] per group: code * scale + min."""
-    c = torch.cat([codes & 15, codes >> 4], dim=1).float()
+    with a scale and min [N, K / group] per group: code * scale + min; with the nested format's second plane
+    (same layout; empty: none) the 8-bit code 16 code + plane on a scale / 16 grid centred by 7.5 steps."""
+    def unpack(b):
+        return torch.cat([b & 15, b >> 4], dim=1).float()
+
+    c, s = unpack(codes), scale.float()
+    if plane.numel():
+        c, s = 16 * c + unpack(plane) - 7.5, s / 16
     g = torch.arange(c.shape[1], device=c.device) // group_size
-    return c * scale.float()[:, g] + minv.float()[:, g]
+    return c * s[:, g] + minv.float()[:, g]
 
 
 def _glu(y: torch.Tensor, glu: bool) -> torch.Tensor:
@@ -71,25 +78,27 @@ def _glu(y: torch.Tensor, glu: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("adaptive_inference::w4_norm_linear", mutates_args=())
-def w4_norm_linear(x: torch.Tensor, lnw: torch.Tensor, eps: float, codes: torch.Tensor, scale: torch.Tensor,
-                   minv: torch.Tensor, group_size: int, bias: torch.Tensor, glu: bool) -> torch.Tensor:
+def w4_norm_linear(x: torch.Tensor, lnw: torch.Tensor, eps: float, codes: torch.Tensor, plane: torch.Tensor,
+                   scale: torch.Tensor, minv: torch.Tensor, group_size: int, bias: torch.Tensor,
+                   glu: bool) -> torch.Tensor:
     """w8_norm_linear for 4-bit codes (w4_dequantize)."""
-    y = (F.rms_norm(x, (x.shape[-1],), lnw, eps).float() @ w4_dequantize(codes, scale, minv, group_size).T).to(x.dtype)
+    w = w4_dequantize(codes, plane, scale, minv, group_size)
+    y = (F.rms_norm(x, (x.shape[-1],), lnw, eps).float() @ w.T).to(x.dtype)
     return _glu(y + bias if bias.numel() else y, glu)
 
 
 @w4_norm_linear.register_fake
-def _(x, lnw, eps, codes, scale, minv, group_size, bias, glu):
+def _(x, lnw, eps, codes, plane, scale, minv, group_size, bias, glu):
     return x.new_empty((x.shape[0], codes.shape[0] // 2 if glu else codes.shape[0]))
 
 
 @torch.library.custom_op("adaptive_inference::w4_linear_add", mutates_args=())
-def w4_linear_add(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int,
-                  residual: torch.Tensor) -> torch.Tensor:
+def w4_linear_add(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor,
+                  minv: torch.Tensor, group_size: int, residual: torch.Tensor) -> torch.Tensor:
     """w8_linear_add for 4-bit codes (w4_dequantize)."""
-    return residual + (x.float() @ w4_dequantize(codes, scale, minv, group_size).T).to(x.dtype)
+    return residual + (x.float() @ w4_dequantize(codes, plane, scale, minv, group_size).T).to(x.dtype)
 
 
 @w4_linear_add.register_fake
-def _(x, codes, scale, minv, group_size, residual):
+def _(x, codes, plane, scale, minv, group_size, residual):
     return x.new_empty((x.shape[0], codes.shape[0]))

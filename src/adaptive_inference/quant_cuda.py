@@ -44,7 +44,7 @@ class CudaPacked:
     nested: bool = False  # w4 read at depth 8
     splits: int = 1  # int8 / w4: slices of K the Triton kernels split the matmul into (gated_linear_op.split_k)
     pairs: bool = True  # int8 / w4 at depth 4: the fp16-pair kernels where they apply (triton_kernels.f16x2_gemv)
-    block: bool = False  # int8 / w4 at depth 4: a decode block on these weights runs as block_op's ops
+    block: bool = False  # int8 / w4: a decode block on these weights runs as block_op's ops
     capturable = True  # aten ops and a custom op: compiled and captured like dense weights
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,15 +57,13 @@ class CudaPacked:
         b = x.new_empty(0) if bias is None else bias
         if self.kind == "int8":
             return block_op.w8_norm_linear(x, lnw, eps, *self.tensors, b, glu)
-        codes, _, scale, minv = self.tensors
-        return block_op.w4_norm_linear(x, lnw, eps, codes, scale, minv, self.group_size, b, glu)
+        return block_op.w4_norm_linear(x, lnw, eps, *self.tensors, self.group_size, b, glu)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x times this weight, one op (block_op's w8_ / w4_linear_add)."""
         if self.kind == "int8":
             return block_op.w8_linear_add(x, *self.tensors, residual)
-        codes, _, scale, minv = self.tensors
-        return block_op.w4_linear_add(x, codes, scale, minv, self.group_size, residual)
+        return block_op.w4_linear_add(x, *self.tensors, self.group_size, residual)
 
 
 def scale_and_zero(p: quant.Int4Weight) -> np.ndarray:
@@ -106,8 +104,8 @@ def four_bit_kernel(p: quant.Int4Weight, depth: int, kernel: str = "auto", compi
 def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None, device: str = "cuda",
             kernel: str = "auto", compiled: bool = True, block: bool = False) -> CudaPacked:
     """kernel, for 4-bit codes: "auto" (four_bit_kernel: for compiled decode steps, or eager ones where not
-    `compiled`), "triton" (w4_linear) or "tinygemm". block: int8 weights and 4-bit ones on w4_linear read at depth
-    4 marked for block_op's ops."""
+    `compiled`), "triton" (w4_linear) or "tinygemm". block: int8 weights and 4-bit ones on w4_linear marked for
+    block_op's ops."""
     def splits() -> int:  # for our Triton kernels (the device is asked only once the weight is known to fit one)
         return gated_linear_op.split_k(*p.shape, gated_linear_op.sms(device))
 
@@ -123,7 +121,7 @@ def prepare(p: quant.Int8Weight | quant.Int4Weight, *, depth: int | None = None,
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         residual = t(split_halves(p.residual)) if depth == 8 else torch.empty(0, dtype=torch.uint8, device=device)
         return CudaPacked("w4", p.shape, (t(split_halves(p.codes)), residual, t(p.scale), t(p.minv)), p.group_size,
-                          depth == 8, splits(), block=block and depth == 4)
+                          depth == 8, splits(), block=block)
     if depth != 4:
         raise UserError(f"packed weights on CUDA: a nested weight read at depth 8 needs group_size in "
                         f"{TRITON_GROUPS} and in-features a multiple of 2 x group_size, got {p.group_size}, {p.shape[1]}")

@@ -16,7 +16,7 @@ Runtime choices (params benchmark.runtime), the same for a job's baseline and it
   storage) and replayed, so a step costs one launch instead of hundreds. A captured graph holds the cache's
   addresses, so caches come from a pool: a cache handed out again after its holder dropped it is the same
   storage, reset (decode_pairs keeps two alive: two storages, each with its graphs).
-- cuda_block_ops (CUDA, off by default until timed): a decode block on int8 or depth-4 weights (quant_cuda)
+- cuda_block_ops (CUDA, off by default until timed): a decode block on int8 or 4-bit weights (quant_cuda)
   runs as block_op's ops, its norms, SwiGLU and residual adds folded into the matmuls: 5 launches, not 10.
 """
 
@@ -315,7 +315,7 @@ class TorchLM(Decoder):
 
     def _block_ops(self, x, lw: Layer) -> bool:
         """Whether a block runs as block_op's ops: one token of at most GEMV_ROWS rows, the decode attention op,
-        every matrix packed for them (CudaPacked.block: int8, or 4-bit codes read at depth 4)."""
+        every matrix packed for them (CudaPacked.block: int8 or 4-bit codes)."""
         return (x.shape[-2] == 1 and x.shape[0] <= block_op.ROWS and self.attention_kernel
                 and all(getattr(getattr(lw, n), "block", False) for n in LINEARS))
 

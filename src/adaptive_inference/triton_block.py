@@ -16,6 +16,7 @@ from . import block_op  # noqa: F401  (defines the ops this module gives CUDA ke
 from .triton_kernels import (
     _GEMV_CONFIGS,
     _W4_GEMV_CONFIGS,
+    FP32_2POW23_BITS,
     GEMV_ROWS,
     INTERPRET,
     _f16x2_dot,
@@ -231,10 +232,110 @@ def _w4_block_kernel(x_ptr, l_ptr, c_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, 
     tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
 
 
-def w4_block(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, group_size: int, *,
-             lnw: torch.Tensor | None = None, eps: float = 0.0, bias: torch.Tensor | None = None, glu: bool = False,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout (depth 4) with fp16 scale and min [N, K / group]."""
+@triton.jit
+def _nibble_fma(total, w, x, magic, S: tl.constexpr):
+    """total + the nibble at bit S of int32 words w, made a float as triton_kernels._nibble_dot does, times x."""
+    code = ((w & (0xF << S)) | (magic - (S << 23))).to(tl.float32, bitcast=True) - (1 << (23 - S))
+    return tl.fma(code, x[None, :], total)
+
+
+@triton.jit
+def _nibbles_dot_x(w, w_hi, x0, x1, x2, x3, magic, HIGH: tl.constexpr):
+    """triton_kernels._nibbles_dot with x's four columns of a word given (x0..x3 [BLOCK_W]), not loaded."""
+    total = _nibble_fma(tl.zeros(w.shape, dtype=tl.float32), w, x0, magic, 4 * HIGH)
+    total = _nibble_fma(total, w, x1, magic, 8 + 4 * HIGH)
+    total = _nibble_fma(total, w_hi, x2, magic, 4 * HIGH)
+    return _nibble_fma(total, w_hi, x3, magic, 8 + 4 * HIGH)
+
+
+@triton.jit
+def _nested_tile(acc, codes, residual, x0, x1, x2, x3, xg, s_ptr, m_ptr, rn, g0, N, G, magic, GROUP: tl.constexpr,
+                 NG: tl.constexpr, BLOCK_K: tl.constexpr, HIGH: tl.constexpr):
+    """acc + one half of a tile of a nested weight read at depth 8 (8-bit codes 16 code + residual on a scale / 16
+    grid centred by 7.5 steps) dotted with x, per group: scale (codes . x) + min sum(x)."""
+    dot = _nibbles_dot_x(codes, codes >> 16, x0, x1, x2, x3, magic, HIGH) * 16 \
+        + _nibbles_dot_x(residual, residual >> 16, x0, x1, x2, x3, magic, HIGH)
+    dot = tl.sum(tl.reshape(dot, (dot.shape[0], NG, dot.shape[1] // NG)), axis=2)
+    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, True, BLOCK_K)
+    return acc + dot * sc + (mn - 7.5 * sc) * xg[None, :]
+
+
+@triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "GROUP", "NORM", "GLU", "ADD"])
+@triton.jit
+def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, MAGIC,
+                      GROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, BIAS: tl.constexpr,
+                      ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """_w4_block_kernel for a nested weight read at depth 8 (codes and residual planes, q_ptr), in fp32 as
+    _w4_gemv_kernel reads it."""
+    pid_n, m = tl.program_id(0), tl.program_id(1)
+    NY = N // 2 if GLU else N
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    NG: tl.constexpr = BLOCK_K // GROUP
+    H, HW, G = K // 2, tl.multiple_of(K // 8, 8), K // GROUP
+    rn, k_lo, k_hi, rw, codes, acc = _w4_gemv_start(c_ptr, NY, H, HW, pid_n, 0, 1, NG, BLOCK_N, BLOCK_K)
+    res = _tile_to(q_ptr, rn, rw, NY, HW, k_lo, k_hi)
+    acc_up = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    codes_up, res_up = codes, res
+    if GLU:
+        codes_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
+        res_up = _tile_to(q_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
+    rstd = 0.0
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, 2 * k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            ss += v * v
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            nxt = (_tile_to(c_ptr, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi),
+                   _tile_to(q_ptr, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi))
+            if GLU:
+                nxt_up = (_tile_to(c_ptr + NY * HW, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi),
+                          _tile_to(q_ptr + NY * HW, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi))
+        ok = rw < HW
+        for high in tl.static_range(2):
+            cols = high * H + 4 * rw
+            x0 = _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM)
+            x1 = _x_cols(x_ptr, l_ptr, m, K, cols + 1, ok, rstd, NORM)
+            x2 = _x_cols(x_ptr, l_ptr, m, K, cols + 2, ok, rstd, NORM)
+            x3 = _x_cols(x_ptr, l_ptr, m, K, cols + 3, ok, rstd, NORM)
+            xg = tl.sum(tl.reshape(x0 + x1 + x2 + x3, (NG, BLOCK_W // NG)), axis=1)  # sum(x) per group
+            g0 = (k0 + high * H) // GROUP
+            acc = _nested_tile(acc, codes, res, x0, x1, x2, x3, xg, s_ptr, m_ptr, rn, g0, NY, G, MAGIC, GROUP, NG,
+                               BLOCK_K, high)
+            if GLU:
+                acc_up = _nested_tile(acc_up, codes_up, res_up, x0, x1, x2, x3, xg, s_ptr + NY * G, m_ptr + NY * G,
+                                      rn, g0, NY, G, MAGIC, GROUP, NG, BLOCK_K, high)
+        rw += BLOCK_W
+        if PREFETCH:
+            codes, res = nxt
+            if GLU:
+                codes_up, res_up = nxt_up
+        else:
+            codes = _tile_to(c_ptr, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+            res = _tile_to(q_ptr, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+            if GLU:
+                codes_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+                res_up = _tile_to(q_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
+    y = tl.sum(acc, axis=1)
+    if BIAS:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    if GLU:
+        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        u = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+    if ADD:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+
+
+def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+             group_size: int, *, lnw: torch.Tensor | None = None, eps: float = 0.0, bias: torch.Tensor | None = None,
+             glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout with fp16 scale and min [N, K / group]: read at
+    depth 4 (plane empty: fp16 pairs) or, with the nested format's second plane, at depth 8 (fp32)."""
     (m, k), n = x.shape, codes.shape[0]
     if m > GEMV_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
         raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {GEMV_ROWS}, "
@@ -243,19 +344,23 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minv: to
     ny = n // 2 if glu else n
     y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
-    _w4_block_kernel[grid](x, x if lnw is None else lnw, codes.view(torch.int32), scale, minv,
-                           scale if bias is None else bias, y if residual is None else residual.contiguous(), y, m,
-                           n, k, eps, GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None,
-                           ADD=residual is not None, ASM=not INTERPRET)
+    ln, b, r = x if lnw is None else lnw, scale if bias is None else bias, y if residual is None else residual.contiguous()
+    flags = dict(GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None, ADD=residual is not None)
+    if plane.numel():
+        _w4n_block_kernel[grid](x, ln, codes.view(torch.int32), plane.view(torch.int32), scale, minv, b, r, y, m, n, k,
+                                eps, FP32_2POW23_BITS, **flags)
+    else:
+        _w4_block_kernel[grid](x, ln, codes.view(torch.int32), scale, minv, b, r, y, m, n, k, eps, **flags,
+                               ASM=not INTERPRET)
     return y
 
 
 @torch.library.register_kernel("adaptive_inference::w4_norm_linear", "cuda")
-def _w4_norm_linear_cuda(x, lnw, eps, codes, scale, minv, group_size, bias, glu):
-    return w4_block(x, codes, scale, minv, group_size, lnw=lnw, eps=eps, bias=bias if bias.numel() else None,
+def _w4_norm_linear_cuda(x, lnw, eps, codes, plane, scale, minv, group_size, bias, glu):
+    return w4_block(x, codes, plane, scale, minv, group_size, lnw=lnw, eps=eps, bias=bias if bias.numel() else None,
                     glu=glu)
 
 
 @torch.library.register_kernel("adaptive_inference::w4_linear_add", "cuda")
-def _w4_linear_add_cuda(x, codes, scale, minv, group_size, residual):
-    return w4_block(x, codes, scale, minv, group_size, residual=residual)
+def _w4_linear_add_cuda(x, codes, plane, scale, minv, group_size, residual):
+    return w4_block(x, codes, plane, scale, minv, group_size, residual=residual)

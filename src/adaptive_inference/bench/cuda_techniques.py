@@ -241,7 +241,8 @@ PACKED = {  # configuration -> (quant.py format, depth read, 4-bit kernel: None 
     "int8": ("int8", None, None), "int4": ("int4", None, None), "int4-triton": ("int4", None, "triton"),
     "int4-tinygemm": ("int4", None, "tinygemm"),  # torch's own int4 kernel, for reference
     "nested8": ("nested", 8, None), "nested4": ("nested", 4, None),  # the gears' mid / low gear
-    "int8-block": ("int8", None, None), "int4-block": ("int4", None, "triton")}  # blocks on block_op's ops
+    "int8-block": ("int8", None, None), "int4-block": ("int4", None, "triton"),  # blocks on block_op's ops
+    "nested8-block": ("nested", 8, None), "nested4-block": ("nested", 4, None)}
 
 
 _STATES: dict = {}
@@ -267,7 +268,7 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
                                               group_size=group_size)
             state = _STATES[key]
             p = quant_cuda.prepare(state, depth=depth, kernel=kernel) if kernel else lm.pack(state, depth)
-            if name.endswith("-block") and (p.kind == "int8" or p.kind == "w4" and not p.nested):
+            if name.endswith("-block") and p.kind in ("int8", "w4"):
                 p = dataclasses.replace(p, block=True)
             made[(n, k)] = (p, quant.bytes_read(state, depth=depth))
             KERNELS.setdefault(name, set()).add(KERNEL_NAMES[p.kind] + ("-block" if p.block else ""))
@@ -284,6 +285,7 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
 
 
 GEAR_SETS = {"gears": ("nested4", "nested8"),  # the pipeline's default layout: one nested copy read at 4 or 8 bits
+             "gears-block": ("nested4-block", "nested8-block"),  # the same on block_op's ops
              "gears-separate": ("int4", "int8")}  # quantize.layout: separate
 
 
