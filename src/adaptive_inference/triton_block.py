@@ -69,6 +69,35 @@ def _rows_out(acc, s_ptr, rows, N, PAIRS: tl.constexpr):
     return y * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _row_rstd(x_ptr, m, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / RMS of row m of x [M, K] (F.rms_norm's: fp32 mean of squares), before the dot; 0 unless NORM."""
+    rstd = 0.0
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
+            ss += v * v
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    return rstd
+
+
+@triton.jit
+def _finish(y, up, b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr):
+    """Store row m of y [M, NY] from the rows' fp32 results y (and up: the up half's, GLU), rounded through y's
+    dtype where the separate ops store: + bias, silu(gate) * up, + the residual."""
+    dt = y_ptr.dtype.element_ty
+    if BIAS:
+        y = y.to(dt).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    if GLU:  # gate and up as the matmul would store them, then silu(gate) * up
+        g = y.to(dt).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * up.to(dt).to(tl.float32)
+    if ADD:  # the matmul's result in x's dtype, then the residual add
+        y = y.to(dt).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+
+
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "NORM", "GLU", "ADD", "PAIRS"])
 @triton.jit
 def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, NORM: tl.constexpr,
@@ -84,14 +113,7 @@ def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, e
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     KW = K // 4
     k_lo, k_hi = _k_slice(K, 0, 1, BLOCK_K)  # all of K (as bounds the interpreter's range takes too)
-    rstd = 0.0
-    if NORM:  # the row's norm, before the dot (F.rms_norm's: fp32 mean of squares)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
-            ss += v * v
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    rstd = _row_rstd(x_ptr, m, K, eps, NORM, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_W // 4 if PAIRS else BLOCK_W), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_W // 4 if PAIRS else BLOCK_W), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -108,16 +130,8 @@ def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, e
         acc = _dot(acc, _tile(w_ptr, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
         if GLU:
             acc_up = _dot(acc_up, _tile(w_ptr + NY * KW, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
-    y = _rows_out(acc, s_ptr, rn, NY, PAIRS)
-    if BIAS:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    if GLU:  # gate and up as the matmul would store them, then silu(gate) * up
-        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        u = _rows_out(acc_up, s_ptr + NY, rn, NY, PAIRS).to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-    if ADD:  # the matmul's result in x's dtype, then the residual add, as the separate ops round
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+    _finish(_rows_out(acc, s_ptr, rn, NY, PAIRS), _rows_out(acc_up, s_ptr + NY, rn, NY, PAIRS), b_ptr, r_ptr,
+            y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
 def w8_block(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, lnw: torch.Tensor | None = None,
@@ -191,14 +205,7 @@ def _w4_block_kernel(x_ptr, l_ptr, c_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, 
     w_up = w
     if GLU:
         w_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
-    rstd = 0.0
-    if NORM:
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, 2 * k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
-            ss += v * v
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    rstd = _row_rstd(x_ptr, m, K, eps, NORM, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
             w_next = _tile_to(c_ptr, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi)
@@ -220,16 +227,7 @@ def _w4_block_kernel(x_ptr, l_ptr, c_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, 
             w = _tile_to(c_ptr, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
             if GLU:
                 w_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
-    y = tl.sum(acc, axis=1)
-    if BIAS:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    if GLU:
-        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        u = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-    if ADD:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+    _finish(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
 @triton.jit
@@ -279,14 +277,7 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
     if GLU:
         codes_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
         res_up = _tile_to(q_ptr + NY * HW, rn, rw, NY, HW, k_lo, k_hi)
-    rstd = 0.0
-    if NORM:
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, 2 * k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + m * K + rk, mask=rk < K, other=0.0).to(tl.float32)
-            ss += v * v
-        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    rstd = _row_rstd(x_ptr, m, K, eps, NORM, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
             nxt = (_tile_to(c_ptr, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi),
@@ -319,16 +310,7 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
             if GLU:
                 codes_up = _tile_to(c_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
                 res_up = _tile_to(q_ptr + NY * HW, rn, rw, NY, HW, k0 + BLOCK_K, k_hi)
-    y = tl.sum(acc, axis=1)
-    if BIAS:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    if GLU:
-        g = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-        u = tl.sum(acc_up, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-    if ADD:
-        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * NY + rn, y, mask=rn < NY)
+    _finish(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
 def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
