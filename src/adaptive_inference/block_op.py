@@ -1,4 +1,4 @@
-"""A decode block's int8 matmuls with the small ops around them folded in, as two custom ops, so that a block
+"""A decode block's packed matmuls with the small ops around them folded in, as two custom ops, so that a block
 is its 4 matmuls and the attention op: 5 launches where the separate ops took 10 (the 8B shape, compiled, on an
 H100: two RMSNorm kernels, the SiLU, the sum of a split matmul's slices and an x prep besides them, ~0.36 ms a
 step; docs/measurements, 2026-12-07).
@@ -14,7 +14,7 @@ nothing is left to sum.
 scale and min per group) read at depth 4, or at depth 8 with the nested format's second plane.
 
 Their implementations here are the plain torch ops they replace (any device; what a CPU test runs);
-triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M at most GEMV_ROWS."""
+triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M at most ROWS."""
 
 from __future__ import annotations
 
