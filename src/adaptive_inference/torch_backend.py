@@ -314,7 +314,7 @@ class TorchLM(Decoder):
                                   self._layer_fn(("block", mlp, alpha), lw, i, cache))
 
     def _block_ops(self, x, lw: Layer) -> bool:
-        """Whether a block runs as block_op's ops: one token of at most GEMV_ROWS rows, the decode attention op,
+        """Whether a block runs as block_op's ops: one token of at most block_op.ROWS rows, the decode attention op,
         every matrix packed for them (CudaPacked.block: int8 or 4-bit codes)."""
         return (x.shape[-2] == 1 and x.shape[0] <= block_op.ROWS and self.attention_kernel
                 and all(getattr(getattr(lw, n), "block", False) for n in LINEARS))

@@ -130,8 +130,11 @@ def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, e
         acc = _dot(acc, _tile(w_ptr, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
         if GLU:
             acc_up = _dot(acc_up, _tile(w_ptr + NY * KW, rn, rw, NY, KW), x0, x1, x2, x3, xa, xb, PAIRS, ASM)
-    _finish(_rows_out(acc, s_ptr, rn, NY, PAIRS), _rows_out(acc_up, s_ptr + NY, rn, NY, PAIRS), b_ptr, r_ptr,
-            y_ptr, m, rn, NY, BIAS, GLU, ADD)
+    y = _rows_out(acc, s_ptr, rn, NY, PAIRS)
+    up = y
+    if GLU:  # the up half's scales only where there is one
+        up = _rows_out(acc_up, s_ptr + NY, rn, NY, PAIRS)
+    _finish(y, up, b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
 def w8_block(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, lnw: torch.Tensor | None = None,
