@@ -217,11 +217,45 @@ def test_gpu_results_section_and_bad_gpu_file(tmp_path):
     assert not (tmp_path / "out4").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"shape": "x", "configs": {}}]))  # the older per-shape format has no 'modes'
-    for path, expected in ((bad, "is not a list of scripts/cuda_techniques.py results"),
+    for path, expected in ((bad, "is neither a list of scripts/cuda_techniques.py results"),
                            (tmp_path / "missing.json", "no file")):
         with pytest.raises(UserError, match=expected):
             report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / path.stem), tmp_path / "out2")
         assert not (tmp_path / "out2").exists()
+
+
+def test_gpu_benchmark_jobs_summary_renders_and_bad_ones_are_refused(tmp_path):
+    """scripts/benchmark_summary.py folds the pipeline's benchmark jobs (run on a GPU) into one file; the report
+    shows its quality columns; a summary without a baseline, or jobs of two runs, are refused in one line."""
+    from adaptive_inference import atomic
+    from adaptive_inference.bench.summary import summarize
+
+    jobs = [_job(tmp_path / "gpu", _run("torch", "baseline", 300.0, 1.0, 0.0, 1.0)),
+            _job(tmp_path / "gpu", _run("torch", "int8", 330.0, 1.1, 0.0073, 0.28))]
+    for j in jobs:
+        r = json.loads((j / "results.json").read_text())
+        r["environment"]["gpu"], r["run"]["device"] = "NVIDIA H100 80GB HBM3", "cuda:0"
+        (j / "results.json").write_text(json.dumps(r))
+        manifest.write(j, stage="benchmark", inputs={}, params={"dtype": "bfloat16"})
+    summary = summarize(jobs[::-1])
+    assert list(summary["jobs"]) == ["baseline", "int8"] and summary["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert summary["jobs"]["int8"]["bound"] == pytest.approx(1 / 0.28)
+    path = tmp_path / "gpu_jobs.json"
+    atomic.write_json(path, summary)
+    report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / "r"), tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "on NVIDIA H100 80GB HBM3 (cuda:0" in md and "benchmark.dtype bfloat16" in md
+    assert re.search(r"\| int8 \| 330\.0 \| 1\.100 \[1\.080–1\.130\] \| 3\.571 \| 0\.0073 \| 99\.3% \| 12\.37 \| "
+                     r"0\.17 of 6 \| — of — \|", md)
+    with pytest.raises(UserError, match="no baseline job among the folders"):
+        summarize(jobs[1:])
+    other = _job(tmp_path / "cpu", _run("torch", "lobotomy", 40.0, 1.04, 0.2, 0.96))
+    with pytest.raises(UserError, match="another gpu/device/dtype/model/code than"):
+        summarize([*jobs, other])
+    path.write_text(json.dumps({**summary, "jobs": {"int8": summary["jobs"]["int8"]}}))
+    with pytest.raises(UserError, match="has no 'jobs' with a baseline"):
+        report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / "r2"), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_pareto_front_keeps_what_nothing_beats():

@@ -436,9 +436,12 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
             raise UserError(f"report.gpu_results: no file {path}") from None
         except json.JSONDecodeError as e:
             raise UserError(f"report.gpu_results: corrupt {path}: {e.msg}") from None
+        if isinstance(shapes, dict) and shapes.get("kind") == "benchmark_jobs":
+            out += _gpu_jobs(path, shapes)
+            continue
         if not isinstance(shapes, list) or not all(isinstance(_get(s, "modes"), dict) for s in shapes):
-            raise UserError(f"report.gpu_results: {path} is not a list of scripts/cuda_techniques.py results "
-                            "(each with 'modes')")
+            raise UserError(f"report.gpu_results: {path} is neither a list of scripts/cuda_techniques.py results "
+                            "(each with 'modes') nor a scripts/benchmark_summary.py file")
         body = []
         for sh in shapes:
             where = f"{path}: {sh.get('shape')}"
@@ -470,6 +473,34 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                               "realized share", "share of bandwidth limit", "bs 8 tok/s",
                               "bs 8 speedup / bound (realized)"], body))
     return out
+
+
+def _gpu_jobs(path: Path, s: dict) -> list[tuple]:
+    """The pipeline's own benchmark jobs run on a GPU (scripts/benchmark_summary.py): real weights, so quality."""
+    jobs = _get(s, "jobs")
+    if not isinstance(jobs, dict) or "baseline" not in jobs:
+        raise UserError(f"report.gpu_results: {path} has no 'jobs' with a baseline")
+    base = jobs["baseline"]
+    f32 = _get(base, "vs_float32") or {}
+    text = (f"{path.name}: the pipeline's benchmark jobs (`adaptive-inference benchmark`, params as committed but "
+            f"benchmark.dtype {s.get('dtype')}) on {s.get('gpu')} ({s.get('device')}, torch "
+            f"{_get(s, 'packages', 'torch')}), model {s.get('model')}, the same eval texts as the CPU tables: "
+            f"baseline perplexity {_f(_get(base, 'perplexity'), '{:.2f}')}, {_f(_get(base, 'decode_tps'))} tok/s")
+    if f32:
+        text += (f"; {s.get('dtype')} against float32 on the same GPU: KL {_f(_get(f32, 'kl_to_baseline'), '{:.4g}')}"
+                 f", top-1 {_f(_get(f32, 'top1_agreement'), '{:.1%}')}")
+    body = []
+    for name, j in jobs.items():
+        ci = _get(j, "speedup_ci95") or [None, None]
+        acc = [f"{_f(_get(j, k + '_accuracy'), '{:.2f}')} of {_f(_get(j, k + '_n'), '{:.0f}')}" for k in ("gsm8k", "gpqa")]
+        body.append([name, _f(_num(_get(j, "decode_tps"), f"{path}: {name}: decode_tps")),
+                     f"{_f(_get(j, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
+                     _f(_get(j, "bound"), "{:.3f}"), _f(_get(j, "kl_to_baseline"), "{:.4g}"),
+                     _f(_get(j, "top1_agreement"), "{:.1%}"), _f(_get(j, "perplexity"), "{:.2f}"), *acc])
+    return [("p", text + ". Speed on this 135M model at batch 1 is launch-bound on a GPU; the random-weight "
+                         "8B / 14B rows below are the speed measurements."),
+            ("table", ["config", "tok/s (bs 1)", "speedup [95% CI]", "bound", "KL", "top-1", "perplexity",
+                       "GSM8K", "GPQA"], body)]
 
 
 # cuda_techniques --run-ahead (files before it ran every step behind, or ahead without saying so: nothing said)
