@@ -38,7 +38,7 @@ def _environment(lm) -> dict:
            "threads": _threads(lm), "device": str(lm.device)}
     if lm.name == "torch":
         env["decode_matmul"], env["compiled_decode"], env["cuda_graphs"] = lm.matmul_name, lm.compile, lm.cuda_graphs
-        if lm.device.type == "cuda":
+        if str(lm.device).startswith("cuda"):
             import torch
 
             env["gpu"], env["cuda_block_ops"] = torch.cuda.get_device_name(lm.device), lm.cuda_block_ops
