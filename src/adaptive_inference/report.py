@@ -483,11 +483,11 @@ def _gpu_jobs(path: Path, s: dict) -> list[tuple]:
     base = jobs["baseline"]
     f32 = _get(base, "vs_float32") or {}
     text = (f"{path.name}: the pipeline's benchmark jobs (`adaptive-inference benchmark`, params as committed but "
-            f"benchmark.dtype {s.get('dtype')}) on {s.get('gpu')} ({s.get('device')}, torch "
+            f"benchmark.dtype {s.get('dtype')}) on {s.get('gpu') or s.get('device')} ({s.get('device')}, torch "
             f"{_get(s, 'packages', 'torch')}), model {s.get('model')}, the same eval texts as the CPU tables: "
             f"baseline perplexity {_f(_get(base, 'perplexity'), '{:.2f}')}, {_f(_get(base, 'decode_tps'))} tok/s")
     if f32:
-        text += (f"; {s.get('dtype')} against float32 on the same GPU: KL {_f(_get(f32, 'kl_to_baseline'), '{:.4g}')}"
+        text += (f"; {s.get('dtype')} against float32 on the same device: KL {_f(_get(f32, 'kl_to_baseline'), '{:.4g}')}"
                  f", top-1 {_f(_get(f32, 'top1_agreement'), '{:.1%}')}")
     body = []
     for name, j in jobs.items():
