@@ -252,6 +252,12 @@ def test_gpu_benchmark_jobs_summary_renders_and_bad_ones_are_refused(tmp_path):
     other = _job(tmp_path / "cpu", _run("torch", "lobotomy", 40.0, 1.04, 0.2, 0.96))
     with pytest.raises(UserError, match="another gpu/device/dtype/model/code than"):
         summarize([*jobs, other])
+    r = json.loads((jobs[1] / "results.json").read_text())
+    del r["run"]["structural"]
+    (jobs[1] / "results.json").write_text(json.dumps(r))  # an older job's format, its manifest made anew
+    manifest.write(jobs[1], stage="benchmark", inputs={}, params={"dtype": "bfloat16"})
+    with pytest.raises(UserError, match="int8: not a benchmark job's results.json \\(KeyError: 'structural'\\)"):
+        summarize(jobs)
     path.write_text(json.dumps({**summary, "jobs": {"int8": summary["jobs"]["int8"]}}))
     with pytest.raises(UserError, match="has no 'jobs' with a baseline"):
         report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / "r2"), tmp_path / "out2")

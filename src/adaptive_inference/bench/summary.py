@@ -20,7 +20,13 @@ SAME = ("gpu", "device", "dtype", "model", "code")  # what every job of one summ
 def job_row(folder: Path) -> tuple[str, dict, dict]:
     """(config, its row, what describes the run) of one verified job folder."""
     m = manifest.verify(folder, stage="benchmark")
-    r = json.loads((folder / "results.json").read_text())
+    try:
+        return _row(m, json.loads((folder / "results.json").read_text()))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{folder}: not a benchmark job's results.json ({type(e).__name__}: {e})") from None
+
+
+def _row(m: dict, r: dict) -> tuple[str, dict, dict]:
     run, q = r["run"], r["run"]["quality"]
     row = {"speedup": run["speedup_vs_baseline"], "speedup_ci95": run["speedup_ci95"],
            "bound": 1 / run["structural"]["weight_bytes_fraction"],
