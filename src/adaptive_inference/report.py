@@ -482,7 +482,7 @@ def _gpu_jobs(path: Path, s: dict) -> list[tuple]:
         raise UserError(f"report.gpu_results: {path} has no 'jobs' with a baseline")
     base = jobs["baseline"]
     f32 = _get(base, "vs_float32") or {}
-    text = (f"{path.name}: the pipeline's benchmark jobs (`adaptive-inference benchmark`, params as committed but "
+    text = (f"{path.name}: the pipeline's benchmark jobs (adaptive-inference benchmark, params as committed but "
             f"benchmark.dtype {s.get('dtype')}) on {s.get('gpu') or s.get('device')} ({s.get('device')}, torch "
             f"{_get(s, 'packages', 'torch')}), model {s.get('model')}, the same eval texts as the CPU tables: "
             f"baseline perplexity {_f(_get(base, 'perplexity'), '{:.2f}')}, {_f(_get(base, 'decode_tps'))} tok/s")
