@@ -1,6 +1,6 @@
 """Fold benchmark job folders into one JSON for report.gpu_results (adaptive_inference.bench.summary).
 
-    python scripts/benchmark_summary.py OUT/bench/* --out docs/measurements/benchmark_jobs_h100_smollm2_DATE.json
+    python scripts/benchmark_summary.py OUT/bench/* --concurrent 4 --out docs/measurements/benchmark_jobs_h100_smollm2_DATE.json
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", type=Path, nargs="+", help="benchmark job folders of one run")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--concurrent", type=int, default=1,
+                    help="jobs that ran at a time on the device (above 1: the report shows no speed for them)")
     a = ap.parse_args(argv)
     try:
-        out = summarize(a.folders)
+        out = summarize(a.folders, a.concurrent)
     except UserError as e:
         sys.exit(f"error: {e}")
     atomic.write_json(a.out, out)

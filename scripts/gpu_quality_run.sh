@@ -37,4 +37,4 @@ printf '%s\n' $CONFIGS | xargs -P "${JOBS:-4}" -I{} sh -c "t=\$(date +%s); timeo
 shopt -s nullglob
 done=("$OUT"/bench/*)
 [ ${#done[@]} -gt 0 ] || { echo "error: no benchmark job finished (see $OUT/bench_*.log)" >&2; exit 1; }
-python scripts/benchmark_summary.py "${done[@]}" --out "$OUT/summary.json"
+python scripts/benchmark_summary.py "${done[@]}" --concurrent "${JOBS:-4}" --out "$OUT/summary.json"

@@ -333,12 +333,12 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
     from adaptive_inference.decoder import LINEARS
     from adaptive_inference.plan import WeightSet
 
-    ref = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False)
+    ref = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", cuda_graphs=False, cuda_block_ops=False)
     states = {f"layers.{i}.{f}": quant.quantize(getattr(lw, f).float().cpu().numpy(), fmt, group_size=32)
               for i, lw in enumerate(ref.layers) for f in LINEARS}
     quant.save_file(states, tmp_path / f"{fmt}.safetensors")
     ws = WeightSet(fmt, str(tmp_path / f"{fmt}.safetensors"), 8 if fmt == "nested" else None)
-    block = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile, cuda_block_ops=True)
+    block = TorchLM.load(tiny_llama[1], device="cuda", dtype="bfloat16", compile=compile)  # the CUDA default
     plans = [StepPlan(weights=ws), StepPlan(), StepPlan(weights=ws, skip_layers=frozenset({1}), zero_mlp=frozenset({2}))]
     want = _two_interleaved(ref, batch, plans)
     for _ in range(2):

@@ -247,6 +247,17 @@ def test_gpu_benchmark_jobs_summary_renders_and_bad_ones_are_refused(tmp_path):
     assert "on NVIDIA H100 80GB HBM3 (cuda:0" in md and "benchmark.dtype bfloat16" in md
     assert re.search(r"\| int8 \| 330\.0 \| 1\.100 \[1\.080–1\.130\] \| 3\.571 \| 0\.0073 \| 99\.3% \| 12\.37 \| "
                      r"0\.17 of 6 \| — of — \|", md)
+    path.write_text(json.dumps(summarize(jobs, concurrent=4)))  # jobs that shared the GPU: quality only
+    report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / "r4"), tmp_path / "out4")
+    md = (tmp_path / "out4" / "report.md").read_text()
+    assert "4 jobs shared the GPU at a time" in md and "| 330.0 |" not in md
+    assert re.search(r"\| int8 \| 3\.571 \| 0\.0073 \| 99\.3% \| 12\.37 \| 0\.17 of 6 \| — of — \|", md)
+    with pytest.raises(UserError, match="concurrent jobs must be at least 1, not 0"):
+        summarize(jobs, concurrent=0)
+    path.write_text(json.dumps({**summary, "concurrent_jobs": "4"}))
+    with pytest.raises(UserError, match="gpu_jobs.json: concurrent_jobs must be a number, got '4'"):
+        report.build({**PARAMS, "gpu_results": [str(path)]}, _all(tmp_path / "r5"), tmp_path / "out5")
+    assert not (tmp_path / "out5").exists()
     with pytest.raises(UserError, match="no baseline job among the folders"):
         summarize(jobs[1:])
     other = _job(tmp_path / "cpu", _run("torch", "lobotomy", 40.0, 1.04, 0.2, 0.96))

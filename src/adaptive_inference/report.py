@@ -485,22 +485,28 @@ def _gpu_jobs(path: Path, s: dict) -> list[tuple]:
     text = (f"{path.name}: the pipeline's benchmark jobs (adaptive-inference benchmark, params as committed but "
             f"benchmark.dtype {s.get('dtype')}) on {s.get('gpu') or s.get('device')} ({s.get('device')}, torch "
             f"{_get(s, 'packages', 'torch')}), model {s.get('model')}, the same eval texts as the CPU tables: "
-            f"baseline perplexity {_f(_get(base, 'perplexity'), '{:.2f}')}, {_f(_get(base, 'decode_tps'))} tok/s")
+            f"baseline perplexity {_f(_get(base, 'perplexity'), '{:.2f}')}")
     if f32:
         text += (f"; {s.get('dtype')} against float32 on the same device: KL {_f(_get(f32, 'kl_to_baseline'), '{:.4g}')}"
                  f", top-1 {_f(_get(f32, 'top1_agreement'), '{:.1%}')}")
+    shared = _num(_get(s, "concurrent_jobs"), f"{path}: concurrent_jobs") or 1  # above 1 no timing is a job's own
     body = []
     for name, j in jobs.items():
         ci = _get(j, "speedup_ci95") or [None, None]
         acc = [f"{_f(_get(j, k + '_accuracy'), '{:.2f}')} of {_f(_get(j, k + '_n'), '{:.0f}')}" for k in ("gsm8k", "gpqa")]
-        body.append([name, _f(_num(_get(j, "decode_tps"), f"{path}: {name}: decode_tps")),
-                     f"{_f(_get(j, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]",
-                     _f(_get(j, "bound"), "{:.3f}"), _f(_get(j, "kl_to_baseline"), "{:.4g}"),
+        speed = [] if shared > 1 else [_f(_num(_get(j, "decode_tps"), f"{path}: {name}: decode_tps")),
+                                       f"{_f(_get(j, 'speedup'), '{:.3f}')} [{_f(ci[0], '{:.3f}')}–{_f(ci[1], '{:.3f}')}]"]
+        body.append([name, *speed, _f(_get(j, "bound"), "{:.3f}"), _f(_get(j, "kl_to_baseline"), "{:.4g}"),
                      _f(_get(j, "top1_agreement"), "{:.1%}"), _f(_get(j, "perplexity"), "{:.2f}"), *acc])
-    return [("p", text + ". Speed on this 135M model at batch 1 is launch-bound on a GPU; the random-weight "
-                         "8B / 14B rows below are the speed measurements."),
-            ("table", ["config", "tok/s (bs 1)", "speedup [95% CI]", "bound", "KL", "top-1", "perplexity",
-                       "GSM8K", "GPQA"], body)]
+    if shared > 1:
+        text += (f". {shared:.0f} jobs shared the GPU at a time, so no job's timing is its own: this table is quality "
+                 "only; the random-weight 8B / 14B rows below are the speed measurements")
+    else:
+        text += (". Speed on this 135M model at batch 1 is launch-bound on a GPU; the random-weight 8B / 14B rows "
+                 "below are the speed measurements")
+    head = ["config", *([] if shared > 1 else ["tok/s (bs 1)", "speedup [95% CI]"]), "bound", "KL", "top-1",
+            "perplexity", "GSM8K", "GPQA"]
+    return [("p", text + "."), ("table", head, body)]
 
 
 # cuda_techniques --run-ahead (files before it ran every step behind, or ahead without saying so: nothing said)

@@ -190,7 +190,8 @@ def random_model(shape: str, dtype: str, device: str, mode: str, attention: str 
               q + "mlp.up_proj.weight": rand(inter, H), q + "mlp.down_proj.weight": rand(H, inter),
               q + "input_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype]),
               q + "post_attention_layernorm.weight": torch.ones(H, device=device, dtype=DTYPES[dtype])}
-    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode], cuda_attention=attention)
+    # block ops by name only (NAME-block sets), so int8 / int4 stay the separate ops they are compared with
+    lm = TorchLM(cfg, w, device, DTYPES[dtype], **MODES[mode], cuda_attention=attention, cuda_block_ops=False)
     del w
     return lm
 

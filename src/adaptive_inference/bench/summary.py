@@ -40,8 +40,12 @@ def _row(m: dict, r: dict) -> tuple[str, dict, dict]:
     return run["config"], row, info
 
 
-def summarize(folders: list[Path]) -> dict:
-    """The summary of job folders of one run (same device, dtype, model and code), the baseline's row first."""
+def summarize(folders: list[Path], concurrent: int = 1) -> dict:
+    """The summary of job folders of one run (same device, dtype, model and code), the baseline's row first.
+    concurrent: how many jobs shared the device at a time; above 1 their timings are not each job's alone, and
+    the report shows their quality only."""
+    if concurrent < 1:
+        raise UserError(f"concurrent jobs must be at least 1, not {concurrent}")
     jobs, infos = {}, []
     for f in sorted(folders):
         name, row, info = job_row(f)
@@ -55,4 +59,4 @@ def summarize(folders: list[Path]) -> dict:
     for f, info in infos:
         if any(info[k] != first[k] for k in SAME):
             raise UserError(f"{f}: another {'/'.join(SAME)} than {infos[0][0]}")
-    return {"kind": KIND, **first, "jobs": {"baseline": jobs.pop("baseline"), **jobs}}
+    return {"kind": KIND, **first, "concurrent_jobs": concurrent, "jobs": {"baseline": jobs.pop("baseline"), **jobs}}
