@@ -134,6 +134,51 @@ def test_backends_take_the_same_decisions_on_the_same_logits(inputs):
     assert gears["torch"] == gears["mlx"] and len(set(gears["torch"])) > 1
 
 
+def _gears(inputs, cfg, lag: int):
+    return techniques.make_policy([{"name": "gears", "first": "mid", "min_duration": 1, "window": 2, "lag": lag}],
+                                  [inputs / "quantized", inputs / "entropy"], cfg)
+
+
+def test_lag_one_applies_each_decision_a_step_later(inputs):
+    """lag: 1: step s reads the gear decided after step s - 2, so its plan can be asked before step s - 1 is
+    observed (generation runs it ahead); asked in either order it is lag 0's plan of the step before."""
+    import torch
+
+    from adaptive_inference.techniques.compose import ComposedPolicy
+
+    trace = [torch.from_numpy(np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32) * s)
+             for s in (8, 8, 0.1, 0.1, 0.1, 8, 8, 8, 0.1)]
+    now, late, ahead = _gears(inputs, _Cfg(), 0), _gears(inputs, _Cfg(), 1), _gears(inputs, _Cfg(), 1)
+    got = {"now": [now.plan(0).weights], "late": [late.plan(0).weights], "ahead": [ahead.plan(0).weights]}
+    got["ahead"].append(ahead.plan(1).weights)  # before step 0 is observed, as generation running ahead asks
+    for s, logits in enumerate(trace, start=1):
+        for name, p in (("now", now), ("late", late), ("ahead", ahead)):
+            p.observe(None, logits)
+            if name != "ahead" or s + 1 <= len(trace):
+                got[name].append(p.plan(s + (name == "ahead")).weights)
+    assert got["late"] == got["ahead"] == [got["now"][0], *got["now"][:-1]]
+    assert len({str(w) for w in got["now"]}) > 1  # the trace moves the gears
+    assert now.decided == late.decided and not now.plans_ahead and late.plans_ahead
+    assert ComposedPolicy([late, StaticPolicy()]).plans_ahead and not ComposedPolicy([now, StaticPolicy()]).plans_ahead
+
+
+def test_gears_lag_one_run_ahead_give_the_same_steps(lm, inputs, monkeypatch):
+    """Generation running a lag-1 gears policy ahead (forced here; CUDA's default) queues each step before it
+    reads the one before back: the same tokens and executed weight sets as generation step by step."""
+    from adaptive_inference.generation import runs_ahead, stream
+
+    def run(ahead: bool):
+        monkeypatch.setattr(lm, "runs_ahead", ahead, raising=False)
+        policy = _gears(inputs, lm.cfg, 1)
+        policy.cfg = replace(policy.cfg, low=0.0, high=0.01, hysteresis=0.0)  # climbs to the top gear
+        assert runs_ahead(lm, policy) == ahead
+        steps = list(stream(lm, np.array([IDS[:4]]), max_new_tokens=6, policy=policy))
+        return [s.tokens.tolist() for s in steps], [s.executed.weights for s in steps]
+
+    tokens, weights = run(True)
+    assert (tokens, weights) == run(False) and weights[:2] == ["mid", "mid"] and weights[-1] == "full"
+
+
 class _Cfg:
     vocab_size = 128
 
@@ -169,6 +214,8 @@ def test_bad_artifacts_and_options_are_one_line_errors(inputs, tmp_path, lm):
         techniques.make_policy([{"name": "quantized", "gear": "top"}], [inputs / "quantized"], _Cfg())
     with pytest.raises(UserError, match="first must be"):
         techniques.make_policy([{"name": "gears", "first": "fast"}], [inputs / "quantized", inputs / "entropy"], _Cfg())
+    with pytest.raises(UserError, match="gears: lag must be 0 .* or 1 .*, got 2"):
+        _gears(inputs, _Cfg(), 2)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="corrupt packed weights"):

@@ -33,11 +33,12 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     step's plan and observes what ran and the step's logits.
 
     Where the backend queues work asynchronously (lm.runs_ahead: CUDA) and the policy's plans never depend on
-    what it observed (`static`: the same plan every step; or `plans_ahead`: a plan that follows the step index
-    alone), step s + 1 is queued before step s's token is read back (its input ids never leave the
-    device): the host's per-token work (the read, the policy, the next step's launches) then overlaps the
-    device's step instead of leaving the device idle through it every token. The same Steps come out, in the
-    same order, observed in the same order; a Step's seconds is then the time since the one before."""
+    the step just before (`static`: the same plan every step; or `plans_ahead`: plans that follow the step
+    index, or for step s + 1 observations up to step s - 1, as the gears' `lag: 1`), step s + 1 is queued
+    before step s's token is read back (its input ids never leave the device): the host's per-token work (the
+    read, the policy, the next step's launches) then overlaps the device's step instead of leaving the device
+    idle through it every token. The same Steps come out, in the same order, observed in the same order; a
+    Step's seconds is then the time since the one before."""
     policy = policy or StaticPolicy()
     ids = lm.ids_array(np.atleast_2d(prompt))
     cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)

@@ -287,6 +287,7 @@ def add_packed_set(lm: TorchLM, name: str, group_size: int) -> None:
 
 GEAR_SETS = {"gears": ("nested4", "nested8"),  # the pipeline's default layout: one nested copy read at 4 or 8 bits
              "gears-block": ("nested4-block", "nested8-block"),  # the same on block_op's ops
+             "gears-lag": ("nested4-block", "nested8-block"),  # gears-block, each decision a step later: runs ahead
              "gears-separate": ("int4", "int8")}  # quantize.layout: separate
 
 
@@ -297,7 +298,7 @@ def packed_kernels(name: str) -> str | None:
     return "+".join(sorted(found)) or None
 
 
-def gears_policy(lm: TorchLM, a, low_set: str, mid_set: str):
+def gears_policy(lm: TorchLM, a, low_set: str, mid_set: str, lag: int = 0):
     """The gears' policy (entropy monitor, per-token gear) over low / mid / full weights, its thresholds at
     p40 / p60 of the baseline's own step entropies, as calibrate_entropy sets them. Random weights give
     near-uniform next-token distributions whose entropies differ little: no hysteresis and no catastrophic
@@ -316,7 +317,7 @@ def gears_policy(lm: TorchLM, a, low_set: str, mid_set: str):
     cfg = monitor.MonitorConfig(low=low, high=high, vocab_size=lm.cfg.vocab_size, hysteresis=0.0,
                                 catastrophic_frac=1.0)
     sets = {monitor.LOW: low_set, monitor.MID: mid_set, monitor.HIGH: "full"}
-    return lambda: GearsPolicy(sets, cfg, None, monitor.HIGH)
+    return lambda: GearsPolicy(sets, cfg, None, monitor.HIGH, lag)
 
 
 OTHER_CONFIGS = ("lobotomy", "router", "stacked", "router_all_common", "router-host", "stacked-host", "skip-25",
@@ -334,7 +335,7 @@ def technique_configs(lm: TorchLM, a) -> dict:
     gear_sets = [s for g, sets in GEAR_SETS.items() if wanted(g) for s in sets]
     for name in dict.fromkeys([n for n in a.packed if wanted(n)] + gear_sets):
         add_packed_set(lm, name, a.group_size)
-    gears = {g: gears_policy(lm, a, *sets) for g, sets in GEAR_SETS.items() if wanted(g)}
+    gears = {g: gears_policy(lm, a, *sets, lag=int(g.endswith("-lag"))) for g, sets in GEAR_SETS.items() if wanted(g)}
     return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed}, **gears,
             "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
             "router": lambda: RatePolicy(common, full, a.common_rate),

@@ -29,6 +29,8 @@ class ComposedPolicy:
     def __init__(self, policies: list):
         self.policies = policies
         self.static = all(getattr(p, "static", False) for p in policies)
+        # plan(s) never waits for step s - 1 where no part's does (generation.runs_ahead)
+        self.plans_ahead = all(getattr(p, "plans_ahead", getattr(p, "static", False)) for p in policies)
 
     def plan(self, step: int) -> StepPlan:
         return compose([p.plan(step) for p in self.policies])

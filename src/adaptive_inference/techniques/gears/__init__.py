@@ -6,7 +6,7 @@ from .. import Stage, Technique
 TECHNIQUES = [
     Technique("gears", artifacts={"quantized": "quantize", "entropy": "calibrate_entropy"},
               policy=".gears.apply:gears_policy",
-              options={"window": 4, "hysteresis": 0.1, "min_duration": 4, "first": "classifier"}),
+              options={"window": 4, "hysteresis": 0.1, "min_duration": 4, "first": "classifier", "lag": 0}),
     Technique("quantized", artifacts={"quantized": "quantize"}, policy=".gears.apply:static_policy",
               options={"gear": "mid"}),
 ]

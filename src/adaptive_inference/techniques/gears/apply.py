@@ -7,7 +7,11 @@ entropy of its next-token distribution feeds the monitor (rolling mean, hysteres
 catastrophic fallback), whose gear the next step reads. The minimum duration is also the seed's answer to
 the KV cache mixing precisions: entries written under one gear are read by steps of another, and holding a
 gear for a few steps keeps runs of same-precision entries. Rows of a batch have their own monitors; the
-step reads the highest gear any row asks for (one weight set per forward).
+step reads the highest gear any row asks for (one weight set per forward). `lag: 1` applies each decision one
+step later (step s reads the gear decided after step s - 2): the plan of step s then never waits for step s - 1,
+so on CUDA generation queues step s before it reads step s - 1 back (generation.stream), hiding the host's
+per-token entropy read, policy and launches behind the device's step, at the cost of gears that react a token
+later. The same decisions come out on every backend, running ahead or not.
 `quantized`: one gear for every step (the static int8 / int4 controls).
 """
 
@@ -37,20 +41,23 @@ def weight_sets(folder: Path) -> dict[int, str | WeightSet]:
 class GearsPolicy:
     static = False  # the plan changes with the monitor: teacher-forced quality follows it token by token
 
-    def __init__(self, sets: dict, cfg: monitor.MonitorConfig, model: dict | None, first: int):
-        self.sets, self.cfg, self.model, self.first = sets, cfg, model, first
+    def __init__(self, sets: dict, cfg: monitor.MonitorConfig, model: dict | None, first: int, lag: int = 0):
+        self.sets, self.cfg, self.model, self.first, self.lag = sets, cfg, model, first, lag
+        self.plans_ahead = lag >= 1  # plan(s) never needs step s - 1 observed (generation.runs_ahead)
         self.states: list[monitor.MonitorState] | None = None
-        self.gear = first
+        self.gear = first  # the monitor's latest decision (before any step: the first gear)
+        self.decided: list[int] = []  # the decision after each observed step (the prefill is step 0)
         self.shifts = 0
 
     def begin(self, meta: dict) -> None:
         """The prompt classifier, from the prompt's text (the benchmark passes it before each prompt)."""
         if self.model is not None and self.model["use"] and meta.get("text"):
             e = classifier.predict_entropy(self.model, meta["text"])
-            self.gear = classifier.gear_of(e, self.cfg.low, self.cfg.high)
+            self.gear = self.first = classifier.gear_of(e, self.cfg.low, self.cfg.high)
 
     def plan(self, step: int) -> StepPlan:
-        return StepPlan(weights=self.sets[self.gear])
+        i = step - 1 - self.lag  # the observed step whose decision this step follows
+        return StepPlan(weights=self.sets[self.decided[i] if i >= 0 else self.first])
 
     def observe(self, executed, logits) -> None:
         h = monitor.entropy_bits(logits).reshape(-1)
@@ -60,6 +67,7 @@ class GearsPolicy:
         gear = max(s.gear for s in self.states)
         self.shifts += gear != self.gear
         self.gear = gear
+        self.decided.append(gear)
 
 
 def gears_policy(artifacts: dict[str, Path], cfg, options: dict) -> GearsPolicy:
@@ -67,15 +75,17 @@ def gears_policy(artifacts: dict[str, Path], cfg, options: dict) -> GearsPolicy:
     if e["vocab_size"] != cfg.vocab_size:
         raise UserError(f"entropy calibration {artifacts['entropy']} is for vocab {e['vocab_size']}, "
                         f"model has {cfg.vocab_size}")
-    first = options["first"]
+    first, lag = options["first"], options["lag"]
     if first not in ("classifier", *monitor.GEARS):
         raise UserError(f"gears: first must be 'classifier' or one of {', '.join(monitor.GEARS)}, got {first!r}")
+    if lag not in (0, 1) or isinstance(lag, bool):
+        raise UserError(f"gears: lag must be 0 (each step follows the step before) or 1 (one step later), got {lag!r}")
     mcfg = monitor.MonitorConfig(low=e["thresholds"]["low"], high=e["thresholds"]["high"], vocab_size=cfg.vocab_size,
                                  window=options["window"], hysteresis=options["hysteresis"],
                                  min_duration=options["min_duration"])
     model = e["classifier"] if first == "classifier" else None
     start = (monitor.GEARS.index(model["majority_gear"]) if model is not None else monitor.GEARS.index(first))
-    return GearsPolicy(weight_sets(artifacts["quantized"]), mcfg, model, start)
+    return GearsPolicy(weight_sets(artifacts["quantized"]), mcfg, model, start, lag)
 
 
 def static_policy(artifacts: dict[str, Path], cfg, options: dict):
