@@ -45,7 +45,6 @@ class GearsPolicy:
         self.sets, self.cfg, self.model, self.first, self.lag = sets, cfg, model, first, lag
         self.plans_ahead = lag >= 1  # plan(s) never needs step s - 1 observed (generation.runs_ahead)
         self.states: list[monitor.MonitorState] | None = None
-        self.gear = first  # the monitor's latest decision (before any step: the first gear)
         self.decided: list[int] = []  # the decision after each observed step (the prefill is step 0)
         self.shifts = 0
 
@@ -53,7 +52,12 @@ class GearsPolicy:
         """The prompt classifier, from the prompt's text (the benchmark passes it before each prompt)."""
         if self.model is not None and self.model["use"] and meta.get("text"):
             e = classifier.predict_entropy(self.model, meta["text"])
-            self.gear = self.first = classifier.gear_of(e, self.cfg.low, self.cfg.high)
+            self.first = classifier.gear_of(e, self.cfg.low, self.cfg.high)
+
+    @property
+    def gear(self) -> int:
+        """The monitor's latest decision (before any step: the first gear)."""
+        return self.decided[-1] if self.decided else self.first
 
     def plan(self, step: int) -> StepPlan:
         i = step - 1 - self.lag  # the observed step whose decision this step follows
@@ -66,7 +70,6 @@ class GearsPolicy:
         self.states = [monitor.update(self.cfg, s, float(v)) for s, v in zip(self.states, h, strict=True)]
         gear = max(s.gear for s in self.states)
         self.shifts += gear != self.gear
-        self.gear = gear
         self.decided.append(gear)
 
 
