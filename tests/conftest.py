@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# the GPU tests' Triton kernels: one tile each, not the fastest of 26 per shape (a minute a test; what a test
+# checks is the kernel's arithmetic, and an autotuned kernel runs one tile either way)
+os.environ.setdefault("ADAPTIVE_INFERENCE_TRITON_TILES", "1")
 
 from adaptive_inference.tiny_model import SHAPES
 from adaptive_inference.tiny_model import write_model as make_tiny_model

@@ -209,3 +209,20 @@ def test_step_profile_is_per_decode_step():
     assert p["by_kernel"] == [{"name": "gemv", "calls": 2.0, "us": 22.0}, {"name": "norm", "calls": 2.0, "us": 4.5}]
     with pytest.raises(ValueError, match="no steps"):
         step_profile(kernels, [])
+
+
+def test_gears_are_timed_beside_their_weight_sets():
+    """cuda_techniques: a wanted gears configuration brings its weight sets as static configurations, and its
+    mixed speedup is what its steps would give at those sets' own speeds (harmonic, "full" at 1.0); a set not
+    timed leaves it unknown rather than guessed."""
+    from types import SimpleNamespace
+
+    from adaptive_inference.bench.cuda_techniques import mixed_speedup, wanted_configs
+
+    assert wanted_configs(SimpleNamespace(configs=[])) is None  # everything
+    assert wanted_configs(SimpleNamespace(configs=["gears-lag", "int8", "nested4-block"])) == [
+        "gears-lag", "int8", "nested4-block", "nested8-block"]
+    share = {"nested4-block": 0.5, "nested8-block": 0.25, "full": 0.25}
+    assert mixed_speedup(share, {"nested4-block": 2.0, "nested8-block": 1.6}) == pytest.approx(1 / 0.65625)
+    assert mixed_speedup({"full": 1.0}, {}) == pytest.approx(1.0)
+    assert mixed_speedup(share, {"nested4-block": 2.0}) is None

@@ -463,6 +463,8 @@ def _gpu_blocks(paths: list[Path]) -> list[tuple]:
                     real = realized_share(_get(c, "speedup"), _get(c, "bound"))  # recomputed: older files kept noise
                     gears = _get(c, "gear_share") or {}  # steps per weight set, where the gears switch them
                     label = name + (f" ({' / '.join(f'{k} {v:.0%}' for k, v in gears.items())})" if gears else "")
+                    mixed = _get(c, "mixed_speedup")  # the gears' steps at their sets' static speeds
+                    label += f" (at its sets' static speeds {mixed:.3f}x)" if isinstance(mixed, (int, float)) else ""
                     kernel = _get(c, "kernel") or LEGACY_KERNELS.get(name)
                     label += f" [{kernel}]" if kernel else ""
                     body.append([sh.get("shape"), mode, label, _f(_num(_get(c, "decode_tps"), f"{where}: decode_tps")),

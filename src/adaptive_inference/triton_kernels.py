@@ -46,20 +46,23 @@ from .gated_linear_op import add_partials, partials_dtype
 # autotune: fp32 dots and one configuration there
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DOT_DTYPE = tl.float32 if INTERPRET else tl.bfloat16
+# ADAPTIVE_INFERENCE_TRITON_TILES=N: autotune over the first N tiles of each list only (the GPU tests set 1: an
+# autotuned kernel runs one tile, the fastest, and timing 26 of them per test shape took a minute a test)
+_TILES = 1 if INTERPRET else int(os.environ.get("ADAPTIVE_INFERENCE_TRITON_TILES") or 0) or None
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 256, 4, 4), (64, 256, 4, 4), (32, 512, 4, 3), (64, 512, 8, 3),
-                                 (128, 128, 4, 4), (16, 512, 4, 4), (128, 256, 8, 3)]][: 1 if INTERPRET else None]
+                                 (128, 128, 4, 4), (16, 512, 4, 4), (128, 256, 8, 3)]][:_TILES]
 # the CUDA-core kernels' (1024-wide K tiles: 1-byte codes)
 _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bn, bk, w, s in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
                                       (16, 512, 4, 3), (64, 256, 8, 3), (8, 512, 4, 4), (16, 1024, 4, 3),
-                                      (32, 1024, 8, 3), (64, 256, 4, 3), (128, 128, 4, 3)]][: 1 if INTERPRET else None]
+                                      (32, 1024, 8, 3), (64, 256, 4, 3), (128, 128, 4, 3)]][:_TILES]
 # the 4-bit GEMVs': those and two more tiles, each with and without the register prefetch (on an H100 the
 # prefetch took the f16x2 kernel's gate_up from 43.8 to 35.2 us; it made no difference to bf16 and int8)
 _W4_GEMV_CONFIGS = [triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_warps, num_stages=c.num_stages)
                     for p in (1, 0) for c in _GEMV_CONFIGS + [triton.Config({"BLOCK_N": bn, "BLOCK_K": 512}, num_warps=w,
                                                                             num_stages=3) for bn, w in ((32, 4), (64, 8))]
-                    ][: 1 if INTERPRET else None]
+                    ][:_TILES]
 
 
 @triton.jit

@@ -324,6 +324,22 @@ OTHER_CONFIGS = ("lobotomy", "router", "stacked", "router_all_common", "router-h
                  "token-gate", "token-router", "token-router-host")  # besides the packed sets and the gears
 
 
+def wanted_configs(a) -> list[str] | None:
+    """--configs, plus each wanted gears configuration's weight sets as static configurations (they share its
+    compiled graphs), so mixed_speedup can say what its steps would give at those sets' own speeds; None: all."""
+    if not a.configs:
+        return None
+    return list(dict.fromkeys([*a.configs, *(s for g in a.configs for s in GEAR_SETS.get(g, ()))]))
+
+
+def mixed_speedup(gear_share: dict, speedups: dict) -> float | None:
+    """The speedup of a gears run whose steps each ran at their weight set's static speed (share of steps per
+    set, "full" at 1.0): what the gears would give if switching cost nothing. None when a set was not timed."""
+    if any(w != "full" and speedups.get(w) is None for w in gear_share):
+        return None
+    return 1 / sum(share / (1.0 if w == "full" else speedups[w]) for w, share in gear_share.items())
+
+
 def technique_configs(lm: TorchLM, a) -> dict:
     L = lm.cfg.num_hidden_layers
     cut = frozenset(round(i * L / 30) for i in (16, 25))
@@ -331,12 +347,14 @@ def technique_configs(lm: TorchLM, a) -> dict:
     common, full = heads(lm, a.common_share)
     token_gate = router_gate(lm, skip)  # one gate object: a new one would be a new plan (compiled, captured again)
     host_common, host_full = heads(lm, a.common_share, HostDecidedHead)
-    wanted = lambda n: not a.configs or n in a.configs  # noqa: E731
+    chosen = wanted_configs(a)
+    wanted = lambda n: chosen is None or n in chosen  # noqa: E731
     gear_sets = [s for g, sets in GEAR_SETS.items() if wanted(g) for s in sets]
-    for name in dict.fromkeys([n for n in a.packed if wanted(n)] + gear_sets):
+    static_sets = list(dict.fromkeys([n for n in a.packed if wanted(n)] + gear_sets))
+    for name in static_sets:
         add_packed_set(lm, name, a.group_size)
     gears = {g: gears_policy(lm, a, *sets, lag=int(g.endswith("-lag"))) for g, sets in GEAR_SETS.items() if wanted(g)}
-    return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in a.packed}, **gears,
+    return {**{fmt: (lambda f=fmt: StaticPolicy(StepPlan(weights=f))) for fmt in static_sets}, **gears,
             "lobotomy": lambda: StaticPolicy(StepPlan(zero_mlp=cut)),
             "router": lambda: RatePolicy(common, full, a.common_rate),
             "stacked": lambda: RatePolicy(common, full, a.common_rate, cut),
@@ -438,7 +456,7 @@ def profile_configs(shape: str, a) -> dict:
     GPU waits for; then its kernels per step (step_profile)."""
     lm = random_model(shape, a.dtype, a.device, "compiled", a.attention)
     configs = with_run_ahead({"baseline": lambda: StaticPolicy(),
-                              **{k: v for k, v in technique_configs(lm, a).items() if k in (a.configs or [])}},
+                              **{k: v for k, v in technique_configs(lm, a).items() if k in (wanted_configs(a) or [])}},
                              a.run_ahead)
     prompt = np.arange(1, 1 + a.prompt_tokens)[None]
     out = {}
@@ -494,8 +512,9 @@ def batch_configs(lm: TorchLM, configs: dict, a, batch: int, context: int) -> di
 def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     t0 = time.perf_counter()
     lm = random_model(shape, a.dtype, a.device, mode, a.attention)
+    wanted = wanted_configs(a)
     chosen = {k: v for k, v in (technique_configs(lm, a) if techniques else {}).items()
-              if not a.configs or k in a.configs}
+              if wanted is None or k in wanted}
     configs = with_run_ahead({"baseline": lambda: StaticPolicy(), **chosen}, a.run_ahead)
     prompt = list(range(1, 1 + a.prompt_tokens))
     for name in configs:  # warm-up: CUDA context, cuBLAS handles, compiled code, captured graphs
@@ -530,6 +549,10 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
             "gear_share": gears if name in GEAR_SETS else None,
             "kernel": packed_kernels(name),
             "row_layer_share": float(np.mean([e.row_layer_share for e in executed[name]]))}
+    speedups = {n: c["speedup"] for n, c in out["configs"].items()}
+    for name in GEAR_SETS.keys() & out["configs"].keys():
+        c = out["configs"][name]
+        c["mixed_speedup"] = mixed_speedup(c["gear_share"], speedups)  # its steps at their sets' static speeds
     for batch in a.batches:
         step = batch_step_s(lm, batch, a)
         out["batch"][str(batch)] = {"tokens_per_s": batch / step, "step_ms": step * 1e3,
