@@ -351,7 +351,7 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
 @pytest.mark.parametrize("m, group", [(1, 32), (3, 64)])
 @pytest.mark.parametrize("fmt", ["int4", "nested"])
 def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, fmt):
-    """triton_block's 4-bit GEMVs (depth 4 in fp16 pairs; nested at depth 8 in fp32): the block ops' reference
+    """triton_block's 4-bit GEMVs (in fp16 pairs: depth 4, and nested at depth 8 from both planes): the block ops' reference
     arithmetic in fp32, within bf16's rounding."""
     from adaptive_inference import block_op, quant, quant_cuda
     from adaptive_inference.triton_block import w4_block

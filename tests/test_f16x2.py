@@ -1,5 +1,5 @@
 """The CUDA decode GEMVs' fp16-pair arithmetic, run on the CPU: the PTX the kernels inline (f16x2.I8_DOT,
-f16x2.W4_DOT) through f16x2.emulate, and the x prep. Codes must come out exact for every byte value in every
+f16x2.W4_DOT, f16x2.N8_DOT) through f16x2.emulate, and the x prep. Codes must come out exact for every byte value in every
 position of a word, and dots must match float64 to fp16 rounding."""
 
 import numpy as np
@@ -64,6 +64,28 @@ def test_4bit_codes_are_exact_and_centred_in_every_position():
     np.testing.assert_array_equal(lanes(hi), np.stack([high(1), high(3)], -1))
 
 
+def nested8(c: np.ndarray, r: np.ndarray, i: int, high: bool) -> np.ndarray:
+    """The nested 8-bit code 16 code + residual of byte i's low (column 4i + i) or high (H + 4i + i) nibbles,
+    centred (- 128)."""
+    s = np.uint32(4 if high else 0)
+    return ((byte(c, i) >> s & 15) * 16 + (byte(r, i) >> s & 15)).astype(np.float64) - 128
+
+
+def test_nested_8bit_codes_are_exact_and_centred_in_every_position():
+    """Every (code, residual) nibble pair in every position of the two words, low and high columns."""
+    b = np.arange(256, dtype=np.uint32)
+    c, r = np.meshgrid(b, b)  # all 65536 pairs of bytes
+    c, r = c.ravel(), r.ravel()
+    c = c | (c + 85) % 256 << 8 | (c + 170) % 256 << 16 | (c + 255) % 256 << 24
+    r = r | (r + 37) % 256 << 8 | (r + 111) % 256 << 16 | (r + 201) % 256 << 24
+    one, zero = pair(1, 1), pair(0, 0)
+    for xa, xb, first in ((one, zero, 0), (zero, one, 1)):  # columns 4i, 4i + 2, then 4i + 1, 4i + 3
+        lo, hi = f16x2.emulate(f16x2.N8_DOT, 2, c, r, xa, xb, xa, xb)
+        for got, high in ((lo, False), (hi, True)):
+            want = np.stack([nested8(c, r, first, high), nested8(c, r, first + 2, high)], -1)
+            np.testing.assert_array_equal(lanes(got), want)
+
+
 def bound(codes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 3 * 2.0**-11 * (np.abs(codes) * np.abs(x)).sum(-1) + 2.0**-24 * np.abs(codes).sum(-1)
 
@@ -88,6 +110,13 @@ def test_dots_match_float64_to_fp16_rounding(seed):
     lo, hi = f16x2.emulate(f16x2.W4_DOT, 2, w, pair(xl[:, 0], xl[:, 2]), pair(xl[:, 1], xl[:, 3]),
                            pair(xh[:, 0], xh[:, 2]), pair(xh[:, 1], xh[:, 3]))
     for got, c, xx in ((lo, low, xl), (hi, high, xh)):
+        assert np.all(np.abs(lanes(got).sum(-1) - (c * xx).sum(-1)) <= bound(c, xx))
+    r = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)  # nested: x / 256 as int8's
+    xl, xh = x[:, :4] / 256, x[:, 4:] / 256
+    lo, hi = f16x2.emulate(f16x2.N8_DOT, 2, w, r, pair(xl[:, 0], xl[:, 2]), pair(xl[:, 1], xl[:, 3]),
+                           pair(xh[:, 0], xh[:, 2]), pair(xh[:, 1], xh[:, 3]))
+    for got, high, xx in ((lo, False, xl), (hi, True, xh)):
+        c = np.stack([nested8(w, r, i, high) for i in range(4)], -1)
         assert np.all(np.abs(lanes(got).sum(-1) - (c * xx).sum(-1)) <= bound(c, xx))
 
 

@@ -52,6 +52,34 @@ fma.rn.f16x2 $1, t3, $6, $1;
 }"""
 
 
+# nested 8-bit: ($0, $1) as W4_DOT's, for the 8-bit codes 16 code + residual of two 4-bit words in that layout
+# ($2 the codes' word, $3 the residual's), centred (code8 - 128); x pairs / 256 as for int8. Two shifts and two
+# LOP3 bit selects make the low columns' and the high columns' 8-bit codes as bytes (codes' nibble high,
+# residual's low), then each byte word as in I8_DOT, unsigned (1024 + code8 - 1152): 2.25 instructions a weight
+N8_DOT = """{
+.reg .b32 c4, r4, u0, u1, v0, v1, t0, t1, t2, t3, mid;
+mov.b32 mid, 0x64806480;
+shl.b32 c4, $2, 4;
+shr.u32 r4, $3, 4;
+lop3.b32 u0, c4, $3, 0xF0F0F0F0, 0xE4;
+lop3.b32 u1, $2, r4, 0xF0F0F0F0, 0xE4;
+shr.u32 v0, u0, 8;
+shr.u32 v1, u1, 8;
+lop3.b32 t0, u0, 0x00FF00FF, 0x64006400, 0xEA;
+lop3.b32 t1, v0, 0x00FF00FF, 0x64006400, 0xEA;
+lop3.b32 t2, u1, 0x00FF00FF, 0x64006400, 0xEA;
+lop3.b32 t3, v1, 0x00FF00FF, 0x64006400, 0xEA;
+sub.f16x2 t0, t0, mid;
+sub.f16x2 t1, t1, mid;
+sub.f16x2 t2, t2, mid;
+sub.f16x2 t3, t3, mid;
+mul.f16x2 $0, t0, $4;
+fma.rn.f16x2 $0, t1, $5, $0;
+mul.f16x2 $1, t2, $6;
+fma.rn.f16x2 $1, t3, $7, $1;
+}"""
+
+
 def prep_x(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The f16x2 kernels' xq from x [M, K]: x * scale (a power of 2) in fp16, columns 0 2 1 3 in each 4 (the
     kernels read it as int32 pairs). Torch ops that torch.compile fuses into the kernel making x: kept fp16 here,
@@ -77,7 +105,7 @@ def _f16x2(op: str, *args: np.ndarray) -> np.ndarray:
 
 
 def emulate(asm: str, n_out: int, *inputs: np.ndarray) -> list[np.ndarray]:
-    """Run the PTX block asm (I8_DOT, W4_DOT) on uint32 arrays; the outputs $0..$(n_out - 1), as uint32."""
+    """Run the PTX block asm (I8_DOT, W4_DOT, N8_DOT) on uint32 arrays; the outputs $0..$(n_out - 1), as uint32."""
     regs: dict[str, np.ndarray] = {f"${n_out + i}": np.asarray(v, dtype=np.uint32) for i, v in enumerate(inputs)}
 
     def val(s: str) -> np.ndarray:
@@ -93,6 +121,8 @@ def emulate(asm: str, n_out: int, *inputs: np.ndarray) -> list[np.ndarray]:
             regs[dst] = np.broadcast_to(src[0], regs["$" + str(n_out)].shape).astype(np.uint32)
         elif op == "shr.u32":
             regs[dst] = src[0] >> src[1]
+        elif op == "shl.b32":
+            regs[dst] = src[0] << src[1]
         elif op == "lop3.b32":
             regs[dst] = _lop3(src[0], src[1], src[2], int(src[3]))
         elif op in ("sub.f16x2", "mul.f16x2", "fma.rn.f16x2"):

@@ -16,7 +16,6 @@ from . import block_op  # noqa: F401  (defines the ops this module gives CUDA ke
 from .triton_kernels import (
     _GEMV_CONFIGS,
     _W4_GEMV_CONFIGS,
-    FP32_2POW23_BITS,
     GEMV_ROWS,
     INTERPRET,
     _f16x2_dot,
@@ -24,6 +23,7 @@ from .triton_kernels import (
     _i8_f16x2_dot,
     _int8_byte,
     _k_slice,
+    _n8_f16x2_dot,
     _pair_sums,
     _scales,
     _tile,
@@ -181,12 +181,13 @@ def _w4_tile_dot(acc, w, xa, xb, xc, xd, s_ptr, m_ptr, rn, k0, H, N, G, GROUP: t
 
 
 @triton.jit
-def _x_pairs(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM: tl.constexpr):
-    """x's columns cols + 0..3 (as _x_cols makes them) / 16 as the fp16 pairs (cols, cols + 2), (cols + 1, cols + 3)."""
-    x0 = _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM) * 0.0625
-    x1 = _x_cols(x_ptr, l_ptr, m, K, cols + 1, ok, rstd, NORM) * 0.0625
-    x2 = _x_cols(x_ptr, l_ptr, m, K, cols + 2, ok, rstd, NORM) * 0.0625
-    x3 = _x_cols(x_ptr, l_ptr, m, K, cols + 3, ok, rstd, NORM) * 0.0625
+def _x_pairs(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM: tl.constexpr, SCALE: tl.constexpr = 0.0625):
+    """x's columns cols + 0..3 (as _x_cols makes them) * SCALE (1 / 16 for 4-bit codes, 1 / 256 for 8-bit ones)
+    as the fp16 pairs (cols, cols + 2), (cols + 1, cols + 3)."""
+    x0 = _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM) * SCALE
+    x1 = _x_cols(x_ptr, l_ptr, m, K, cols + 1, ok, rstd, NORM) * SCALE
+    x2 = _x_cols(x_ptr, l_ptr, m, K, cols + 2, ok, rstd, NORM) * SCALE
+    x3 = _x_cols(x_ptr, l_ptr, m, K, cols + 3, ok, rstd, NORM) * SCALE
     return _f16_pair(x0, x2), _f16_pair(x1, x3)
 
 
@@ -234,40 +235,27 @@ def _w4_block_kernel(x_ptr, l_ptr, c_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, 
 
 
 @triton.jit
-def _nibble_fma(total, w, x, magic, S: tl.constexpr):
-    """total + the nibble at bit S of int32 words w, made a float as triton_kernels._nibble_dot does, times x."""
-    code = ((w & (0xF << S)) | (magic - (S << 23))).to(tl.float32, bitcast=True) - (1 << (23 - S))
-    return tl.fma(code, x[None, :], total)
-
-
-@triton.jit
-def _nibbles_dot_x(w, w_hi, x0, x1, x2, x3, magic, HIGH: tl.constexpr):
-    """triton_kernels._nibbles_dot with x's four columns of a word given (x0..x3 [BLOCK_W]), not loaded."""
-    total = _nibble_fma(tl.zeros(w.shape, dtype=tl.float32), w, x0, magic, 4 * HIGH)
-    total = _nibble_fma(total, w, x1, magic, 8 + 4 * HIGH)
-    total = _nibble_fma(total, w_hi, x2, magic, 4 * HIGH)
-    return _nibble_fma(total, w_hi, x3, magic, 8 + 4 * HIGH)
-
-
-@triton.jit
-def _nested_tile(acc, codes, residual, x0, x1, x2, x3, xg, s_ptr, m_ptr, rn, g0, N, G, magic, GROUP: tl.constexpr,
-                 NG: tl.constexpr, BLOCK_K: tl.constexpr, HIGH: tl.constexpr):
-    """acc + one half of a tile of a nested weight read at depth 8 (8-bit codes 16 code + residual on a scale / 16
-    grid centred by 7.5 steps) dotted with x, per group: scale (codes . x) + min sum(x)."""
-    dot = _nibbles_dot_x(codes, codes >> 16, x0, x1, x2, x3, magic, HIGH) * 16 \
-        + _nibbles_dot_x(residual, residual >> 16, x0, x1, x2, x3, magic, HIGH)
-    dot = tl.sum(tl.reshape(dot, (dot.shape[0], NG, dot.shape[1] // NG)), axis=2)
-    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, True, BLOCK_K)
-    return acc + dot * sc + (mn - 7.5 * sc) * xg[None, :]
+def _n8_tile_dot(acc, c, r, xa, xb, xc, xd, s_ptr, m_ptr, rn, k0, H, N, G, GROUP: tl.constexpr, NG: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """_w4_tile_dot for a nested weight read at depth 8 (codes c and residual r words; x's fp16 pairs / 256): the
+    8-bit code 16 code + residual sits on a scale / 16 grid from min - 7.5 scale / 16, so per group
+    16 scale (centred code8 . x / 256) + (min + 120.5 / 16 scale) sum(x)."""
+    lo, hi = _n8_f16x2_dot(c, r, xa[None, :], xb[None, :], xc[None, :], xd[None, :], ASM)
+    for high in tl.static_range(2):
+        xg = _pair_sums(xc if high else xa, xd if high else xb, NG) * 256  # sum(x) per group, from x / 256
+        sc, mn = _scales(s_ptr, m_ptr, rn, (k0 + high * H) // GROUP, N, G, GROUP, False, BLOCK_K)
+        acc += _group_sums(hi if high else lo, NG, ASM) * (16 * sc) + (mn + 7.53125 * sc) * xg[None, :]
+    return acc
 
 
 @triton.autotune(configs=_W4_GEMV_CONFIGS, key=["N", "K", "GROUP", "NORM", "GLU", "ADD"])
 @triton.jit
-def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps, MAGIC,
+def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_ptr, M, N, K, eps,
                       GROUP: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, BIAS: tl.constexpr,
-                      ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """_w4_block_kernel for a nested weight read at depth 8 (codes and residual planes, q_ptr), in fp32 as
-    _w4_gemv_kernel reads it."""
+                      ADD: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREFETCH: tl.constexpr):
+    """_w4_block_kernel for a nested weight read at depth 8 (codes and residual planes, q_ptr), the 8-bit codes
+    made from both planes' words in registers and dotted in fp16 pairs (_n8_f16x2_dot)."""
     pid_n, m = tl.program_id(0), tl.program_id(1)
     NY = N // 2 if GLU else N
     BLOCK_W: tl.constexpr = BLOCK_K // 4
@@ -289,19 +277,12 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
                 nxt_up = (_tile_to(c_ptr + NY * HW, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi),
                           _tile_to(q_ptr + NY * HW, rn, rw + BLOCK_W, NY, HW, k0 + BLOCK_K, k_hi))
         ok = rw < HW
-        for high in tl.static_range(2):
-            cols = high * H + 4 * rw
-            x0 = _x_cols(x_ptr, l_ptr, m, K, cols, ok, rstd, NORM)
-            x1 = _x_cols(x_ptr, l_ptr, m, K, cols + 1, ok, rstd, NORM)
-            x2 = _x_cols(x_ptr, l_ptr, m, K, cols + 2, ok, rstd, NORM)
-            x3 = _x_cols(x_ptr, l_ptr, m, K, cols + 3, ok, rstd, NORM)
-            xg = tl.sum(tl.reshape(x0 + x1 + x2 + x3, (NG, BLOCK_W // NG)), axis=1)  # sum(x) per group
-            g0 = (k0 + high * H) // GROUP
-            acc = _nested_tile(acc, codes, res, x0, x1, x2, x3, xg, s_ptr, m_ptr, rn, g0, NY, G, MAGIC, GROUP, NG,
-                               BLOCK_K, high)
-            if GLU:
-                acc_up = _nested_tile(acc_up, codes_up, res_up, x0, x1, x2, x3, xg, s_ptr + NY * G, m_ptr + NY * G,
-                                      rn, g0, NY, G, MAGIC, GROUP, NG, BLOCK_K, high)
+        xa, xb = _x_pairs(x_ptr, l_ptr, m, K, 4 * rw, ok, rstd, NORM, 1 / 256)
+        xc, xd = _x_pairs(x_ptr, l_ptr, m, K, H + 4 * rw, ok, rstd, NORM, 1 / 256)
+        acc = _n8_tile_dot(acc, codes, res, xa, xb, xc, xd, s_ptr, m_ptr, rn, k0, H, NY, G, GROUP, NG, BLOCK_K, ASM)
+        if GLU:
+            acc_up = _n8_tile_dot(acc_up, codes_up, res_up, xa, xb, xc, xd, s_ptr + NY * G, m_ptr + NY * G, rn, k0,
+                                  H, NY, G, GROUP, NG, BLOCK_K, ASM)
         rw += BLOCK_W
         if PREFETCH:
             codes, res = nxt
@@ -320,7 +301,7 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: t
              group_size: int, *, lnw: torch.Tensor | None = None, eps: float = 0.0, bias: torch.Tensor | None = None,
              glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout with fp16 scale and min [N, K / group]: read at
-    depth 4 (plane empty: fp16 pairs) or, with the nested format's second plane, at depth 8 (fp32)."""
+    depth 4 (plane empty) or, with the nested format's second plane, at depth 8; both in fp16 pairs."""
     (m, k), n = x.shape, codes.shape[0]
     if m > GEMV_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
         raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {GEMV_ROWS}, "
@@ -333,7 +314,7 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: t
     flags = dict(GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None, ADD=residual is not None)
     if plane.numel():
         _w4n_block_kernel[grid](x, ln, codes.view(torch.int32), plane.view(torch.int32), scale, minv, b, r, y, m, n, k,
-                                eps, FP32_2POW23_BITS, **flags)
+                                eps, **flags, ASM=not INTERPRET)
     else:
         _w4_block_kernel[grid](x, ln, codes.view(torch.int32), scale, minv, b, r, y, m, n, k, eps, **flags,
                                ASM=not INTERPRET)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
-from .f16x2 import I8_DOT, W4_DOT, prep_x
+from .f16x2 import I8_DOT, N8_DOT, W4_DOT, prep_x
 from .gated_linear_op import add_partials, partials_dtype
 
 # the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
@@ -478,6 +478,30 @@ def _f16x2_dot(w, xa, xb, xc, xd, ASM: tl.constexpr):
             lane = 16 * (b // 2)
             lo += (((w >> (8 * b)) & 15).to(tl.float32) - 8.0) * _f16_lane(xw, lane)
             hi += (((w >> (8 * b + 4)) & 15).to(tl.float32) - 8.0) * _f16_lane(xh, lane)
+    return lo, hi
+
+
+_N8_F16X2_DOT = tl.constexpr(N8_DOT)
+
+
+@triton.jit
+def _n8_f16x2_dot(c, r, xa, xb, xc, xd, ASM: tl.constexpr):
+    """_f16x2_dot for a nested weight read at depth 8: the 8-bit codes 16 code + residual of the code words c and
+    residual words r (same layout), centred (code8 - 128), dotted with x / 256 in fp16 pairs (xa..xd as there):
+    (low columns, high columns) partial sums as fp16 pairs in int32. ASM False: in fp32, as fp32."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_N8_F16X2_DOT, "=r,=r,r,r,r,r,r,r", [c, r, xa, xb, xc, xd],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        lo = tl.zeros(c.shape, dtype=tl.float32)
+        hi = tl.zeros(c.shape, dtype=tl.float32)
+        for b in tl.static_range(4):
+            xw = xa if b % 2 == 0 else xb
+            xh = xc if b % 2 == 0 else xd
+            lane = 16 * (b // 2)
+            cb, rb = (c >> (8 * b)) & 255, (r >> (8 * b)) & 255
+            lo += ((cb & 15) * 16 + (rb & 15) - 128).to(tl.float32) * _f16_lane(xw, lane)
+            hi += ((cb >> 4) * 16 + (rb >> 4) - 128).to(tl.float32) * _f16_lane(xh, lane)
     return lo, hi
 
 
