@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -226,3 +228,20 @@ def test_gears_are_timed_beside_their_weight_sets():
     assert mixed_speedup(share, {"nested4-block": 2.0, "nested8-block": 1.6}) == pytest.approx(1 / 0.65625)
     assert mixed_speedup({"full": 1.0}, {}) == pytest.approx(1.0)
     assert mixed_speedup(share, {"nested4-block": 2.0}) is None
+
+
+def test_tile_choices_list_each_autotuned_kernels_pick_per_key():
+    """cuda_techniques records the tile each autotuned Triton kernel chose per autotune key (JSON-ready), and
+    leaves out kernels that never ran."""
+    from types import SimpleNamespace
+
+    from adaptive_inference.bench.cuda_techniques import tile_choices
+
+    cfg = SimpleNamespace(all_kwargs=lambda: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3})
+    tuners = {"triton_block._w4_block_kernel": SimpleNamespace(cache={(4096, 6144, 32, True, "torch.bfloat16"): cfg}),
+              "triton_kernels._gemv_kernel": SimpleNamespace(cache={})}
+    got = tile_choices(tuners)
+    assert got == {"triton_block._w4_block_kernel": [
+        {"key": ["4096", "6144", "32", "True", "torch.bfloat16"],
+         "tile": {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}}]}
+    assert json.loads(json.dumps(got)) == got

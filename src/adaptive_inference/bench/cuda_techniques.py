@@ -567,6 +567,22 @@ def measure_mode(shape: str, mode: str, techniques: bool, bw: float, a) -> dict:
     return out
 
 
+def tile_choices(tuners: dict) -> dict:
+    """{kernel: [{"key": its autotune key, "tile": the config it chose}]} of autotuned kernels (objects with
+    Triton's Autotuner `cache`): which tiles win on this device, what a tile list can be pruned to."""
+    return {name: [{"key": [str(k) for k in key], "tile": cfg.all_kwargs()} for key, cfg in t.cache.items()]
+            for name, t in sorted(tuners.items()) if getattr(t, "cache", None)}
+
+
+def autotuned_kernels() -> dict:
+    """This process's autotuned Triton kernels, by module.name (imported only where CUDA runs them)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from .. import triton_block, triton_kernels
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{n}": v for m in (triton_kernels, triton_block)
+            for n, v in vars(m).items() if isinstance(v, Autotuner)}
+
+
 def measure(shape: str, a) -> dict:
     bw = read_bandwidth(a.device)
     cfg = ModelConfig.from_dict(SHAPES[shape])
@@ -580,6 +596,7 @@ def measure(shape: str, a) -> dict:
         techniques = mode in (a.technique_modes or a.modes[-1:]) and not a.baseline_only
         out["modes"][mode] = measure_mode(shape, mode, techniques, bw, a)
         print(json.dumps({shape: {mode: out["modes"][mode]}}), flush=True)
+    out["tiles"] = tile_choices(autotuned_kernels())  # every shape so far: the keys hold N and K
     return out
 
 
