@@ -73,6 +73,14 @@ def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
     want = list(stream(lm, prompts, max_new_tokens=6, policy=Spy(static, want_log)))
     monkeypatch.setattr(lm, "runs_ahead", True, raising=False)
     steps, log = [], []
+    fetch = lm.fetch
+
+    def logged_fetch(x):  # each step's tokens: the copy asked for when the step is queued, read when finished
+        n = sum(e[0] == "fetch" for e in log)
+        log.append(("fetch", n))
+        read = fetch(x)
+        return lambda: (log.append(("read", n)), read())[1]
+    monkeypatch.setattr(lm, "fetch", logged_fetch)
     for s in stream(lm, prompts, max_new_tokens=6, policy=Spy(static, log)):
         steps.append(s)
         log.append(("yield", len(steps) - 1))
@@ -81,12 +89,14 @@ def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
     assert all(s.seconds > 0 for s in steps)
     plans = [e for e in log if e[0] == "plan"]
     assert plans == [("plan", i) for i in range(6)]  # six steps, no seventh launched
-    order = [e[0] for e in log]
-    if static:  # plan(s + 1) comes before step s is observed and yielded
-        assert order[:3] == ["plan", "plan", "observe"]
+    order = [e[0] for e in log if e[0] != "fetch"]
+    assert [log.index(("fetch", i)) < log.index(("plan", i + 1)) for i in range(5)] == [True] * 5
+    if static:  # plan(s + 1) comes before step s's token is read, observed and yielded
+        assert order[:4] == ["plan", "plan", "read", "observe"]
+        assert [log.index(("plan", i + 1)) < log.index(("read", i)) for i in range(5)] == [True] * 5
         assert [log.index(("plan", i + 1)) < log.index(("yield", i)) for i in range(5)] == [True] * 5
     else:
-        assert order == ["plan", "observe", "yield"] * 6
+        assert order == ["plan", "read", "observe", "yield"] * 6
 
 
 def test_a_policy_behind_never_runs_ahead(lm, monkeypatch):

@@ -157,6 +157,11 @@ class Decoder(abc.ABC):
     @abc.abstractmethod
     def to_numpy(self, x) -> np.ndarray: ...
 
+    def fetch(self, x):
+        """A callable giving x as numpy. Where the device runs ahead of the host (runs_ahead), the copy is queued
+        now and the call waits for it alone, not for work queued after it (generation.stream's next step)."""
+        return lambda: self.to_numpy(x)
+
     @abc.abstractmethod
     def silu(self, x): ...
 

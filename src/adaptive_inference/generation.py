@@ -37,8 +37,10 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     index, or for step s + 1 observations up to step s - 1, as the gears' `lag: 1`), step s + 1 is queued
     before step s's token is read back (its input ids never leave the device): the host's per-token work (the
     read, the policy, the next step's launches) then overlaps the device's step instead of leaving the device
-    idle through it every token. The same Steps come out, in the same order, observed in the same order; a
-    Step's seconds is then the time since the one before."""
+    idle through it every token. Each step's tokens are copied to the host as soon as it is queued (lm.fetch),
+    so reading them waits for that step alone; what observe or a device-side decision reads later still waits
+    behind the queued step. The same Steps come out, in the same order, observed in the same order; a Step's
+    seconds is then the time since the one before."""
     policy = policy or StaticPolicy()
     ids = lm.ids_array(np.atleast_2d(prompt))
     cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
@@ -48,9 +50,9 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     lm.materialize()
     t0 = time.perf_counter()
 
-    def finish(fwd, ids) -> Step:
+    def finish(fwd, read) -> Step:
         nonlocal t0
-        out = lm.to_numpy(ids)  # the host needs the token: this evaluates the step
+        out = read()  # the host needs the token: this waits for the step (and, ahead, not for the next one)
         policy.observe(fwd.executed, fwd.out.logits)  # after: what ran may be known only once evaluated
         t1 = time.perf_counter()
         done, t0 = Step(out, t1 - t0, fwd.executed), t1
@@ -63,12 +65,13 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
         plan = policy.plan(step)
         fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
         ids, state = lm.next_tokens(fwd.out, temperature, state)
+        read = lm.fetch(ids)  # queued before the next step, so reading it never waits for that step
         if not ahead:
-            yield finish(fwd, ids)
+            yield finish(fwd, read)
             continue
         if pending is not None:
             yield finish(*pending)
-        pending = fwd, ids
+        pending = fwd, read
     if pending is not None:
         yield finish(*pending)
 

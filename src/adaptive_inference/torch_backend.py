@@ -602,6 +602,18 @@ class TorchLM(Decoder):
     def to_numpy(self, x) -> np.ndarray:
         return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
 
+    def fetch(self, x):
+        if self.device != "cuda":
+            return super().fetch(x)
+        host = x.detach().to("cpu", non_blocking=True)  # into pinned memory, behind the work queued so far
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> np.ndarray:
+            copied.synchronize()  # this copy only: a step queued after it may still run
+            return host.float().numpy() if host.is_floating_point() else host.numpy()
+        return read
+
     def rms32(self, x):
         x = x.float()
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
