@@ -81,7 +81,9 @@ def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
         read = fetch(x)
         return lambda: (log.append(("read", n)), read())[1]
     monkeypatch.setattr(lm, "fetch", logged_fetch)
-    for s in stream(lm, prompts, max_new_tokens=6, policy=Spy(static, log)):
+    spy = Spy(static, log)  # a policy with step_queued (the gears) is handed each step's logits as it is queued
+    spy.step_queued = lambda logits, _: log.append(("queued", sum(e[0] == "queued" for e in log), logits.shape[0]))
+    for s in stream(lm, prompts, max_new_tokens=6, policy=spy):
         steps.append(s)
         log.append(("yield", len(steps) - 1))
     assert [s.tokens.tolist() for s in steps] == [s.tokens.tolist() for s in want]
@@ -89,8 +91,10 @@ def test_stream_runs_a_static_plan_one_step_ahead(lm, monkeypatch, static):
     assert all(s.seconds > 0 for s in steps)
     plans = [e for e in log if e[0] == "plan"]
     assert plans == [("plan", i) for i in range(6)]  # six steps, no seventh launched
-    order = [e[0] for e in log if e[0] != "fetch"]
+    order = [e[0] for e in log if e[0] not in ("fetch", "queued")]
     assert [log.index(("fetch", i)) < log.index(("plan", i + 1)) for i in range(5)] == [True] * 5
+    assert [log.index(("queued", i, 2)) < log.index(("plan", i + 1)) for i in range(5)] == [True] * 5
+    assert sum(e[0] == "queued" for e in log) == 6
     if static:  # plan(s + 1) comes before step s's token is read, observed and yielded
         assert order[:4] == ["plan", "plan", "read", "observe"]
         assert [log.index(("plan", i + 1)) < log.index(("read", i)) for i in range(5)] == [True] * 5

@@ -179,6 +179,37 @@ def test_gears_lag_one_run_ahead_give_the_same_steps(lm, inputs, monkeypatch):
     assert (tokens, weights) == run(False) and weights[:2] == ["mid", "mid"] and weights[-1] == "full"
 
 
+class _DeviceLogits(np.ndarray):
+    """Logits that say they are on CUDA, so GearsPolicy.step_queued takes them (entropy_bits_device is patched)."""
+    is_cuda = True
+
+
+def test_entropies_started_when_a_step_is_queued_are_the_ones_observed(inputs, monkeypatch):
+    """On CUDA generation hands the gears each step's logits as it queues the step (step_queued): the entropies
+    are reduced there and their copy started, and observe takes them for those logits, drops what a generation
+    left unobserved, and reduces logits it was not handed (teacher forcing) itself."""
+    monkeypatch.setattr(monitor, "entropy_bits_device", lambda z: monitor.entropy_bits(z.view(np.ndarray)) + 100.0)
+    reads: list = []
+
+    class Lm:
+        def fetch(self, x):
+            return lambda: (reads.append(float(x[0])), x)[1]
+
+    policy = _gears(inputs, _Cfg(), 0)
+    rng = np.random.default_rng(0)
+    stale, first, second = (rng.standard_normal((1, 128)).view(_DeviceLogits) for _ in range(3))
+    policy.step_queued(stale, Lm())
+    policy.step_queued(first, Lm())
+    policy.observe(None, first)  # stale is dropped unread
+    seen = policy.states[0].recent
+    assert len(reads) == 1 and not policy.fetched
+    assert seen == pytest.approx([monitor.entropy_bits(first.view(np.ndarray))[0] + 100])
+    policy.step_queued(np.zeros((1, 128)), Lm())  # host logits: nothing started
+    policy.observe(None, second.view(np.ndarray))  # not handed over: reduced here, without the +100
+    assert len(reads) == 1 and not policy.fetched
+    assert policy.states[0].recent[-1] == pytest.approx(monitor.entropy_bits(second.view(np.ndarray))[0])
+
+
 class _Cfg:
     vocab_size = 128
 

@@ -38,8 +38,9 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     before step s's token is read back (its input ids never leave the device): the host's per-token work (the
     read, the policy, the next step's launches) then overlaps the device's step instead of leaving the device
     idle through it every token. Each step's tokens are copied to the host as soon as it is queued (lm.fetch),
-    so reading them waits for that step alone; what observe or a device-side decision reads later still waits
-    behind the queued step. The same Steps come out, in the same order, observed in the same order; a Step's
+    so reading them waits for that step alone, and so is what a policy with `step_queued` will observe (the
+    gears' entropies); what other policies observe or a device-side decision reads later still waits behind
+    the queued step. The same Steps come out, in the same order, observed in the same order; a Step's
     seconds is then the time since the one before."""
     policy = policy or StaticPolicy()
     ids = lm.ids_array(np.atleast_2d(prompt))
@@ -66,6 +67,8 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
         fwd = lm.prefill(ids, cache, plan) if step == 0 else lm.decode_one_token(ids, cache, plan)
         ids, state = lm.next_tokens(fwd.out, temperature, state)
         read = lm.fetch(ids)  # queued before the next step, so reading it never waits for that step
+        if hasattr(policy, "step_queued"):  # what the policy will observe, started on its way too (the gears)
+            policy.step_queued(fwd.out.logits, lm)
         if not ahead:
             yield finish(fwd, read)
             continue

@@ -150,6 +150,10 @@ class Behind:
     def plan(self, step: int) -> StepPlan:
         return self.policy.plan(step)
 
+    def step_queued(self, logits, lm) -> None:
+        if hasattr(self.policy, "step_queued"):
+            self.policy.step_queued(logits, lm)
+
     def observe(self, executed, logits) -> None:
         self.policy.observe(executed, logits)
 

@@ -35,6 +35,11 @@ class ComposedPolicy:
     def plan(self, step: int) -> StepPlan:
         return compose([p.plan(step) for p in self.policies])
 
+    def step_queued(self, logits, lm) -> None:
+        for p in self.policies:
+            if hasattr(p, "step_queued"):
+                p.step_queued(logits, lm)
+
     def observe(self, executed, logits) -> None:
         for p in self.policies:
             p.observe(executed, logits)

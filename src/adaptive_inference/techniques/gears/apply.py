@@ -47,6 +47,7 @@ class GearsPolicy:
         self.states: list[monitor.MonitorState] | None = None
         self.decided: list[int] = []  # the decision after each observed step (the prefill is step 0)
         self.shifts = 0
+        self.fetched: list = []  # (logits, read) of queued steps whose entropies are on their way (step_queued)
 
     def begin(self, meta: dict) -> None:
         """The prompt classifier, from the prompt's text (the benchmark passes it before each prompt)."""
@@ -63,8 +64,16 @@ class GearsPolicy:
         i = step - 1 - self.lag  # the observed step whose decision this step follows
         return StepPlan(weights=self.sets[self.decided[i] if i >= 0 else self.first])
 
+    def step_queued(self, logits, lm) -> None:
+        """generation.stream, right after it queued a step: on CUDA the step's entropies are reduced where its
+        logits are and copied to the host before the next step is queued, so observe never waits behind it."""
+        if getattr(logits, "is_cuda", False):
+            self.fetched.append((logits, lm.fetch(monitor.entropy_bits_device(logits))))
+
     def observe(self, executed, logits) -> None:
-        h = monitor.entropy_bits(logits).reshape(-1)
+        while self.fetched and self.fetched[0][0] is not logits:  # a generation left before its last step
+            self.fetched.pop(0)
+        h = (self.fetched.pop(0)[1]() if self.fetched else monitor.entropy_bits(logits)).reshape(-1)
         if self.states is None:
             self.states = [monitor.start(self.cfg, self.gear) for _ in h]
         self.states = [monitor.update(self.cfg, s, float(v)) for s, v in zip(self.states, h, strict=True)]

@@ -33,14 +33,19 @@ def entropy_bits(logits) -> np.ndarray:
     come back: one value per row instead of the vocab.
     """
     if getattr(logits, "is_cuda", False):
-        lp = logits.float().log_softmax(-1)
-        return (-(lp.exp() * lp).sum(-1) / math.log(2)).cpu().numpy()
+        return entropy_bits_device(logits).cpu().numpy()
     z = np.asarray(logits, dtype=np.float32)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     s = e.sum(axis=-1, dtype=np.float64)
     # H = log s - sum(p z), with p = e / s (nats), then to bits
     return (np.log(s) - np.einsum("...i,...i->...", e, z, dtype=np.float64) / s) / math.log(2)
+
+
+def entropy_bits_device(logits):
+    """entropy_bits of torch logits, left where they are (float32 on the logits' device)."""
+    lp = logits.float().log_softmax(-1)
+    return -(lp.exp() * lp).sum(-1) / math.log(2)
 
 
 def scale_to_vocab(bits: float, vocab_size: int) -> float:
