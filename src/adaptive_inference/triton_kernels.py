@@ -492,16 +492,11 @@ def _n8_f16x2_dot(c, r, xa, xb, xc, xd, ASM: tl.constexpr):
     if ASM:
         lo, hi = tl.inline_asm_elementwise(_N8_F16X2_DOT, "=r,=r,r,r,r,r,r,r", [c, r, xa, xb, xc, xd],
                                            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        lo = tl.zeros(c.shape, dtype=tl.float32)
-        hi = tl.zeros(c.shape, dtype=tl.float32)
-        for b in tl.static_range(4):
-            xw = xa if b % 2 == 0 else xb
-            xh = xc if b % 2 == 0 else xd
-            lane = 16 * (b // 2)
-            cb, rb = (c >> (8 * b)) & 255, (r >> (8 * b)) & 255
-            lo += ((cb & 15) * 16 + (rb & 15) - 128).to(tl.float32) * _f16_lane(xw, lane)
-            hi += ((cb >> 4) * 16 + (rb >> 4) - 128).to(tl.float32) * _f16_lane(xh, lane)
+    else:  # 16 code + residual - 128 = 16 (code - 8) + (residual - 8) + 8: both planes' 4-bit dots, x's sum
+        lo_c, hi_c = _f16x2_dot(c, xa, xb, xc, xd, False)
+        lo_r, hi_r = _f16x2_dot(r, xa, xb, xc, xd, False)
+        lo = 16 * lo_c + lo_r + 8 * (_f16_lane(xa, 0) + _f16_lane(xa, 16) + _f16_lane(xb, 0) + _f16_lane(xb, 16))
+        hi = 16 * hi_c + hi_r + 8 * (_f16_lane(xc, 0) + _f16_lane(xc, 16) + _f16_lane(xd, 0) + _f16_lane(xd, 16))
     return lo, hi
 
 
