@@ -38,10 +38,10 @@ def stream(lm, prompt: np.ndarray, *, max_new_tokens: int, policy=None, temperat
     before step s's token is read back (its input ids never leave the device): the host's per-token work (the
     read, the policy, the next step's launches) then overlaps the device's step instead of leaving the device
     idle through it every token. Each step's tokens are copied to the host as soon as it is queued (lm.fetch),
-    so reading them waits for that step alone, and so is what a policy with `step_queued` will observe (the
-    gears' entropies); what other policies observe or a device-side decision reads later still waits behind
-    the queued step. The same Steps come out, in the same order, observed in the same order; a Step's
-    seconds is then the time since the one before."""
+    so reading them waits for that step alone; so are the decisions it took on the device (the token gate's
+    flags, the vocab router's P(rare)) and what a policy with `step_queued` will observe (the gears'
+    entropies). The same Steps come out, in the same order, observed in the same order; a Step's seconds is
+    then the time since the one before."""
     policy = policy or StaticPolicy()
     ids = lm.ids_array(np.atleast_2d(prompt))
     cache = lm.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)

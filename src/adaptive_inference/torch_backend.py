@@ -225,7 +225,8 @@ class TorchLM(Decoder):
         blocks = {**executed, "tokens": tokens.shape[0]}
         if plan.gate is not None:  # the gate decided on the device: its flags are read once the step ran
             h, keep = h
-            blocks["settle"] = lambda: self.gate_executed(plan, self.to_numpy(keep))
+            read = self.fetch(keep)  # its copy queued now, so reading it does not wait for a step queued later
+            blocks["settle"] = lambda: self.gate_executed(plan, read())
         return self._head(h[:, -1], plan, blocks, {})
 
     def _dense(self, weights) -> bool:

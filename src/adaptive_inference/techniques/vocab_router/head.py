@@ -106,8 +106,9 @@ class GatedHead:
         if lm.select_linear_ok(h, w["head"], lm.lm_head):
             # one graph runs the chosen head, no host read; the decision is read once the step is evaluated
             p_dev, rare, zc, zf, logits = lm.segment(("decide", self), functools.partial(self.decide, lm), h)
+            read = lm.fetch(p_dev)  # its copy queued now, so reading it does not wait for a step queued later
             return HeadOutput(logits, "", 0, pick=zc, pick_ids=w["ids"], pick_alt=(rare, zf, None),
-                              settle=lambda: self.decision(lm.cfg, lm.to_numpy(p_dev).astype(np.float64)))
+                              settle=lambda: self.decision(lm.cfg, read().astype(np.float64)))
         p_dev = lm.segment(("p_rare", self), functools.partial(self.p_rare, lm), h)
         # decided on the host: both device parts run as backend segments (captured and replayed under CUDA
         # graphs); between them the host reads P(rare), the one sync of the decision
