@@ -612,7 +612,7 @@ class TorchLM(Decoder):
 
         def read() -> np.ndarray:
             copied.synchronize()  # this copy only: a step queued after it may still run
-            return host.float().numpy() if host.is_floating_point() else host.numpy()
+            return self.to_numpy(host)
         return read
 
     def rms32(self, x):
