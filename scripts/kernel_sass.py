@@ -1,0 +1,94 @@
+"""Instructions a weight in the K loop of the block ops' Triton kernels, compiled for sm_90 on this machine (no GPU
+needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes them: the pointers, N and K
+16-byte aligned (without that every code word loads alone and the counts run about twice too high).
+
+    pip install triton==3.6.0   # with its CUDA tools; torch's CPU wheel does not bring it
+    python scripts/kernel_sass.py --kernels w4 w4n --tiles 16x512 32x512
+"""
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+FORMS = {"norm": dict(NORM=1, GLU=0, BIAS=0, ADD=0), "norm-glu": dict(NORM=1, GLU=1, BIAS=0, ADD=0),
+         "plain-add": dict(NORM=0, GLU=0, BIAS=0, ADD=1)}
+OPS = ("LDG", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "LOP3", "F2FP", "STS", "LDS", "BAR")
+
+
+def signature(kernel: str) -> dict:
+    ptrs = ["x_ptr", "l_ptr"] + {"w8": ["w_ptr"], "w4": ["c_ptr"], "w4n": ["c_ptr", "q_ptr"]}[kernel]
+    scales = {"w8": ["s_ptr"], "w4": ["s_ptr", "m_ptr"], "w4n": ["s_ptr", "m_ptr"]}[kernel]
+    sig = {p: "*bf16" for p in ("x_ptr", "l_ptr")}
+    sig.update({p: "*i32" for p in ptrs[2:]})
+    sig.update({p: "*fp32" if kernel == "w8" else "*fp16" for p in scales})
+    sig.update({"b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32"})
+    flags = (["GROUP"] if kernel != "w8" else []) + ["NORM", "GLU", "BIAS", "ADD"] + (["PAIRS"] if kernel == "w8" else [])
+    sig.update({f: "constexpr" for f in flags + ["ASM", "BLOCK_N", "BLOCK_K"] + (["PREFETCH"] if kernel != "w8" else [])})
+    return sig
+
+
+def loop_body(sass: str) -> list[str]:
+    """The opcodes of the longest backward-branch loop (the K loop)."""
+    ops, labels, bodies = [], {}, []
+    for line in sass.splitlines():
+        if m := re.match(r"\.(L_x_\d+):", line.strip()):
+            labels[m.group(1)] = len(ops)
+        elif m := re.search(r"/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line):
+            ops.append(m.group(2))
+            if m.group(2).startswith("BRA") and (t := re.search(r"`\(\.(L_x_\d+)\)", line)):
+                if labels.get(t.group(1), len(ops)) < len(ops) - 1:
+                    bodies.append(ops[labels[t.group(1)]:])
+    return max(bodies, key=len) if bodies else []
+
+
+def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int) -> tuple[float, dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from adaptive_inference import triton_block as tb
+
+    fn = {"w8": tb._w8_block_kernel, "w4": tb._w4_block_kernel, "w4n": tb._w4n_block_kernel}[kernel].fn
+    sig = signature(kernel)
+    consts = {**FORMS[form], "ASM": 1, "BLOCK_N": bn, "BLOCK_K": bk}
+    consts.update({"PAIRS": 1} if kernel == "w8" else {"GROUP": group, "PREFETCH": 1})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n.endswith("_ptr") or n in ("N", "K")}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    body = loop_body(sass)
+    ops = collections.Counter(op.split(".")[0] for op in body)
+    # a tile is BLOCK_N rows of BLOCK_K columns: 1-byte codes; 4-bit words hold BLOCK_K low and BLOCK_K high columns
+    weights = bn * bk * (1 if kernel == "w8" else 2) * (2 if FORMS[form]["GLU"] else 1)
+    return len(body) * 32 * warps / weights, {k: ops[k] for k in OPS if ops[k]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n"), default=["w4", "w4n"])
+    ap.add_argument("--forms", nargs="+", choices=tuple(FORMS), default=list(FORMS))
+    ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--group", type=int, default=32)
+    args = ap.parse_args(argv)
+    for kernel in args.kernels:
+        for form in args.forms:
+            for tile in args.tiles:
+                bn, bk = (int(v) for v in tile.split("x"))
+                per_weight, ops = count(kernel, form, bn, bk, args.warps, args.stages, args.group)
+                print(f"{kernel:4s} {form:10s} {tile:8s} {per_weight:5.2f} instructions a weight  {ops}")
+
+
+if __name__ == "__main__":
+    main()
