@@ -22,15 +22,14 @@ OPS = ("LDG", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "LOP3", "F2FP", "STS", "LD
 
 
 def signature(kernel: str) -> dict:
-    ptrs = ["x_ptr", "l_ptr"] + {"w8": ["w_ptr"], "w4": ["c_ptr"], "w4n": ["c_ptr", "q_ptr"]}[kernel]
-    scales = {"w8": ["s_ptr"], "w4": ["s_ptr", "m_ptr"], "w4n": ["s_ptr", "m_ptr"]}[kernel]
-    sig = {p: "*bf16" for p in ("x_ptr", "l_ptr")}
-    sig.update({p: "*i32" for p in ptrs[2:]})
-    sig.update({p: "*fp32" if kernel == "w8" else "*fp16" for p in scales})
-    sig.update({"b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32"})
-    flags = (["GROUP"] if kernel != "w8" else []) + ["NORM", "GLU", "BIAS", "ADD"] + (["PAIRS"] if kernel == "w8" else [])
-    sig.update({f: "constexpr" for f in flags + ["ASM", "BLOCK_N", "BLOCK_K"] + (["PREFETCH"] if kernel != "w8" else [])})
-    return sig
+    codes = {"w8": ["w_ptr"], "w4": ["c_ptr"], "w4n": ["c_ptr", "q_ptr"]}[kernel]
+    scales = ["s_ptr"] if kernel == "w8" else ["s_ptr", "m_ptr"]
+    sig = {"x_ptr": "*bf16", "l_ptr": "*bf16", **{p: "*i32" for p in codes},
+           **{p: "*fp32" if kernel == "w8" else "*fp16" for p in scales},
+           "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
+    flags = ["NORM", "GLU", "BIAS", "ADD", "PAIRS"] if kernel == "w8" else ["GROUP", "NORM", "GLU", "BIAS", "ADD"]
+    tile = ["ASM", "BLOCK_N", "BLOCK_K"] + ([] if kernel == "w8" else ["PREFETCH"])
+    return {**sig, **{f: "constexpr" for f in flags + tile}}
 
 
 def loop_body(sass: str) -> list[str]:
