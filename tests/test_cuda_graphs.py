@@ -310,14 +310,16 @@ def test_w8_block_kernel_is_its_ops_arithmetic(op, m, pairs):
     lnw, r = (torch.rand(k, generator=g, device="cuda") + 0.5).bfloat16(), torch.randn(m, n, device="cuda").bfloat16()
     bias = torch.randn(n, generator=g, device="cuda").bfloat16()
     glu = op == "norm_glu"
+    # the reference: the ops' torch code, on the CPU (on CUDA the ops run the kernel under test)
+    x32, scale32, r32, lnw32, bias32 = (t.float().cpu() for t in (x, scale, r, lnw, bias))
     if op == "add":
         got = w8_block(x, q, scale, residual=r, pairs=pairs)
-        want = block_op.w8_linear_add(x.float(), q, scale.float(), r.float())
+        want = block_op.w8_linear_add(x32, q.cpu(), scale32, r32)
     else:
         b = None if glu else bias
         got = w8_block(x, q, scale, lnw=lnw, eps=1e-5, bias=b, glu=glu, pairs=pairs)
-        want = block_op.w8_norm_linear(x.float(), lnw.float(), 1e-5, q, scale.float(),
-                                       x.new_empty(0, dtype=torch.float32) if glu else bias.float(), glu)
+        want = block_op.w8_norm_linear(x32, lnw32, 1e-5, q.cpu(), scale32, x32.new_empty(0) if glu else bias32, glu)
+    got = got.cpu()
     assert got.dtype == torch.bfloat16 and got.shape == (m, n // 2 if glu else n)
     err = (got.float() - want).abs().max() / want.abs().max()
     assert err < 1.2e-2, err  # bf16 rounding of x, of the matmul and of the sum (the separate ops': ~0.5e-2)
@@ -348,15 +350,17 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
 
 
 @pytest.mark.parametrize("op", ["norm", "norm_glu", "add"])
-@pytest.mark.parametrize("m, group", [(1, 32), (3, 64)])
+@pytest.mark.parametrize("m, group, k", [(1, 32, 2 * 640), (3, 64, 2 * 2560)])
 @pytest.mark.parametrize("fmt", ["int4", "nested"])
-def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, fmt):
-    """triton_block's 4-bit GEMVs (in fp16 pairs: depth 4, and nested at depth 8 from both planes): the block ops' reference
-    arithmetic in fp32, within bf16's rounding."""
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, k, fmt, kernel):
+    """The 4-bit block GEMVs (gluon_block's and triton_block's; in fp16 pairs: depth 4, and nested at depth 8 from
+    both planes): the block ops' reference arithmetic in fp32, within bf16's rounding (K of one partial tile of
+    the Gluon kernel's, and of two and a half)."""
     from adaptive_inference import block_op, quant, quant_cuda
     from adaptive_inference.triton_block import w4_block
 
-    n, k = 200, 2 * 640
+    n = 200
     p = quant.quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.05, fmt,
                        group_size=group)
     plane = quant_cuda.split_halves(p.residual) if fmt == "nested" else np.zeros(0, np.uint8)
@@ -366,13 +370,15 @@ def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, fmt):
     x = (torch.randn(m, k, generator=g, device="cuda") * 3).bfloat16()
     lnw, r = (torch.rand(k, generator=g, device="cuda") + 0.5).bfloat16(), torch.randn(m, n, device="cuda").bfloat16()
     glu = op == "norm_glu"
+    packed = [t.cpu() for t in (codes, plane, scale, minv)]  # the reference on the CPU: the ops' torch code
     if op == "add":
-        got = w4_block(x, codes, plane, scale, minv, group, residual=r)
-        want = block_op.w4_linear_add(x.float(), codes, plane, scale, minv, group, r.float())
+        got = w4_block(x, codes, plane, scale, minv, group, residual=r, kernel=kernel)
+        want = block_op.w4_linear_add(x.float().cpu(), *packed, group, r.float().cpu())
     else:
-        got = w4_block(x, codes, plane, scale, minv, group, lnw=lnw, eps=1e-5, glu=glu)
-        want = block_op.w4_norm_linear(x.float(), lnw.float(), 1e-5, codes, plane, scale, minv, group,
-                                       x.new_empty(0, dtype=torch.float32), glu)
+        got = w4_block(x, codes, plane, scale, minv, group, lnw=lnw, eps=1e-5, glu=glu, kernel=kernel)
+        want = block_op.w4_norm_linear(x.float().cpu(), lnw.float().cpu(), 1e-5, *packed, group,
+                                       torch.empty(0), glu)
+    got = got.cpu()
     assert got.dtype == torch.bfloat16 and got.shape == (m, n // 2 if glu else n)
     err = (got.float() - want).abs().max() / want.abs().max()
     assert err < 1.2e-2, err

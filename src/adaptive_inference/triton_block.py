@@ -8,6 +8,8 @@ pairs made in registers (no x prep launch; ASM on CUDA, emulated in fp32 in the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -297,11 +299,18 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
     _finish(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
+# which kernel runs the 4-bit block ops on a GPU: gluon_block's (layouts fixed by hand) or this module's Triton one
+# (the interpreter's: Gluon has none); ADAPTIVE_INFERENCE_W4_BLOCK=triton picks the latter, to compare them
+W4_BLOCK_KERNEL = "triton" if INTERPRET else os.environ.get("ADAPTIVE_INFERENCE_W4_BLOCK", "gluon")
+
+
 def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
              group_size: int, *, lnw: torch.Tensor | None = None, eps: float = 0.0, bias: torch.Tensor | None = None,
-             glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+             glu: bool = False, residual: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
     """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout with fp16 scale and min [N, K / group]: read at
-    depth 4 (plane empty) or, with the nested format's second plane, at depth 8; both in fp16 pairs."""
+    depth 4 (plane empty) or, with the nested format's second plane, at depth 8; both in fp16 pairs. kernel:
+    "gluon" (a programmatic dependent launch), "gluon-serial" (an ordinary one) or "triton" (default
+    W4_BLOCK_KERNEL)."""
     (m, k), n = x.shape, codes.shape[0]
     if m > GEMV_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
         raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {GEMV_ROWS}, "
@@ -310,6 +319,12 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: t
     ny = n // 2 if glu else n
     y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
+    kernel = kernel or W4_BLOCK_KERNEL
+    if kernel.startswith("gluon"):
+        from . import gluon_block
+        return gluon_block.w4_block(x, codes, plane, scale, minv, group_size, y, lnw=lnw, eps=eps, bias=bias, glu=glu,
+                                    residual=None if residual is None else residual.contiguous(),
+                                    pdl=kernel != "gluon-serial")
     ln, b, r = x if lnw is None else lnw, scale if bias is None else bias, y if residual is None else residual.contiguous()
     flags = dict(GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None, ADD=residual is not None)
     if plane.numel():

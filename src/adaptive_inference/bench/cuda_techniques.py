@@ -582,8 +582,8 @@ def autotuned_kernels() -> dict:
     """This process's autotuned Triton kernels, by module.name (imported only where CUDA runs them)."""
     from triton.runtime.autotuner import Autotuner
 
-    from .. import triton_block, triton_kernels
-    return {f"{m.__name__.rsplit('.', 1)[-1]}.{n}": v for m in (triton_kernels, triton_block)
+    from .. import gluon_block, triton_block, triton_kernels
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{n}": v for m in (triton_kernels, triton_block, gluon_block)
             for n, v in vars(m).items() if isinstance(v, Autotuner)}
 
 

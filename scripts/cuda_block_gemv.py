@@ -1,0 +1,106 @@
+"""The 4-bit block GEMVs alone on a model shape's matrices, each in its block form (qkv: RMS-normed x; o and down:
++ the residual; gate_up: normed x, silu(gate) * up), depth 4 and nested at depth 8, triton_block's Triton kernel
+beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
+measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized.
+
+    python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cuda_gemv import header, matrices, parser, time_graph  # noqa: E402
+
+from adaptive_inference import block_op  # noqa: E402
+from adaptive_inference import gluon_block as gb  # noqa: E402
+from adaptive_inference import triton_block as tb  # noqa: E402
+from adaptive_inference.bench.cuda_techniques import SHAPES  # noqa: E402
+from adaptive_inference.model_config import ModelConfig  # noqa: E402
+from adaptive_inference.triton_block import w4_block  # noqa: E402
+
+FORMS = {"qkv": "norm", "o": "add", "gate_up": "norm_glu", "down": "add"}
+
+
+def packed(n: int, k: int, depth: int, group: int) -> tuple:
+    """Random 4-bit codes [N, K / 2] (and the nested format's second plane at depth 8), fp16 scale and min around
+    weights of about 0.02."""
+    def plane():
+        return torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+    scale = (torch.rand(n, k // group, device="cuda") * 0.004 + 0.001).half()
+    return plane(), plane() if depth == 8 else torch.empty(0, device="cuda", dtype=torch.uint8), scale, -8 * scale
+
+
+def reference(x, lnw, t, group, form, r):
+    w = block_op.w4_dequantize(*t, group)
+    a = F.rms_norm(x.float(), (x.shape[1],), lnw.float(), 1e-5) if form != "add" else x.float()
+    y = a @ w.T
+    return block_op._glu(y, True) if form == "norm_glu" else y + r.float() if form == "add" else y
+
+
+def op(form: str, group: int, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
+    """fn(x, packed tensors): w4_block in this block form."""
+    if form == "add":
+        return lambda x, t: w4_block(x, *t, group, residual=r, kernel=kernel)
+    return lambda x, t: w4_block(x, *t, group, lnw=lnw, eps=1e-5, glu=form == "norm_glu", kernel=kernel)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.set_defaults(matrices=list(FORMS))
+    ap.add_argument("--kernels", nargs="+", default=["triton", "gluon-serial", "gluon"],
+                    choices=["triton", "gluon-serial", "gluon"])
+    ap.add_argument("--depths", nargs="+", type=int, default=[4, 8], choices=[4, 8])
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--triton-tiles", nargs="+", default=["8x512"],
+                    help="autotune the Triton kernels over these BLOCK_NxBLOCK_K tiles only (all: 'all'; on an H100 "
+                         "their autotuner took 8x512 for every 4-bit shape, docs/measurements 2026-12-07)")
+    a = ap.parse_args()
+    if a.triton_tiles != ["all"]:
+        for kern in (tb._w4_block_kernel, tb._w4n_block_kernel):
+            kern.configs = [c for c in kern.configs if f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}" in a.triton_tiles]
+    bw, out = header()
+    out["group"] = a.group
+    for shape in a.shapes:
+        rows = out["shapes"].setdefault(shape, {})
+        for name, (n, k) in matrices(ModelConfig.from_dict(SHAPES[shape])).items():
+            if name not in a.matrices:
+                continue
+            form = FORMS[name]
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            lnw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+            r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+            row = rows[name] = {"n": n, "k": k, "form": form}
+            for depth in a.depths:
+                t = packed(n, k, depth, a.group)
+                ref = reference(x, lnw, t, a.group, form, r)
+                size = sum(v.numel() * v.element_size() for v in t)
+                copies = max(2, -(-(1 << 30) // size))
+                ws = [t] + [tuple(v.clone() for v in t) for _ in range(copies - 1)]
+                for kernel in a.kernels:
+                    fn = op(form, a.group, lnw, r, kernel)
+                    err = ((fn(x, t).float() - ref).abs().max() / ref.abs().max()).item()
+                    s = time_graph(fn, x, ws, a.replays)
+                    row[f"{kernel}_d{depth}"] = {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw,
+                                                 "max_rel_err": err}
+                del ws, t
+                torch.cuda.empty_cache()
+            print(shape, name, json.dumps(row), flush=True)
+    out["tiles"] = {name: [{"key": [str(v) for v in key], "tile": cfg.all_kwargs()} for key, cfg in kern.cache.items()]
+                    for name, kern in (("triton", tb._w4_block_kernel), ("triton_nested", tb._w4n_block_kernel),
+                                       ("gluon", gb._w4_block_kernel))}
+    print(json.dumps(out["tiles"]), flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
