@@ -4,6 +4,10 @@ needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes t
 
     pip install triton==3.6.0   # with its CUDA tools; torch's CPU wheel does not bring it
     python scripts/kernel_sass.py --kernels w4 w4n --tiles 16x512 32x512
+    python scripts/kernel_sass.py --kernels g4 g4n --gluon-tiles 2x8 4x4 --k 4096 14336   # gluon_block's
+
+w8, w4, w4n: triton_block's int8, 4-bit and nested (depth 8) kernels; g4, g4n: gluon_block's 4-bit kernel at
+depth 4 and 8 (tiles ROWSxWARPS, one K a compile).
 """
 
 import argparse
@@ -19,6 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 FORMS = {"norm": dict(NORM=1, GLU=0, BIAS=0, ADD=0), "norm-glu": dict(NORM=1, GLU=1, BIAS=0, ADD=0),
          "plain-add": dict(NORM=0, GLU=0, BIAS=0, ADD=1)}
 OPS = ("LDG", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "LOP3", "F2FP", "STS", "LDS", "BAR")
+
+
+def gluon_signature() -> dict:
+    sig = {"x_ptr": "*bf16", "l_ptr": "*bf16", "c_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
+           "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "eps": "fp32"}
+    return {**sig, **{c: "constexpr" for c in ["K", "GROUP", "NESTED", "NORM", "GLU", "BIAS", "ADD", "PDL", "ROWS",
+                                                  "WARPS"]}}
 
 
 def signature(kernel: str) -> dict:
@@ -46,47 +57,81 @@ def loop_body(sass: str) -> list[str]:
     return max(bodies, key=len) if bodies else []
 
 
-def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int) -> tuple[float, dict]:
+def compile_sass(src, warps: int, stages: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from adaptive_inference import triton_block as tb
-
-    fn = {"w8": tb._w8_block_kernel, "w4": tb._w4_block_kernel, "w4n": tb._w4n_block_kernel}[kernel].fn
-    sig = signature(kernel)
-    consts = {**FORMS[form], "ASM": 1, "BLOCK_N": bn, "BLOCK_K": bk}
-    consts.update({"PAIRS": 1} if kernel == "w8" else {"GROUP": group, "PREFETCH": 1})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n.endswith("_ptr") or n in ("N", "K")}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def source(fn, sig: dict, consts: dict, aligned: tuple[str, ...], gluon: bool = False):
+    """The kernel as a launch compiles it: pointers and the named ints 16-byte aligned."""
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n.endswith("_ptr") or n in aligned}
+    return (GluonASTSource if gluon else ASTSource)(fn, sig, constexprs={(fn.arg_names.index(k),): v
+                                                                         for k, v in consts.items()}, attrs=attrs)
+
+
+def per_weight(sass: str, weights: int, warps: int) -> tuple[float, dict]:
     body = loop_body(sass)
     ops = collections.Counter(op.split(".")[0] for op in body)
+    return len(body) * 32 * warps / weights, {k: ops[k] for k in OPS if ops[k]}
+
+
+def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int) -> tuple[float, dict]:
+    from adaptive_inference import triton_block as tb
+
+    fn = {"w8": tb._w8_block_kernel, "w4": tb._w4_block_kernel, "w4n": tb._w4n_block_kernel}[kernel].fn
+    consts = {**FORMS[form], "ASM": 1, "BLOCK_N": bn, "BLOCK_K": bk}
+    consts.update({"PAIRS": 1} if kernel == "w8" else {"GROUP": group, "PREFETCH": 1})
+    sass = compile_sass(source(fn, signature(kernel), consts, ("N", "K")), warps, stages)
     # a tile is BLOCK_N rows of BLOCK_K columns: 1-byte codes; 4-bit words hold BLOCK_K low and BLOCK_K high columns
     weights = bn * bk * (1 if kernel == "w8" else 2) * (2 if FORMS[form]["GLU"] else 1)
-    return len(body) * 32 * warps / weights, {k: ops[k] for k in OPS if ops[k]}
+    return per_weight(sass, weights, warps)
+
+
+def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: int) -> tuple[float, dict]:
+    """gluon_block's kernel: a K-loop pass is ROWS rows a warp of 32 lanes x WPT words (8 weights a word)."""
+    from adaptive_inference import gluon_block as gb
+
+    consts = {**FORMS[form], "K": k, "GROUP": group, "NESTED": int(kernel == "g4n"), "PDL": 1, "ROWS": rows,
+              "WARPS": warps}
+    sass = compile_sass(source(gb._w4_block_kernel.fn, gluon_signature(), consts, ("N",), gluon=True), warps, 3)
+    weights = rows * warps * 32 * gb.WPT.value * 8 * (2 if FORMS[form]["GLU"] else 1)
+    return per_weight(sass, weights, warps)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n"), default=["w4", "w4n"])
+    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n"), default=["w4", "w4n"])
     ap.add_argument("--forms", nargs="+", choices=tuple(FORMS), default=list(FORMS))
-    ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K")
+    ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K (triton_block's)")
+    ap.add_argument("--gluon-tiles", nargs="+", default=["2x8", "4x4"], help="ROWSxWARPS (gluon_block's)")
+    ap.add_argument("--k", type=int, nargs="+", default=[4096], help="in-features (gluon_block's compile for one)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--group", type=int, default=32)
     args = ap.parse_args(argv)
     for kernel in args.kernels:
         for form in args.forms:
+            if kernel.startswith("g"):
+                for k in args.k:
+                    for tile in args.gluon_tiles:
+                        rows, warps = (int(v) for v in tile.split("x"))
+                        got, ops = count_gluon(kernel, form, rows, warps, k, args.group)
+                        print(f"{kernel:4s} {form:10s} K {k:<6d} {tile:5s} {got:5.2f} instructions a weight  {ops}")
+                continue
             for tile in args.tiles:
                 bn, bk = (int(v) for v in tile.split("x"))
-                per_weight, ops = count(kernel, form, bn, bk, args.warps, args.stages, args.group)
-                print(f"{kernel:4s} {form:10s} {tile:8s} {per_weight:5.2f} instructions a weight  {ops}")
+                got, ops = count(kernel, form, bn, bk, args.warps, args.stages, args.group)
+                print(f"{kernel:4s} {form:10s} {tile:8s} {got:5.2f} instructions a weight  {ops}")
 
 
 if __name__ == "__main__":
