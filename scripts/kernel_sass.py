@@ -28,7 +28,7 @@ OPS = ("LDG", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "LOP3", "F2FP", "STS", "LD
 def gluon_signature() -> dict:
     sig = {"x_ptr": "*bf16", "l_ptr": "*bf16", "c_ptr": "*i32", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
            "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "eps": "fp32"}
-    return {**sig, **{c: "constexpr" for c in ["K", "GROUP", "NESTED", "NORM", "GLU", "BIAS", "ADD", "PDL", "ROWS",
+    return {**sig, **{c: "constexpr" for c in ["K", "GROUP", "NESTED", "NORM", "GLU", "BIAS", "ADD", "PDL", "ROWS", "CTAS",
                                                   "WARPS"]}}
 
 
@@ -101,7 +101,7 @@ def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: in
     """gluon_block's kernel: a K-loop pass is ROWS rows a warp of 32 lanes x WPT words (8 weights a word)."""
     from adaptive_inference import gluon_block as gb
 
-    consts = {**FORMS[form], "K": k, "GROUP": group, "NESTED": int(kernel == "g4n"), "PDL": 1, "ROWS": rows,
+    consts = {**FORMS[form], "K": k, "GROUP": group, "NESTED": int(kernel == "g4n"), "PDL": 1, "ROWS": rows, "CTAS": 4,
               "WARPS": warps}
     sass = compile_sass(source(gb._w4_block_kernel.fn, gluon_signature(), consts, ("N",), gluon=True), warps, 3)
     weights = rows * warps * 32 * gb.WPT.value * 8 * (2 if FORMS[form]["GLU"] else 1)

@@ -350,17 +350,17 @@ def test_block_ops_on_a_packed_set(tiny_llama, tmp_path, fmt, compile, batch):
 
 
 @pytest.mark.parametrize("op", ["norm", "norm_glu", "add"])
-@pytest.mark.parametrize("m, group, k", [(1, 32, 2 * 640), (3, 64, 2 * 2560)])
+@pytest.mark.parametrize("m, group, k, n", [(1, 32, 2 * 640, 200), (3, 64, 2 * 2560, 200), (2, 32, 2 * 640, 12008)])
 @pytest.mark.parametrize("fmt", ["int4", "nested"])
-@pytest.mark.parametrize("kernel", ["gluon", "triton"])
-def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, k, fmt, kernel):
-    """The 4-bit block GEMVs (gluon_block's and triton_block's; in fp16 pairs: depth 4, and nested at depth 8 from
-    both planes): the block ops' reference arithmetic in fp32, within bf16's rounding (K of one partial tile of
-    the Gluon kernel's, and of two and a half)."""
+@pytest.mark.parametrize("kernel", ["gluon", "gluon-serial", "triton"])
+def test_w4_block_kernel_is_its_ops_arithmetic(op, m, group, k, n, fmt, kernel):
+    """The 4-bit block GEMVs (gluon_block's, launched as a programmatic dependent or not, and triton_block's; in
+    fp16 pairs: depth 4, and nested at depth 8 from both planes): the block ops' reference arithmetic in fp32,
+    within bf16's rounding. K of one partial tile of the Gluon kernel's, and of two and a half; 12008 rows: more
+    row blocks than its persistent programs (two SMs' worth a program in the tests' first tile), a ragged last."""
     from adaptive_inference import block_op, quant, quant_cuda
     from adaptive_inference.triton_block import w4_block
 
-    n = 200
     p = quant.quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.05, fmt,
                        group_size=group)
     plane = quant_cuda.split_halves(p.residual) if fmt == "nested" else np.zeros(0, np.uint8)

@@ -299,9 +299,10 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
     _finish(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
-# which kernel runs the 4-bit block ops on a GPU: gluon_block's (layouts fixed by hand) or this module's Triton one
-# (the interpreter's: Gluon has none); ADAPTIVE_INFERENCE_W4_BLOCK=triton picks the latter, to compare them
-W4_BLOCK_KERNEL = "triton" if INTERPRET else os.environ.get("ADAPTIVE_INFERENCE_W4_BLOCK", "gluon")
+# which kernel runs the 4-bit block ops on a GPU: this module's Triton one (the measured default; the interpreter's:
+# Gluon has none) or gluon_block's, persistent and launched as a programmatic dependent, which no GPU has run yet
+# (ADAPTIVE_INFERENCE_W4_BLOCK=gluon, or gluon-serial: an ordinary launch; docs/measurements, 2026-12-07)
+W4_BLOCK_KERNEL = "triton" if INTERPRET else os.environ.get("ADAPTIVE_INFERENCE_W4_BLOCK", "triton")
 
 
 def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
