@@ -1,7 +1,8 @@
 """The 4-bit block GEMVs alone on a model shape's matrices, each in its block form (qkv: RMS-normed x; o and down:
 + the residual; gate_up: normed x, silu(gate) * up), depth 4 and nested at depth 8, triton_block's Triton kernel
 beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
-measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized.
+measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
+line through its two depths' times (the same grid, 1.8x the bytes): a fixed part and a marginal rate.
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -44,6 +45,18 @@ def reference(x, lnw, t, group, form, r):
     a = F.rms_norm(x.float(), (x.shape[1],), lnw.float(), 1e-5) if form != "add" else x.float()
     y = a @ w.T
     return block_op._glu(y, True) if form == "norm_glu" else y + r.float() if form == "add" else y
+
+
+def fixed_and_marginal(row: dict) -> dict:
+    """{kernel: (fixed us, marginal GB/s)} of a matrix's row timed at both depths (the same grid, 1.8x the bytes):
+    time = fixed + bytes / marginal rate, a line through the two points."""
+    out = {}
+    for kernel in sorted({k.rsplit("_d", 1)[0] for k in row if "_d" in k}):
+        a, b = row.get(f"{kernel}_d4"), row.get(f"{kernel}_d8")
+        if a and b:
+            per_byte = (b["us"] - a["us"]) / (b["bytes"] - a["bytes"])
+            out[kernel] = {"fixed_us": a["us"] - a["bytes"] * per_byte, "marginal_gbs": 1e-3 / per_byte}
+    return out
 
 
 def op(form: str, group: int, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
@@ -93,6 +106,7 @@ def main() -> None:
                                                  "max_rel_err": err}
                 del ws, t
                 torch.cuda.empty_cache()
+            row["fixed_and_marginal"] = fixed_and_marginal(row)
             print(shape, name, json.dumps(row), flush=True)
     out["tiles"] = {name: [{"key": [str(v) for v in key], "tile": cfg.all_kwargs()} for key, cfg in kern.cache.items()]
                     for name, kern in (("triton", tb._w4_block_kernel), ("triton_nested", tb._w4n_block_kernel),
