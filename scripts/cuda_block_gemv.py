@@ -2,7 +2,7 @@
 + the residual; gate_up: normed x, silu(gate) * up), depth 4 and nested at depth 8, triton_block's Triton kernel
 beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
 measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
-line through its two depths' times (the same grid, 1.8x the bytes): a fixed part and a marginal rate.
+line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate.
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -48,8 +48,9 @@ def reference(x, lnw, t, group, form, r):
 
 
 def fixed_and_marginal(row: dict) -> dict:
-    """{kernel: (fixed us, marginal GB/s)} of a matrix's row timed at both depths (the same grid, 1.8x the bytes):
-    time = fixed + bytes / marginal rate, a line through the two points."""
+    """{kernel: (fixed us, marginal GB/s)} of a matrix's row timed at both depths (1.8x the bytes; the same grid
+    where the autotuner took the same tile for both): time = fixed + bytes / marginal rate, a line through the two
+    points."""
     out = {}
     for kernel in sorted({k.rsplit("_d", 1)[0] for k in row if "_d" in k}):
         a, b = row.get(f"{kernel}_d4"), row.get(f"{kernel}_d8")
