@@ -26,25 +26,19 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from . import triton_block, triton_kernels
 from .f16x2 import N8_DOT, W4_DOT
 from .triton_kernels import _TILES
 
 WPT = gl.constexpr(8)  # code words a lane holds of a row (two 128-bit loads): 32 low and 32 high columns
 _W4_DOT = gl.constexpr(W4_DOT)
 _N8_DOT = gl.constexpr(N8_DOT)
-
-
-@gluon.jit
-def _add_f16x2(a, b):
-    return gl.inline_asm_elementwise("add.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _f16x2_total(a):
-    """The two fp16 of int32 words a, summed in fp32."""
-    return gl.inline_asm_elementwise("{.reg .f16 l, h; .reg .f32 fl, fh; mov.b32 {l, h}, $1; cvt.f32.f16 fl, l; "
-                                     "cvt.f32.f16 fh, h; add.f32 $0, fl, fh;}", "=f,r", [a], dtype=gl.float32,
-                                     is_pure=True, pack=1)
+# the Triton kernels' helpers compiled as Gluon (their tl builtins are Gluon's too): fp16 pairs added as pairs, a
+# pair's total in fp32, two fp32 as a pair, and the rows' epilogue (+ bias, silu(gate) * up, + residual)
+_add_f16x2 = gluon.jit(triton_kernels._add_f16x2.fn)
+_f16x2_total = gluon.jit(triton_kernels._f16x2_total.fn)
+_f16_pair = gluon.jit(triton_block._f16_pair.fn)
+_finish = gluon.jit(triton_block._finish.fn)
 
 
 @gluon.jit
@@ -56,14 +50,6 @@ def _grid_dependency(WAIT: gl.constexpr):
     else:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
-
-
-@gluon.jit
-def _f16_pair(a, b):
-    """fp32 a, b as the fp16 pair (a low, b high) in one int32."""
-    lo = a.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    hi = b.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) << 16
-    return lo | hi
 
 
 @gluon.jit
@@ -142,21 +128,6 @@ def _tile_dot(acc, t, xa, xb, xc, xd, s_lo, s_hi, NESTED: gl.constexpr):
         mn = (mn_hi if high else mn_lo).to(gl.float32)
         acc += tot * (16.0 * sc) + (mn + OFFSET * sc) * (s_hi if high else s_lo)
     return acc
-
-
-@gluon.jit
-def _finish(y, up, b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS: gl.constexpr, GLU: gl.constexpr, ADD: gl.constexpr):
-    """triton_block._finish: row m of y [M, NY] from the rows' fp32 results (+ bias, silu(gate) * up, + residual),
-    rounded through y's dtype where the separate ops store."""
-    dt: gl.constexpr = y_ptr.dtype.element_ty
-    if BIAS:
-        y = y.to(dt).to(gl.float32) + gl.load(b_ptr + rn, mask=rn < NY, other=0.0).to(gl.float32)
-    if GLU:
-        g = y.to(dt).to(gl.float32)
-        y = g / (1.0 + gl.exp(-g)) * up.to(dt).to(gl.float32)
-    if ADD:
-        y = y.to(dt).to(gl.float32) + gl.load(r_ptr + m * NY + rn, mask=rn < NY, other=0.0).to(gl.float32)
-    gl.store(y_ptr + m * NY + rn, y.to(dt), mask=rn < NY)
 
 
 # (ROWS, WARPS, CTAS): a warp's rows, the program's warps, programs an SM (the grid: at most CTAS x SMs programs,
