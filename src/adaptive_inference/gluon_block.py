@@ -97,10 +97,11 @@ def _tile(c_ptr, q_ptr, s_ptr, m_ptr, rows3, words3, rows2, words2, NY, H: gl.co
     """One tile's loads, all zeros past the rows' or the row's end: code words [BN, 32, WPT] (and the residual
     plane's, NESTED; else the codes again), and each lane's fp16 scale and min [BN, 32] of its low and its high
     group-slice."""
-    c = gl.load(c_ptr + rows3 * HW + words3, mask=(rows3 < NY) & (words3 < HW), other=0)
+    inside = (rows3 < NY) & (words3 < HW)
+    c = gl.load(c_ptr + rows3 * HW + words3, mask=inside, other=0)
     r = c
     if NESTED:
-        r = gl.load(q_ptr + rows3 * HW + words3, mask=(rows3 < NY) & (words3 < HW), other=0)
+        r = gl.load(q_ptr + rows3 * HW + words3, mask=inside, other=0)
     ok = (rows2 < NY) & (words2 < HW)
     g_lo = rows2 * G + (4 * words2) // GROUP
     g_hi = rows2 * G + (H + 4 * words2) // GROUP

@@ -320,13 +320,13 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: t
     ny = n // 2 if glu else n
     y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
+    residual = None if residual is None else residual.contiguous()
     kernel = kernel or W4_BLOCK_KERNEL
     if kernel.startswith("gluon"):
         from . import gluon_block
         return gluon_block.w4_block(x, codes, plane, scale, minv, group_size, y, lnw=lnw, eps=eps, bias=bias, glu=glu,
-                                    residual=None if residual is None else residual.contiguous(),
-                                    pdl=kernel != "gluon-serial")
-    ln, b, r = x if lnw is None else lnw, scale if bias is None else bias, y if residual is None else residual.contiguous()
+                                    residual=residual, pdl=kernel != "gluon-serial")
+    ln, b, r = x if lnw is None else lnw, scale if bias is None else bias, y if residual is None else residual
     flags = dict(GROUP=group_size, NORM=lnw is not None, GLU=glu, BIAS=bias is not None, ADD=residual is not None)
     if plane.numel():
         _w4n_block_kernel[grid](x, ln, codes.view(torch.int32), plane.view(torch.int32), scale, minv, b, r, y, m, n, k,
