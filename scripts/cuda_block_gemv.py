@@ -2,7 +2,9 @@
 + the residual; gate_up: normed x, silu(gate) * up), depth 4 and nested at depth 8, triton_block's Triton kernel
 beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
 measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
-line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate.
+line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate. --rows 8 --kernels triton
+rows matmul --int8: at batch 8, a row of x a program (triton_block) against all rows in one (triton_rows) and
+the separate ops' matmul alone (tensor cores above 4 rows), int8 too.
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -24,9 +26,11 @@ from cuda_gemv import header, matrices, parser, time_graph  # noqa: E402
 from adaptive_inference import block_op  # noqa: E402
 from adaptive_inference import gluon_block as gb  # noqa: E402
 from adaptive_inference import triton_block as tb  # noqa: E402
+from adaptive_inference import triton_kernels as tk  # noqa: E402
+from adaptive_inference import triton_rows as tr  # noqa: E402
 from adaptive_inference.bench.cuda_techniques import SHAPES  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
-from adaptive_inference.triton_block import w4_block  # noqa: E402
+from adaptive_inference.triton_block import w4_block, w8_block  # noqa: E402
 
 FORMS = {"qkv": "norm", "o": "add", "gate_up": "norm_glu", "down": "add"}
 
@@ -61,17 +65,48 @@ def fixed_and_marginal(row: dict) -> dict:
 
 
 def op(form: str, group: int, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
-    """fn(x, packed tensors): w4_block in this block form."""
+    """fn(x, packed tensors): w4_block in this block form ("matmul": x @ w.T alone, the separate ops' kernel)."""
+    if kernel == "matmul":
+        return lambda x, t: tk.w4_linear(x, t[0], t[1] if t[1].numel() else t[0], t[2], t[3], group, bool(t[1].numel()))
     if form == "add":
         return lambda x, t: w4_block(x, *t, group, residual=r, kernel=kernel)
     return lambda x, t: w4_block(x, *t, group, lnw=lnw, eps=1e-5, glu=form == "norm_glu", kernel=kernel)
+
+
+def op8(form: str, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
+    """fn(x, (q, scale)): w8_block in this block form ("matmul": x @ w.T alone, the separate ops' kernel)."""
+    if kernel == "matmul":
+        return lambda x, t: tk.w8_linear(x, *t)
+    if form == "add":
+        return lambda x, t: w8_block(x, *t, residual=r, kernel=kernel)
+    return lambda x, t: w8_block(x, *t, lnw=lnw, eps=1e-5, glu=form == "norm_glu", kernel=kernel)
+
+
+def reference8(x, lnw, t, form, r):
+    q, scale = t
+    if form == "add":
+        return block_op.w8_linear_add(x.float(), q, scale.float(), r.float())
+    return block_op.w8_norm_linear(x.float(), lnw.float(), 1e-5, q, scale.float(), x.new_empty(0), form == "norm_glu")
+
+
+def timed(fn, x, t, ref, replays: int, bw: float) -> dict:
+    """fn's microseconds over >= 1 GiB of copies of the weight tensors t, share of bandwidth, error against ref."""
+    size = sum(v.numel() * v.element_size() for v in t)
+    copies = max(2, -(-(1 << 30) // size))
+    ws = [t] + [tuple(v.clone() for v in t) for _ in range(copies - 1)]
+    err = ((fn(x, t).float() - ref).abs().max() / ref.abs().max()).item()
+    s = time_graph(fn, x, ws, replays)
+    return {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw, "max_rel_err": err}
 
 
 def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(matrices=list(FORMS))
     ap.add_argument("--kernels", nargs="+", default=["triton", "gluon-serial", "gluon"],
-                    choices=["triton", "gluon-serial", "gluon"])
+                    choices=["triton", "gluon-serial", "gluon", "rows", "matmul"],
+                    help="matmul: x @ w.T alone through the separate ops' kernel (above 4 rows: tensor cores)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x (decode batch), each timed")
+    ap.add_argument("--int8", action="store_true", help="also the int8 block GEMVs (kernels triton and rows)")
     ap.add_argument("--depths", nargs="+", type=int, default=[4, 8], choices=[4, 8])
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--triton-tiles", nargs="+", default=["8x512"],
@@ -89,29 +124,36 @@ def main() -> None:
             if name not in a.matrices:
                 continue
             form = FORMS[name]
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             lnw = (torch.rand(k, device="cuda") + 0.5).bfloat16()
-            r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
             row = rows[name] = {"n": n, "k": k, "form": form}
-            for depth in a.depths:
-                t = packed(n, k, depth, a.group)
-                ref = reference(x, lnw, t, a.group, form, r)
-                size = sum(v.numel() * v.element_size() for v in t)
-                copies = max(2, -(-(1 << 30) // size))
-                ws = [t] + [tuple(v.clone() for v in t) for _ in range(copies - 1)]
-                for kernel in a.kernels:
-                    fn = op(form, a.group, lnw, r, kernel)
-                    err = ((fn(x, t).float() - ref).abs().max() / ref.abs().max()).item()
-                    s = time_graph(fn, x, ws, a.replays)
-                    row[f"{kernel}_d{depth}"] = {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw,
-                                                 "max_rel_err": err}
-                del ws, t
-                torch.cuda.empty_cache()
+            for m in a.rows:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                r = torch.randn(m, n // 2 if form == "norm_glu" else n, device="cuda", dtype=torch.bfloat16)
+                tag = "" if m == 1 else f"_m{m}"  # batch 1 keeps the earlier files' keys
+                for depth in a.depths:
+                    t = packed(n, k, depth, a.group)
+                    ref = reference(x, lnw, t, a.group, form, r)
+                    for kernel in a.kernels:
+                        want = x.float() @ block_op.w4_dequantize(*t, a.group).T if kernel == "matmul" else ref
+                        row[f"{kernel}{tag}_d{depth}"] = timed(op(form, a.group, lnw, r, kernel), x, t, want,
+                                                                a.replays, bw)
+                    del t
+                    torch.cuda.empty_cache()
+                if a.int8:
+                    t = (torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+                         (torch.rand(n, device="cuda") * 0.001).bfloat16())
+                    ref = reference8(x, lnw, t, form, r)
+                    for kernel in ("triton", "rows", "matmul"):  # the int8 ones
+                        want = x.float() @ (t[0].float() * t[1].float()[:, None]).T if kernel == "matmul" else ref
+                        row[f"{kernel}{tag}_int8"] = timed(op8(form, lnw, r, kernel), x, t, want, a.replays, bw)
+                    del t
+                    torch.cuda.empty_cache()
             row["fixed_and_marginal"] = fixed_and_marginal(row)
             print(shape, name, json.dumps(row), flush=True)
     out["tiles"] = {name: [{"key": [str(v) for v in key], "tile": cfg.all_kwargs()} for key, cfg in kern.cache.items()]
                     for name, kern in (("triton", tb._w4_block_kernel), ("triton_nested", tb._w4n_block_kernel),
-                                       ("gluon", gb._w4_block_kernel))}
+                                       ("gluon", gb._w4_block_kernel), ("rows", tr._w4_rows_kernel),
+                                       ("rows_int8", tr._w8_rows_kernel))}
     print(json.dumps(out["tiles"]), flush=True)
     if a.out:
         a.out.write_text(json.dumps(out, indent=1) + "\n")
