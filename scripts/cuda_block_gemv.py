@@ -2,9 +2,9 @@
 + the residual; gate_up: normed x, silu(gate) * up), depth 4 and nested at depth 8, triton_block's Triton kernel
 beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
 measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
-line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate. --rows 8 --kernels triton
-rows matmul --int8: at batch 8, a row of x a program (triton_block) against all rows in one (triton_rows) and
-the separate ops' matmul alone (tensor cores above 4 rows), int8 too.
+line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate. --rows 1 8 --kernels
+triton matmul --int8: the separate ops' matmul alone beside the block kernel (at 8 rows: the tensor-core kernels
+the separate ops take above 4 rows), int8 too.
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -27,7 +27,6 @@ from adaptive_inference import block_op  # noqa: E402
 from adaptive_inference import gluon_block as gb  # noqa: E402
 from adaptive_inference import triton_block as tb  # noqa: E402
 from adaptive_inference import triton_kernels as tk  # noqa: E402
-from adaptive_inference import triton_rows as tr  # noqa: E402
 from adaptive_inference.bench.cuda_techniques import SHAPES  # noqa: E402
 from adaptive_inference.model_config import ModelConfig  # noqa: E402
 from adaptive_inference.triton_block import w4_block, w8_block  # noqa: E402
@@ -44,8 +43,8 @@ def packed(n: int, k: int, depth: int, group: int) -> tuple:
     return plane(), plane() if depth == 8 else torch.empty(0, device="cuda", dtype=torch.uint8), scale, -8 * scale
 
 
-def reference(x, lnw, t, group, form, r):
-    w = block_op.w4_dequantize(*t, group)
+def reference(x, lnw, w, form, r):
+    """The block form's fp32 arithmetic with the fp32 weight w [N, K] (the block ops' torch code)."""
     a = F.rms_norm(x.float(), (x.shape[1],), lnw.float(), 1e-5) if form != "add" else x.float()
     y = a @ w.T
     return block_op._glu(y, True) if form == "norm_glu" else y + r.float() if form == "add" else y
@@ -78,15 +77,8 @@ def op8(form: str, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
     if kernel == "matmul":
         return lambda x, t: tk.w8_linear(x, *t)
     if form == "add":
-        return lambda x, t: w8_block(x, *t, residual=r, kernel=kernel)
-    return lambda x, t: w8_block(x, *t, lnw=lnw, eps=1e-5, glu=form == "norm_glu", kernel=kernel)
-
-
-def reference8(x, lnw, t, form, r):
-    q, scale = t
-    if form == "add":
-        return block_op.w8_linear_add(x.float(), q, scale.float(), r.float())
-    return block_op.w8_norm_linear(x.float(), lnw.float(), 1e-5, q, scale.float(), x.new_empty(0), form == "norm_glu")
+        return lambda x, t: w8_block(x, *t, residual=r)
+    return lambda x, t: w8_block(x, *t, lnw=lnw, eps=1e-5, glu=form == "norm_glu")
 
 
 def timed(fn, x, t, ref, replays: int, bw: float) -> dict:
@@ -103,10 +95,11 @@ def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(matrices=list(FORMS))
     ap.add_argument("--kernels", nargs="+", default=["triton", "gluon-serial", "gluon"],
-                    choices=["triton", "gluon-serial", "gluon", "rows", "matmul"],
+                    choices=["triton", "gluon-serial", "gluon", "matmul"],
                     help="matmul: x @ w.T alone through the separate ops' kernel (above 4 rows: tensor cores)")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x (decode batch), each timed")
-    ap.add_argument("--int8", action="store_true", help="also the int8 block GEMVs (kernels triton and rows)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1],
+                    help="rows of x (decode batch), each timed; the block kernels take up to 4, matmul any")
+    ap.add_argument("--int8", action="store_true", help="also the int8 block GEMV (triton) and matmul")
     ap.add_argument("--depths", nargs="+", type=int, default=[4, 8], choices=[4, 8])
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--triton-tiles", nargs="+", default=["8x512"],
@@ -132,28 +125,29 @@ def main() -> None:
                 tag = "" if m == 1 else f"_m{m}"  # batch 1 keeps the earlier files' keys
                 for depth in a.depths:
                     t = packed(n, k, depth, a.group)
-                    ref = reference(x, lnw, t, a.group, form, r)
-                    for kernel in a.kernels:
-                        want = x.float() @ block_op.w4_dequantize(*t, a.group).T if kernel == "matmul" else ref
+                    w = block_op.w4_dequantize(*t, a.group)
+                    ref = reference(x, lnw, w, form, r)
+                    for kernel in [kn for kn in a.kernels if m <= tb.GEMV_ROWS or kn == "matmul"]:
+                        want = x.float() @ w.T if kernel == "matmul" else ref
                         row[f"{kernel}{tag}_d{depth}"] = timed(op(form, a.group, lnw, r, kernel), x, t, want,
                                                                 a.replays, bw)
-                    del t
+                    del t, w
                     torch.cuda.empty_cache()
                 if a.int8:
                     t = (torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
                          (torch.rand(n, device="cuda") * 0.001).bfloat16())
-                    ref = reference8(x, lnw, t, form, r)
-                    for kernel in ("triton", "rows", "matmul"):  # the int8 ones
-                        want = x.float() @ (t[0].float() * t[1].float()[:, None]).T if kernel == "matmul" else ref
+                    w = t[0].float() * t[1].float()[:, None]
+                    ref = reference(x, lnw, w, form, r)
+                    for kernel in ("triton", "matmul") if m <= tb.GEMV_ROWS else ("matmul",):  # the int8 ones
+                        want = x.float() @ w.T if kernel == "matmul" else ref
                         row[f"{kernel}{tag}_int8"] = timed(op8(form, lnw, r, kernel), x, t, want, a.replays, bw)
-                    del t
+                    del t, w
                     torch.cuda.empty_cache()
             row["fixed_and_marginal"] = fixed_and_marginal(row)
             print(shape, name, json.dumps(row), flush=True)
     out["tiles"] = {name: [{"key": [str(v) for v in key], "tile": cfg.all_kwargs()} for key, cfg in kern.cache.items()]
                     for name, kern in (("triton", tb._w4_block_kernel), ("triton_nested", tb._w4n_block_kernel),
-                                       ("gluon", gb._w4_block_kernel), ("rows", tr._w4_rows_kernel),
-                                       ("rows_int8", tr._w8_rows_kernel))}
+                                       ("gluon", gb._w4_block_kernel))}
     print(json.dumps(out["tiles"]), flush=True)
     if a.out:
         a.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -7,8 +7,7 @@ needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes t
     python scripts/kernel_sass.py --kernels g4 g4n --gluon-tiles 2x8 4x4 --k 4096 14336   # gluon_block's
 
 w8, w4, w4n: triton_block's int8, 4-bit and nested (depth 8) kernels; g4, g4n: gluon_block's 4-bit kernel at
-depth 4 and 8 (tiles ROWSxWARPS, one K a compile); r8, r4, r4n: triton_rows' kernels for --mr rows of x (a
-weight's instructions for all of them).
+depth 4 and 8 (tiles ROWSxWARPS, one K a compile).
 """
 
 import argparse
@@ -34,11 +33,10 @@ def gluon_signature() -> dict:
 
 
 def signature(kernel: str) -> dict:
-    int8 = kernel in ("w8", "r8")
-    codes = ["w_ptr"] if int8 else ["c_ptr", "q_ptr"] if kernel in ("w4n", "r4", "r4n") else ["c_ptr"]
-    scales = ["s_ptr"] if int8 else ["s_ptr", "m_ptr"]
+    codes = {"w8": ["w_ptr"], "w4": ["c_ptr"], "w4n": ["c_ptr", "q_ptr"]}[kernel]
+    scales = ["s_ptr"] if kernel == "w8" else ["s_ptr", "m_ptr"]
     sig = {"x_ptr": "*bf16", "l_ptr": "*bf16", **{p: "*i32" for p in codes},
-           **{p: "*fp32" if int8 else "*fp16" for p in scales},
+           **{p: "*fp32" if kernel == "w8" else "*fp16" for p in scales},
            "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
     flags = ["NORM", "GLU", "BIAS", "ADD", "PAIRS"] if kernel == "w8" else ["GROUP", "NORM", "GLU", "BIAS", "ADD"]
     tile = ["ASM", "BLOCK_N", "BLOCK_K"] + ([] if kernel == "w8" else ["PREFETCH"])
@@ -87,24 +85,15 @@ def per_weight(sass: str, weights: int, warps: int) -> tuple[float, dict]:
     return len(body) * 32 * warps / weights, {k: ops[k] for k in OPS if ops[k]}
 
 
-def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int,
-          mr: int = 8) -> tuple[float, dict]:
+def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int) -> tuple[float, dict]:
     from adaptive_inference import triton_block as tb
-    from adaptive_inference import triton_rows as tr
 
-    fn = {"w8": tb._w8_block_kernel, "w4": tb._w4_block_kernel, "w4n": tb._w4n_block_kernel, "r8": tr._w8_rows_kernel,
-          "r4": tr._w4_rows_kernel, "r4n": tr._w4_rows_kernel}[kernel].fn
+    fn = {"w8": tb._w8_block_kernel, "w4": tb._w4_block_kernel, "w4n": tb._w4n_block_kernel}[kernel].fn
     consts = {**FORMS[form], "ASM": 1, "BLOCK_N": bn, "BLOCK_K": bk}
-    consts.update({"PAIRS": 1} if kernel == "w8" else {} if kernel == "r8" else {"GROUP": group})
-    consts.update({"PREFETCH": 1} if kernel != "w8" else {})
-    consts.update({"MR": mr} if kernel.startswith("r") else {})
-    consts.update({"NESTED": int(kernel == "r4n")} if kernel.startswith("r4") else {})
-    sig = signature(kernel)
-    if kernel.startswith("r"):  # all the kernel's arguments, in its order: pointers as signature() types them
-        sig = {n: sig.get(n, "*i32" if n == "q_ptr" else "constexpr") for n in fn.arg_names}
-    sass = compile_sass(source(fn, sig, consts, ("N", "K")), warps, stages)
+    consts.update({"PAIRS": 1} if kernel == "w8" else {"GROUP": group, "PREFETCH": 1})
+    sass = compile_sass(source(fn, signature(kernel), consts, ("N", "K")), warps, stages)
     # a tile is BLOCK_N rows of BLOCK_K columns: 1-byte codes; 4-bit words hold BLOCK_K low and BLOCK_K high columns
-    weights = bn * bk * (1 if kernel in ("w8", "r8") else 2) * (2 if FORMS[form]["GLU"] else 1)
+    weights = bn * bk * (1 if kernel == "w8" else 2) * (2 if FORMS[form]["GLU"] else 1)
     return per_weight(sass, weights, warps)
 
 
@@ -121,9 +110,7 @@ def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: in
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n", "r8", "r4", "r4n"),
-                    default=["w4", "w4n"])
-    ap.add_argument("--mr", type=int, default=8, help="rows of x of triton_rows' kernels (r8, r4, r4n)")
+    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n"), default=["w4", "w4n"])
     ap.add_argument("--forms", nargs="+", choices=tuple(FORMS), default=list(FORMS))
     ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K (triton_block's)")
     ap.add_argument("--gluon-tiles", nargs="+", default=["2x8", "4x4"], help="ROWSxWARPS (gluon_block's)")
@@ -143,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for tile in args.tiles:
                 bn, bk = (int(v) for v in tile.split("x"))
-                got, ops = count(kernel, form, bn, bk, args.warps, args.stages, args.group, args.mr)
+                got, ops = count(kernel, form, bn, bk, args.warps, args.stages, args.group)
                 print(f"{kernel:4s} {form:10s} {tile:8s} {got:5.2f} instructions a weight  {ops}")
 
 

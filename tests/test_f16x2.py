@@ -123,21 +123,3 @@ def test_dots_match_float64_to_fp16_rounding(seed):
 def test_emulate_refuses_an_instruction_it_does_not_know():
     with pytest.raises(ValueError, match="no emulation of add.s32"):
         f16x2.emulate("{\nadd.s32 $0, $1, $1;\n}", 1, np.zeros(2, np.uint32))
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_codes_made_once_then_dotted_per_row_are_the_one_block_dots_bit_for_bit(seed):
-    """The multi-row GEMVs' split form (W4_CODES / N8_CODES / I8_CODES once per word, PAIR_DOT per row of x)
-    gives the one-row blocks' fp16 pairs exactly, for random words (every code value) and x pairs."""
-    rng = np.random.default_rng(seed)
-    w, r = (rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32) for _ in range(2))
-    xa, xb, xc, xd = (pair(*(rng.standard_normal((2, 4096)) * rng.choice([0.01, 1.0, 8.0], size=(1, 4096))))
-                      for _ in range(4))
-    for dot, codes, words in ((f16x2.W4_DOT, f16x2.W4_CODES, (w,)), (f16x2.N8_DOT, f16x2.N8_CODES, (w, r))):
-        c0, c1, c2, c3 = f16x2.emulate(codes, 4, *words)
-        lo, hi = f16x2.emulate(dot, 2, *words, xa, xb, xc, xd)
-        np.testing.assert_array_equal(f16x2.emulate(f16x2.PAIR_DOT, 1, c0, c1, xa, xb)[0], lo)
-        np.testing.assert_array_equal(f16x2.emulate(f16x2.PAIR_DOT, 1, c2, c3, xc, xd)[0], hi)
-    c0, c1 = f16x2.emulate(f16x2.I8_CODES, 2, w)
-    (d,) = f16x2.emulate(f16x2.I8_DOT, 1, w, xa, xb)
-    np.testing.assert_array_equal(f16x2.emulate(f16x2.PAIR_DOT, 1, c0, c1, xa, xb)[0], d)

@@ -18,23 +18,10 @@ triton_block registers the CUDA kernels. Rows are decode rows: x [M, K] with M a
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 8  # the most rows of x the ops' CUDA kernels take (triton_rows: all rows in one program above 4)
-
-
-def _rows(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= MAX_ROWS:
-        raise ValueError(f"ADAPTIVE_INFERENCE_BLOCK_ROWS={value!r}: expected a whole number from 1 to {MAX_ROWS}")
-    return int(value)
-
-
-# the most decode rows a step runs through the ops (more: the separate ops): triton_kernels.GEMV_ROWS, the rows
-# the one-row-a-program kernels were timed at, until triton_rows' kernels have run on a GPU (8: batch 8 on them)
-ROWS = _rows(os.environ.get("ADAPTIVE_INFERENCE_BLOCK_ROWS", "4"))
+ROWS = 4  # the most decode rows the ops take (triton_kernels.GEMV_ROWS: x rows a GEMV program reads one by one)
 
 
 def _w8(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

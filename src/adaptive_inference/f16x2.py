@@ -80,59 +80,6 @@ fma.rn.f16x2 $1, t3, $7, $1;
 }"""
 
 
-# The same codes made once for several rows of x (triton_rows' multi-row GEMVs): a word's centred codes as fp16
-# pairs, ($0, $1) its low columns' (4i, 4i + 2), (4i + 1, 4i + 3) and ($2, $3) its high columns' (at H); then
-# PAIR_DOT per row of x: $0 = $1 . $3 + $2 . $4 (mul, fma: rounded as the *_DOT blocks round). W4_CODES from
-# the word $4; N8_CODES from the codes' word $4 and the residual's $5; I8_CODES: ($0, $1) bytes (0, 2), (1, 3).
-W4_CODES = """{
-.reg .b32 w8, lo8, hi8;
-mov.b32 lo8, 0x64086408;
-mov.b32 hi8, 0x54805480;
-shr.u32 w8, $4, 8;
-lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $1, w8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 $2, $4, 0x00F000F0, 0x54005400, 0xEA;
-lop3.b32 $3, w8, 0x00F000F0, 0x54005400, 0xEA;
-sub.f16x2 $0, $0, lo8;
-sub.f16x2 $1, $1, lo8;
-sub.f16x2 $2, $2, hi8;
-sub.f16x2 $3, $3, hi8;
-}"""
-
-N8_CODES = """{
-.reg .b32 c4, r4, u0, u1, v0, v1, mid;
-mov.b32 mid, 0x64806480;
-shl.b32 c4, $4, 4;
-shr.u32 r4, $5, 4;
-lop3.b32 u0, c4, $5, 0xF0F0F0F0, 0xE4;
-lop3.b32 u1, $4, r4, 0xF0F0F0F0, 0xE4;
-shr.u32 v0, u0, 8;
-shr.u32 v1, u1, 8;
-lop3.b32 $0, u0, 0x00FF00FF, 0x64006400, 0xEA;
-lop3.b32 $1, v0, 0x00FF00FF, 0x64006400, 0xEA;
-lop3.b32 $2, u1, 0x00FF00FF, 0x64006400, 0xEA;
-lop3.b32 $3, v1, 0x00FF00FF, 0x64006400, 0xEA;
-sub.f16x2 $0, $0, mid;
-sub.f16x2 $1, $1, mid;
-sub.f16x2 $2, $2, mid;
-sub.f16x2 $3, $3, mid;
-}"""
-
-I8_CODES = """{
-.reg .b32 w8, mid;
-mov.b32 mid, 0x64806480;
-shr.u32 w8, $2, 8;
-lop3.b32 $0, $2, 0x647F647F, 0x64806480, 0xCA;
-lop3.b32 $1, w8, 0x647F647F, 0x64806480, 0xCA;
-sub.f16x2 $0, $0, mid;
-sub.f16x2 $1, $1, mid;
-}"""
-
-PAIR_DOT = """{
-mul.f16x2 $0, $1, $3;
-fma.rn.f16x2 $0, $2, $4, $0;
-}"""
-
 def prep_x(x: torch.Tensor, scale: float) -> torch.Tensor:
     """The f16x2 kernels' xq from x [M, K]: x * scale (a power of 2) in fp16, columns 0 2 1 3 in each 4 (the
     kernels read it as int32 pairs). Torch ops that torch.compile fuses into the kernel making x: kept fp16 here,
@@ -158,8 +105,7 @@ def _f16x2(op: str, *args: np.ndarray) -> np.ndarray:
 
 
 def emulate(asm: str, n_out: int, *inputs: np.ndarray) -> list[np.ndarray]:
-    """Run the PTX block asm (I8_DOT, W4_DOT, N8_DOT, the *_CODES, PAIR_DOT) on uint32 arrays; the outputs
-    $0..$(n_out - 1), as uint32."""
+    """Run the PTX block asm (I8_DOT, W4_DOT, N8_DOT) on uint32 arrays; the outputs $0..$(n_out - 1), as uint32."""
     regs: dict[str, np.ndarray] = {f"${n_out + i}": np.asarray(v, dtype=np.uint32) for i, v in enumerate(inputs)}
 
     def val(s: str) -> np.ndarray:

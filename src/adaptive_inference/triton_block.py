@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from . import block_op  # noqa: F401  (defines the ops this module gives CUDA kernels)
-from .block_op import MAX_ROWS
 from .triton_kernels import (
     _GEMV_CONFIGS,
     _W4_GEMV_CONFIGS,
@@ -140,31 +139,18 @@ def _w8_block_kernel(x_ptr, l_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, M, N, K, e
     _finish(y, up, b_ptr, r_ptr, y_ptr, m, rn, NY, BIAS, GLU, ADD)
 
 
-def _rows_kernel(kernel: str | None, m: int) -> bool:
-    """Whether a block GEMV of m rows of x runs triton_rows' kernel (all rows a program)."""
-    return kernel == "rows" or (kernel is None and m > GEMV_ROWS)
-
-
 def w8_block(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, lnw: torch.Tensor | None = None,
              eps: float = 0.0, bias: torch.Tensor | None = None, glu: bool = False,
-             residual: torch.Tensor | None = None, pairs: bool = True, kernel: str | None = None) -> torch.Tensor:
-    """_w8_block_kernel for x [M, K] (M <= MAX_ROWS) and q [N, K] int8: [M, N] in x's dtype ([M, N / 2] with
-    glu); x RMS-normed first where lnw is given; pairs: the fp16-pair dots (else fp32). kernel: "triton" (a
-    program a row of x) or "rows" (triton_rows': all rows a program, fp16 pairs); default "rows" above GEMV_ROWS
-    rows."""
+             residual: torch.Tensor | None = None, pairs: bool = True) -> torch.Tensor:
+    """_w8_block_kernel for x [M, K] (M <= GEMV_ROWS) and q [N, K] int8: [M, N] in x's dtype ([M, N / 2] with
+    glu); x RMS-normed first where lnw is given; pairs: the fp16-pair dots (else fp32)."""
     (m, kx), (n, k) = x.shape, q.shape
-    if m > MAX_ROWS or k % 4 or kx != k or (glu and n % 2):
-        raise ValueError(f"w8_block: x {tuple(x.shape)} against weight {tuple(q.shape)} (rows <= {MAX_ROWS}, "
+    if m > GEMV_ROWS or k % 4 or kx != k or (glu and n % 2):
+        raise ValueError(f"w8_block: x {tuple(x.shape)} against weight {tuple(q.shape)} (rows <= {GEMV_ROWS}, "
                          "in-features divisible by 4, an even number of out-features for glu)")
     x = x.contiguous()
     ny = n // 2 if glu else n
     y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
-    if _rows_kernel(kernel, m):
-        if not pairs:
-            raise ValueError("w8_block: the rows kernel dots in fp16 pairs only (pairs=True)")
-        from . import triton_rows
-        return triton_rows.w8_rows(x, q, scale, y, lnw=lnw, eps=eps, bias=bias, glu=glu,
-                                   residual=None if residual is None else residual.contiguous())
     grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
     _w8_block_kernel[grid](x, x if lnw is None else lnw, q.view(torch.int32), scale, scale if bias is None else bias,
                            y if residual is None else residual.contiguous(), y, m, n, k, eps, NORM=lnw is not None,
@@ -325,21 +311,16 @@ def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: t
     """w8_block for 4-bit codes [N, K / 2] in w4_linear's layout with fp16 scale and min [N, K / group]: read at
     depth 4 (plane empty) or, with the nested format's second plane, at depth 8; both in fp16 pairs. kernel:
     "gluon" (a programmatic dependent launch), "gluon-serial" (an ordinary one) or "triton" (default
-    W4_BLOCK_KERNEL) a row of x a program, or "rows" (triton_rows': all rows a program; the default above
-    GEMV_ROWS rows)."""
+    W4_BLOCK_KERNEL)."""
     (m, k), n = x.shape, codes.shape[0]
-    if m > MAX_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
-        raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {MAX_ROWS}, "
+    if m > GEMV_ROWS or k != 2 * codes.shape[1] or k % (2 * group_size) or (glu and n % 2):
+        raise ValueError(f"w4_block: x {tuple(x.shape)} against codes {tuple(codes.shape)} (rows <= {GEMV_ROWS}, "
                          f"in-features a multiple of 2 x group {group_size}, an even number of out-features for glu)")
     x = x.contiguous()
     ny = n // 2 if glu else n
     y = torch.empty((m, ny), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(ny, meta["BLOCK_N"]), m)  # noqa: E731
     residual = None if residual is None else residual.contiguous()
-    if _rows_kernel(kernel, m):
-        from . import triton_rows
-        return triton_rows.w4_rows(x, codes, plane, scale, minv, group_size, y, lnw=lnw, eps=eps, bias=bias, glu=glu,
-                                   residual=residual)
     kernel = kernel or W4_BLOCK_KERNEL
     if kernel.startswith("gluon"):
         from . import gluon_block
