@@ -263,3 +263,15 @@ def test_unknown_weight_set_is_a_one_line_error(lm):
 
     with pytest.raises(UserError, match="weight set 'int4'"):
         lm.logits(IDS, StepPlan(weights="int4"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_model_folder_without_weights_is_a_one_line_error(backend, tiny, tmp_path):
+    """A folder with a config but no *.safetensors: refused in one line naming the folder, by both backends."""
+    import shutil
+
+    from adaptive_inference.errors import UserError
+
+    shutil.copy(tiny[1] / "config.json", tmp_path / "config.json")
+    with pytest.raises(UserError, match=r"^model folder has no \*\.safetensors: "):
+        load_backend(backend, tmp_path, "float32")

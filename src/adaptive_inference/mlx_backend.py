@@ -156,9 +156,7 @@ class MLXLM(Decoder):
     def load(cls, model_dir: str | Path, *, dtype: str = "float32", cpu_matmul: str = "kernel") -> MLXLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"model folder has no *.safetensors: {model_dir}")
+        files = ModelConfig.weight_files(model_dir)
         weights = {}
         for f in files:
             weights.update({k: w.astype(DTYPES[dtype]) for k, w in mx.load(str(f)).items()})

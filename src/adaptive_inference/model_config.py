@@ -78,6 +78,14 @@ class ModelConfig:
             raise UserError(f"model folder has no config.json: {model_dir}")
         return cls.from_dict(json.loads(path.read_text()))
 
+    @staticmethod
+    def weight_files(model_dir: str | Path) -> list[Path]:
+        """The model folder's *.safetensors in name order; a folder without any is refused."""
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise UserError(f"model folder has no *.safetensors: {model_dir}")
+        return files
+
     def layer_weight_names(self, i: int) -> dict[str, list[str]]:
         """HF tensor names behind each fused weight of block i (both backends concatenate each list)."""
         q, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."

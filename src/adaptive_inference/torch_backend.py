@@ -157,9 +157,7 @@ class TorchLM(Decoder):
              cuda_block_ops: bool = True) -> TorchLM:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise UserError(f"model folder has no *.safetensors: {model_dir}")
+        files = ModelConfig.weight_files(model_dir)
         weights = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:

@@ -32,7 +32,7 @@ def model_matrices(model_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]
 
     cfg = ModelConfig.from_dir(model_dir)
     raw = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    for f in ModelConfig.weight_files(model_dir):
         with safe_open(str(f), framework="numpy") as sf:
             raw.update({k: sf.get_tensor(k) for k in sf.keys()})
     try:
