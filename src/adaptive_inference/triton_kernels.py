@@ -347,21 +347,26 @@ def _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexp
 
 
 @triton.jit
-def _dequant_dot(acc, codes, xs, s_ptr, m_ptr, rn, g0, N, G, GROUP: tl.constexpr, NESTED: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes starting at group g0."""
-    sc, mn = _scales(s_ptr, m_ptr, rn, g0, N, G, GROUP, NESTED, BLOCK_K)
+def _dequant_dot(acc, codes, xs, scales, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """acc + xs @ (codes * scale + min)^T for a [BLOCK_N, BLOCK_K] tile of codes, scales = its groups' _scales."""
+    sc, mn = scales
     w = tl.reshape(tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * sc[:, :, None] + mn[:, :, None],
                    (BLOCK_N, BLOCK_K))
     return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
 
 
-@triton.autotune(configs=[c for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256] if not INTERPRET else _CONFIGS,
-                 key=["N", "K", "SPLITS", "NESTED"])
+# the tensor-core 4-bit kernel's: K tiles of at most 256 columns, the next tile's scales loaded a tile ahead or not
+# (the pipeliner streams the codes and x, which feed the dot, but not the scales: a load a tile in the loop)
+_W4_TC_CONFIGS = [triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+                  for p in (1, 0) for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256 or INTERPRET][:_TILES]
+
+
+@triton.autotune(configs=_W4_TC_CONFIGS, key=["N", "K", "SPLITS", "NESTED"])
 @triton.jit
 def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
                NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     H = K // 2  # packed columns; column j of the low half pairs with column j + H of the high half
     G = K // GROUP
@@ -369,15 +374,24 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo, k_hi = _k_slice(H, pid_k, SPLITS, BLOCK_K)
+    s_lo = _scales(s_ptr, m_ptr, rn, k_lo // GROUP, N, G, GROUP, NESTED, BLOCK_K)  # the first tile's
+    s_hi = _scales(s_ptr, m_ptr, rn, (k_lo + H) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:  # the next tile's (past the slice: unused; past the row: masked)
+            nxt_lo = _scales(s_ptr, m_ptr, rn, (k0 + BLOCK_K) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
+            nxt_hi = _scales(s_ptr, m_ptr, rn, (k0 + BLOCK_K + H) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
+        else:  # this tile's, where it is used
+            s_lo = _scales(s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_K)
+            s_hi = _scales(s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
         rk = k0 + tl.arange(0, BLOCK_K)
         lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         xm = (rm[:, None] < M) & (rk[None, :] < H)
         x_lo = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=xm, other=0.0)
         x_hi = tl.load(x_ptr + rm[:, None] * K + H + rk[None, :], mask=xm, other=0.0)
-        acc = _dequant_dot(acc, lo, x_lo, s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N, BLOCK_K)
-        acc = _dequant_dot(acc, hi, x_hi, s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, DOT_DTYPE, BLOCK_N,
-                           BLOCK_K)
+        acc = _dequant_dot(acc, lo, x_lo, s_lo, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
+        acc = _dequant_dot(acc, hi, x_hi, s_hi, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
+        if PREFETCH:
+            s_lo, s_hi = nxt_lo, nxt_hi
     tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
