@@ -7,7 +7,8 @@ needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes t
     python scripts/kernel_sass.py --kernels g4 g4n --gluon-tiles 2x8 4x4 --k 4096 14336   # gluon_block's
 
 w8, w4, w4n: triton_block's int8, 4-bit and nested (depth 8) kernels; g4, g4n: gluon_block's 4-bit kernel at
-depth 4 and 8 (tiles ROWSxWARPS, one K a compile).
+depth 4 and 8 (tiles ROWSxWARPS, one K a compile); t4, t4p: triton_kernels' tensor-core 4-bit kernel (batch >
+4; --tiles 32x256 --warps 4 --stages 4 as its first autotune tile), the scales loaded where used or a tile ahead.
 """
 
 import argparse
@@ -97,6 +98,22 @@ def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, gro
     return per_weight(sass, weights, warps)
 
 
+def count_tensor_core(bn: int, bk: int, warps: int, stages: int, group: int, prefetch: int) -> tuple[float, dict]:
+    """triton_kernels' tensor-core 4-bit kernel (above 4 rows of x; a 16-row tile): all 16 rows' instructions."""
+    import triton.language as tl
+
+    from adaptive_inference import triton_kernels as tk
+
+    fn = tk._w4_kernel.fn
+    sig = {"x_ptr": "*bf16", "c_ptr": "*u8", "r_ptr": "*u8", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*fp32",
+           "M": "i32", "N": "i32", "K": "i32"}
+    sig = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+    consts = {"SPLITS": 1, "GROUP": group, "NESTED": 0, "DOT_DTYPE": tl.bfloat16, "BLOCK_M": 16, "BLOCK_N": bn,
+              "BLOCK_K": bk, "PREFETCH": prefetch}
+    sass = compile_sass(source(fn, sig, consts, ("N", "K")), warps, stages)
+    return per_weight(sass, bn * bk * 2, warps)  # BLOCK_K packed bytes: 2 weights each
+
+
 def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: int) -> tuple[float, dict]:
     """gluon_block's kernel: a K-loop pass is ROWS rows a warp of 32 lanes x WPT words (8 weights a word)."""
     from adaptive_inference import gluon_block as gb
@@ -110,7 +127,8 @@ def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: in
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n"), default=["w4", "w4n"])
+    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n", "t4", "t4p"),
+                    default=["w4", "w4n"])
     ap.add_argument("--forms", nargs="+", choices=tuple(FORMS), default=list(FORMS))
     ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K (triton_block's)")
     ap.add_argument("--gluon-tiles", nargs="+", default=["2x8", "4x4"], help="ROWSxWARPS (gluon_block's)")
@@ -121,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for kernel in args.kernels:
         for form in args.forms:
+            if kernel.startswith("t"):
+                if form != args.forms[0]:
+                    continue  # no block forms: a plain matmul
+                for tile in args.tiles:
+                    bn, bk = (int(v) for v in tile.split("x"))
+                    got, ops = count_tensor_core(bn, bk, args.warps, args.stages, args.group, int(kernel == "t4p"))
+                    print(f"{kernel:4s} {'matmul':10s} {tile:8s} {got:5.2f} instructions a weight  {ops}")
+                continue
             if kernel.startswith("g"):
                 for k in args.k:
                     for tile in args.gluon_tiles:
