@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The CUDA kernel checks a borrowed GPU runs first, most important first, each under its own time limit so that
+# one call of at most ~10 minutes brings back whatever finished: the kernels' GPU tests, the 4-bit block GEMVs
+# alone (Triton beside the persistent Gluon kernel), the 8B techniques with the Gluon kernel in the decode path,
+# and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
+#   OUT=/tmp/k bash scripts/gpu_kernel_checks.sh
+#   OUT=/tmp/k STEPS="tests gemv" bash scripts/gpu_kernel_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results are written to}"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+STEPS=${STEPS:-"tests gemv techniques batch8"}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+step() {  # name, seconds, command...
+  local name=$1 secs=$2
+  shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s (limit $secs)" | tee -a "$OUT/steps.txt"
+  tail -n 4 "$OUT/$name.log"
+}
+
+step tests 150 python -m pytest -q -x tests/test_cuda_graphs.py -k "w4_block_kernel or w8_block or packed_linear"
+step gemv 100 python scripts/cuda_block_gemv.py --shapes llama3-8b --out "$OUT/block_gemv.json"
+ADAPTIVE_INFERENCE_W4_BLOCK=gluon step techniques 240 python scripts/cuda_techniques.py --shapes llama3-8b \
+  --modes compiled --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 \
+  --repeats 3 --out "$OUT/techniques_gluon.json"
+step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul --depths 4 \
+  --int8 --out "$OUT/block_gemv_batch8.json"
