@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA kernel checks a borrowed GPU runs first, most important first, each under its own time limit so that
 # one call of at most ~10 minutes brings back whatever finished: the kernels' GPU tests, the 4-bit block GEMVs
-# alone (Triton beside the persistent Gluon kernel), the 8B techniques with the Gluon kernel in the decode path,
-# and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
+# alone (Triton beside the persistent Gluon kernel), the 4-bit techniques with the faster of the two in the decode
+# path, and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
 #   OUT=/tmp/k bash scripts/gpu_kernel_checks.sh
 #   OUT=/tmp/k STEPS="tests gemv" bash scripts/gpu_kernel_checks.sh
 set -uo pipefail
@@ -25,8 +25,27 @@ step() {  # name, seconds, command...
 
 step tests 150 python -m pytest -q -x tests/test_cuda_graphs.py -k "w4_block_kernel or w8_block or packed_linear"
 step gemv 100 python scripts/cuda_block_gemv.py --shapes llama3-8b --out "$OUT/block_gemv.json"
-ADAPTIVE_INFERENCE_W4_BLOCK=gluon step techniques 240 python scripts/cuda_techniques.py --shapes llama3-8b \
-  --modes compiled --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 \
-  --repeats 3 --out "$OUT/techniques_gluon.json"
+# the techniques with whichever 4-bit block kernel the gemv step found faster over the four matrices at both depths:
+# the Gluon one on the 8B shape (would it be the default?), else the Triton default on the 14B shape
+faster=$(python - "$OUT/block_gemv.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["shapes"]["llama3-8b"].values()
+    us = {kn: sum(r[f"{kn}_d{d}"]["us"] for r in rows for d in (4, 8)) for kn in ("triton", "gluon")}
+    print("gluon" if us["gluon"] < us["triton"] else "triton")
+except (OSError, KeyError, ValueError):
+    print("gluon")
+PY
+)
+echo "techniques: $faster (from block_gemv.json)" | tee -a "$OUT/steps.txt"
+if [[ $faster == gluon ]]; then
+  ADAPTIVE_INFERENCE_W4_BLOCK=gluon step techniques 240 python scripts/cuda_techniques.py --shapes llama3-8b \
+    --modes compiled --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 \
+    --repeats 3 --out "$OUT/techniques_gluon.json"
+else
+  step techniques 240 python scripts/cuda_techniques.py --shapes qwen2.5-14b --modes compiled \
+    --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 --repeats 3 \
+    --out "$OUT/techniques_14b_triton.json"
+fi
 step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul --depths 4 \
   --int8 --out "$OUT/block_gemv_batch8.json"
