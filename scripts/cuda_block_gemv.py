@@ -4,7 +4,8 @@ beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of we
 measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
 line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate. --rows 1 8 --kernels
 triton matmul --int8: the separate ops' matmul alone beside the block kernel (at 8 rows: the tensor-core kernels
-the separate ops take above 4 rows), int8 too.
+the separate ops take above 4 rows), int8 too. --profile under `ncu --profile-from-start off`: each timed kernel's
+hardware counters (scripts/gpu_kernel_checks.sh's ncu step).
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -91,6 +92,16 @@ def timed(fn, x, t, ref, replays: int, bw: float) -> dict:
     return {"us": s * 1e6, "bytes": size, "share_of_bandwidth": size / s / bw, "max_rel_err": err}
 
 
+def profiled(fn, x, t) -> None:
+    """One call of fn (already autotuned) between cudaProfilerStart and Stop: the launch that
+    `ncu --profile-from-start off` profiles."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    fn(x, t)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(matrices=list(FORMS))
@@ -102,6 +113,9 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also the int8 block GEMV (triton) and matmul")
     ap.add_argument("--depths", nargs="+", type=int, default=[4, 8], choices=[4, 8])
     ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing each kernel, one call of it between cudaProfilerStart and Stop (run under "
+                         "ncu --profile-from-start off: the hardware counters of each timed kernel)")
     ap.add_argument("--triton-tiles", nargs="+", default=["8x512"],
                     help="autotune the Triton kernels over these BLOCK_NxBLOCK_K tiles only (all: 'all'; on an H100 "
                          "their autotuner took 8x512 for every 4-bit shape, docs/measurements 2026-12-07)")
@@ -129,8 +143,10 @@ def main() -> None:
                     ref = reference(x, lnw, w, form, r)
                     for kernel in [kn for kn in a.kernels if m <= tb.GEMV_ROWS or kn == "matmul"]:
                         want = x.float() @ w.T if kernel == "matmul" else ref
-                        row[f"{kernel}{tag}_d{depth}"] = timed(op(form, a.group, lnw, r, kernel), x, t, want,
-                                                                a.replays, bw)
+                        fn = op(form, a.group, lnw, r, kernel)
+                        row[f"{kernel}{tag}_d{depth}"] = timed(fn, x, t, want, a.replays, bw)
+                        if a.profile:
+                            profiled(fn, x, t)
                     del t, w
                     torch.cuda.empty_cache()
                 if a.int8:

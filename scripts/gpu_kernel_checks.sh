@@ -2,14 +2,14 @@
 # The CUDA kernel checks a borrowed GPU runs first, most important first, each under its own time limit so that
 # one call of at most ~10 minutes brings back whatever finished: the kernels' GPU tests, the 4-bit block GEMVs
 # alone (Triton beside the persistent Gluon kernel), the 4-bit techniques with the faster of the two in the decode
-# path, and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
+# path, Nsight Compute's counters of gate_up's kernels, and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
 #   OUT=/tmp/k bash scripts/gpu_kernel_checks.sh
 #   OUT=/tmp/k STEPS="tests gemv" bash scripts/gpu_kernel_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results are written to}"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
-STEPS=${STEPS:-"tests gemv techniques batch8"}
+STEPS=${STEPS:-"tests gemv techniques ncu batch8"}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 
@@ -47,5 +47,11 @@ else
     --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 --repeats 3 \
     --out "$OUT/techniques_14b_triton.json"
 fi
+# Nsight Compute on gate_up's kernels (Triton and Gluon at 1 row, the tensor-core kernel at 8): where their time goes
+NCU_SECTIONS="SpeedOfLight MemoryWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -n 1)
+step ncu 100 "${NCU:-ncu}" --profile-from-start off --clock-control none --log-file "$OUT/ncu_gate_up.txt" \
+  $(printf -- "--section %s " $NCU_SECTIONS) python scripts/cuda_block_gemv.py --shapes llama3-8b --matrices gate_up \
+  --rows 1 8 --kernels triton gluon matmul --depths 4 --profile --out "$OUT/block_gemv_ncu.json"
 step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul --depths 4 \
   --int8 --out "$OUT/block_gemv_batch8.json"
