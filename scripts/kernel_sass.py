@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 FORMS = {"norm": dict(NORM=1, GLU=0, BIAS=0, ADD=0), "norm-glu": dict(NORM=1, GLU=1, BIAS=0, ADD=0),
          "plain-add": dict(NORM=0, GLU=0, BIAS=0, ADD=1)}
-OPS = ("LDG", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "LOP3", "F2FP", "STS", "LDS", "BAR")
+OPS = ("LDG", "LDGSTS", "STL", "LDL", "SHFL", "HADD2", "HFMA2", "FFMA", "FADD", "IMAD", "LOP3", "PRMT", "SHF", "SGXT",
+       "F2FP", "HMMA", "STS", "LDS", "LDSM", "BAR")
 
 
 def gluon_signature() -> dict:
