@@ -2,7 +2,8 @@
 # The CUDA kernel checks a borrowed GPU runs first, most important first, each under its own time limit so that
 # one call of at most ~10 minutes brings back whatever finished: the kernels' GPU tests, the 4-bit block GEMVs
 # alone (Triton beside the persistent Gluon kernel), the 4-bit techniques with the faster of the two in the decode
-# path, Nsight Compute's counters of gate_up's kernels, and the batch-8 matmuls. Logs and JSON go to $OUT (one file a step). STEPS picks steps (default: all).
+# path, Nsight Compute's counters of gate_up's kernels, and the batch-8 matmuls. Logs and JSON go to $OUT (one
+# file a step). STEPS picks steps (default: all; they run in this order).
 #   OUT=/tmp/k bash scripts/gpu_kernel_checks.sh
 #   OUT=/tmp/k STEPS="tests gemv" bash scripts/gpu_kernel_checks.sh
 set -uo pipefail
