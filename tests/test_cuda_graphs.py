@@ -98,6 +98,31 @@ def test_packed_linear_is_the_dequantized_weight(fmt, depth, kernel, m, group):
             torch.testing.assert_close(f16x2.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("pairs", [0, 1])
+@pytest.mark.parametrize("m, group", [(5, 32), (9, 64), (16, 128), (40, 32)])
+def test_tensor_core_4bit_kernel_both_ways_of_making_weights(monkeypatch, pairs, m, group):
+    """triton_kernels' tensor-core 4-bit kernel (above GEMV_ROWS rows), its weights made in fp32 or in bf16 pairs
+    (the inline PTX f16x2.W4_BF16, elementwise over 4 weights), on a large and a small tile, the scales loaded a
+    tile ahead and not, multiplies by quant.dequantize's weight to bf16 rounding; ragged N and split K included."""
+    from adaptive_inference import quant, quant_cuda, triton_kernels
+
+    kernel = triton_kernels._w4_kernel
+    tiles = [(32, 256, 4, 4), (128, 64, 4, 4)] if group <= 64 else [(32, 256, 4, 4), (128, 128, 4, 4)]
+    monkeypatch.setattr(kernel, "configs", triton_kernels.w4_tc_configs((pairs,), tiles))
+    rng = np.random.default_rng(1)
+    for n, k in ((400, 1024), (256, 8192)):
+        p = quant.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05 + 0.01, "int4", group_size=group)
+        packed = quant_cuda.prepare(p, depth=4, kernel="triton")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ torch.from_numpy(quant.dequantize(p)).cuda().T
+        for config in kernel.configs:  # each tile (the autotuner would time them and keep one)
+            monkeypatch.setattr(kernel, "configs", [config])
+            kernel.cache.clear()
+            got = triton_kernels.w4_linear(x, *packed.tensors, packed.group_size, False, packed.splits, f16x2=False)
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    kernel.cache.clear()
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_packed_weight_sets_compile_and_replay(tiny_llama, tmp_path, compile):
     """A plan on a packed weight set (int4 and int8 from a quant.py file) is captured like a full one (and

@@ -1,5 +1,5 @@
 """The CUDA decode GEMVs' fp16-pair arithmetic, run on the CPU: the PTX the kernels inline (f16x2.I8_DOT,
-f16x2.W4_DOT, f16x2.N8_DOT) through f16x2.emulate, and the x prep. Codes must come out exact for every byte value in every
+f16x2.W4_DOT, f16x2.N8_DOT, f16x2.W4_BF16) through f16x2.emulate, and the x prep. Codes must come out exact for every byte value in every
 position of a word, and dots must match float64 to fp16 rounding."""
 
 import numpy as np
@@ -118,6 +118,65 @@ def test_dots_match_float64_to_fp16_rounding(seed):
     for got, high, xx in ((lo, False, xl), (hi, True, xh)):
         c = np.stack([nested8(w, r, i, high) for i in range(4)], -1)
         assert np.all(np.abs(lanes(got).sum(-1) - (c * xx).sum(-1)) <= bound(c, xx))
+
+
+def bf16_pair(a, b) -> np.ndarray:
+    """uint32 words holding the bf16 pairs (a, b), each rounded once from float64."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return f16x2._bf16_bits(a) | f16x2._bf16_bits(b) << np.uint32(16)
+
+
+def bf16_lanes(words: np.ndarray) -> np.ndarray:
+    """[..., 2] float64: the bf16 pair of each word."""
+    w = words.astype(np.uint32)
+    return np.stack([(w << np.uint32(16)).view(np.float32), (w & np.uint32(0xFFFF0000)).view(np.float32)],
+                    -1).astype(np.float64)
+
+
+def test_bf16_weights_are_exact_codes_in_every_position():
+    """Scale 1 and min 0: each of the 4 bytes' low nibble (a low column) and high nibble (a high one) comes out as
+    its code, element i in lane i % 2 of word i // 2."""
+    w = every_byte_everywhere()
+    one, zero = bf16_pair(1, 1), bf16_pair(0, 0)
+    lo0, lo1, hi0, hi1 = f16x2.emulate(f16x2.W4_BF16, 4, w, one, one, zero, zero, one, one, zero, zero)
+    low = [(byte(w, i) & 15).astype(np.float64) for i in range(4)]
+    high = [(byte(w, i) >> np.uint32(4)).astype(np.float64) for i in range(4)]
+    np.testing.assert_array_equal(bf16_lanes(lo0), np.stack(low[:2], -1))
+    np.testing.assert_array_equal(bf16_lanes(lo1), np.stack(low[2:], -1))
+    np.testing.assert_array_equal(bf16_lanes(hi0), np.stack(high[:2], -1))
+    np.testing.assert_array_equal(bf16_lanes(hi1), np.stack(high[2:], -1))
+
+
+def test_bf16_weights_scale_each_element_by_its_own_scale_and_min():
+    """code * scale + min, rounded once to bf16 from the bf16 scale and min, each element with the scale and
+    min of its own lane (the low columns' and the high columns' apart)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    s = rng.uniform(1e-4, 0.1, size=(4, 4096)) * rng.choice([-1, 1], size=(4, 4096))
+    m = -8 * np.abs(s) * rng.uniform(0, 1.5, size=(4, 4096))
+    sp = [bf16_pair(s[2 * j], s[2 * j + 1]) for j in range(2)]  # low columns' pairs (elements 0-1, 2-3)
+    mp = [bf16_pair(m[2 * j], m[2 * j + 1]) for j in range(2)]
+    sh, mh = [bf16_pair(-s[2 * j], m[2 * j + 1]) for j in range(2)], [bf16_pair(m[2 * j], s[2 * j + 1]) for j in range(2)]
+    out = f16x2.emulate(f16x2.W4_BF16, 4, w, *sp, *mp, *sh, *mh)
+    for k, (sc, mn, shift) in enumerate(((sp, mp, 0), (sh, mh, 4))):
+        for j in range(2):
+            codes = np.stack([(byte(w, 2 * j + i) >> np.uint32(shift) & 15).astype(np.float64) for i in range(2)], -1)
+            want = codes * bf16_lanes(sc[j]) + bf16_lanes(mn[j])
+            np.testing.assert_array_equal(bf16_lanes(out[2 * k + j]), bf16_lanes(bf16_pair(want[:, 0], want[:, 1])))
+
+
+def test_bf16_rounding_is_once_to_nearest_even():
+    v = np.array([1.0, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-8 + 2.0**-40, -(1 + 2.0**-8), 3.0e38 * 1.0001])
+    got = (f16x2._bf16_bits(v) << np.uint32(16)).view(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(got[:5], [1.0, 1.0, 1 + 2.0**-6, 1 + 2.0**-7, -1.0])  # ties to even, one rounding
+    assert got[5] == float(torch.tensor(3.0e38 * 1.0001, dtype=torch.float64).to(torch.bfloat16))
+
+
+def test_prmt_selects_and_smears_bytes():
+    a, b = np.array([0x04838281], np.uint32), np.array([0x88078685], np.uint32)
+    assert f16x2._prmt(a, np.uint32(0), np.uint32(0x4140))[0] == 0x00820081
+    assert f16x2._prmt(a, b, np.uint32(0x7654))[0] == 0x88078685
+    assert f16x2._prmt(a, b, np.uint32(0xB2A0))[0] == 0x0083FF81  # bit 3: the selected byte's sign, smeared
 
 
 def test_emulate_refuses_an_instruction_it_does_not_know():

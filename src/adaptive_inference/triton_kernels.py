@@ -15,7 +15,10 @@ w4_linear: the same for 4-bit codes with a per-group fp16 (scale, min), w = code
 prepare time so that byte j of a row holds the codes of columns j (low nibble) and j + K/2 (high): one load
 gives two column tiles of x. With a second plane of residual codes (the nested format read at depth 8) the
 code is code * 16 + residual on a scale / 16 grid centred by 7.5 steps: 1 byte per weight, like int8.
-The dequantization happens in registers, group by group, before the dot.
+The dequantization happens in registers, group by group, before the dot: in fp32 a weight at a time, or (PAIRS,
+autotuned beside it where ADAPTIVE_INFERENCE_W4_PAIRS=1) in bf16 pairs, f16x2.W4_BF16: ~2 instructions a weight
+against ~7, the scale and min rounded to bf16 first (a rounding error ~7% of the quantization error's rms, not
+~2%: the output's error from 0.17% to 0.55% of its norm beside the quantization's 7.8%, 8B-like weights, group 32).
 
 The CUDA-core kernels (decode: up to GEMV_ROWS rows) read int8 and 4-bit codes as int32 words and make floats
 of them with _magic (mask in place, OR into the bits of 2**23, one float subtract) instead of an
@@ -39,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
-from .f16x2 import I8_DOT, N8_DOT, W4_DOT, prep_x
+from .f16x2 import I8_DOT, N8_DOT, W4_BF16, W4_DOT, prep_x
 from .gated_linear_op import add_partials, partials_dtype
 
 # the interpreter (TRITON_INTERPRET=1, CPU tests of the kernels) emulates bf16 dots wrongly and cannot
@@ -356,17 +359,79 @@ def _dequant_dot(acc, codes, xs, scales, GROUP: tl.constexpr, DOT_DTYPE: tl.cons
     return acc + tl.dot(xs.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
 
 
-# the tensor-core 4-bit kernel's: K tiles of at most 256 columns, the next tile's scales loaded a tile ahead or not
-# (the pipeliner streams the codes and x, which feed the dot, but not the scales: a load a tile in the loop)
-_W4_TC_CONFIGS = [triton.Config({**c.kwargs, "PREFETCH": p}, num_warps=c.num_warps, num_stages=c.num_stages)
-                  for p in (1, 0) for c in _CONFIGS if c.kwargs["BLOCK_K"] <= 256 or INTERPRET][:_TILES]
+_W4_BF16 = tl.constexpr(W4_BF16)
+_ASM = tl.constexpr(not INTERPRET)  # inline PTX (the interpreter runs none: the same arithmetic in tl ops there)
 
 
-@triton.autotune(configs=_W4_TC_CONFIGS, key=["N", "K", "SPLITS", "NESTED"])
+@triton.jit
+def _bf16_weights(c, sc, mn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ASM: tl.constexpr):
+    """The low and high columns' bf16 weights of a [BLOCK_N, BLOCK_K] tile of code bytes c (uint8), their groups'
+    scales and mins sc, mn = ((scale, min) of the low columns, of the high ones), each [BLOCK_N, BLOCK_K / GROUP]
+    float32: code * scale + min in bf16 arithmetic on pairs (f16x2.W4_BF16; scale and min rounded to bf16 first).
+    ASM False (the interpreter, whose bf16 rounding is not the GPU's): the same in fp32, unrounded."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    shape: tl.constexpr = (BLOCK_N, NG, GROUP)
+    c = tl.reshape(c, shape)
+    dt: tl.constexpr = tl.bfloat16 if ASM else tl.float32
+    s_lo = tl.broadcast_to(sc[0].to(dt)[:, :, None], shape)
+    m_lo = tl.broadcast_to(mn[0].to(dt)[:, :, None], shape)
+    s_hi = tl.broadcast_to(sc[1].to(dt)[:, :, None], shape)
+    m_hi = tl.broadcast_to(mn[1].to(dt)[:, :, None], shape)
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_W4_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [c, s_lo, m_lo, s_hi, m_hi],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        lo = (c & 15).to(tl.float32) * s_lo + m_lo
+        hi = (c >> 4).to(tl.float32) * s_hi + m_hi
+    return tl.reshape(lo, (BLOCK_N, BLOCK_K)), tl.reshape(hi, (BLOCK_N, BLOCK_K))
+
+
+# ADAPTIVE_INFERENCE_W4_PAIRS=1: the tensor-core 4-bit kernel's autotuner also tries the weights made in bf16
+# pairs (_bf16_weights); off by default until a GPU has checked and timed it (scripts/gpu_kernel_checks.sh)
+W4_PAIRS = os.environ.get("ADAPTIVE_INFERENCE_W4_PAIRS", "0")
+if W4_PAIRS not in ("0", "1"):
+    raise ValueError(f"ADAPTIVE_INFERENCE_W4_PAIRS must be 0 or 1, got {W4_PAIRS!r}")
+
+
+# its tiles (BLOCK_N, BLOCK_K, warps, stages): _CONFIGS' with K tiles of at most 256 columns, which all compile to
+# 254-255 registers a thread for sm_90 (8 warps an SM), and smaller ones that leave room for 12-28 warps
+# (scripts/kernel_sass.py --kernels t4 t4b; a group may not span two K tiles: _w4_prune)
+_W4_TC_TILES = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in _CONFIGS
+                if c.kwargs["BLOCK_K"] <= 256 or INTERPRET] + [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+                                                               (128, 64, 4, 4), (32, 64, 4, 4)]
+
+
+def w4_tc_configs(pairs: tuple[int, ...], tiles: list[tuple[int, int, int, int]] | None = None) -> list:
+    """The tensor-core 4-bit kernel's configurations over tiles (default _W4_TC_TILES, cut to
+    ADAPTIVE_INFERENCE_TRITON_TILES): the next tile's scales loaded a tile ahead or not (the pipeliner streams the
+    codes and x, which feed the dot, but not the scales: a load a tile in the loop), the codes made weights in fp32
+    one at a time or (PAIRS 1, depth 4 only) in bf16 pairs."""
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": p, "PAIRS": d}, num_warps=w, num_stages=st)
+               for d in pairs for p in (1, 0) for bn, bk, w, st in (tiles or _W4_TC_TILES)]
+    return configs if tiles else configs[:_TILES]
+
+
+_W4_TC_CONFIGS = w4_tc_configs((1, 0) if W4_PAIRS == "1" else (0,))
+
+
+def _w4_prune(configs, named_args, **kwargs):
+    """K tiles of at least a group; no PAIRS form for the nested read (depth 8: its 8-bit codes are not exact in a
+    bf16 mantissa; a PAIRS-only list falls back to its tiles' fp32 form there)."""
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] >= kwargs["GROUP"]]
+    if not fit:
+        raise ValueError(f"_w4_kernel: no tile of its list has BLOCK_K >= the group size {kwargs['GROUP']}")
+    kept = [c for c in fit if not (kwargs["NESTED"] and c.kwargs["PAIRS"])]
+    return kept or [triton.Config({**c.kwargs, "PAIRS": 0}, num_warps=c.num_warps, num_stages=c.num_stages)
+                    for c in fit]
+
+
+@triton.autotune(configs=_W4_TC_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"],
+                 prune_configs_by={"early_config_prune": _w4_prune})
 @triton.jit
 def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-               NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+               NESTED: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PAIRS: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     H = K // 2  # packed columns; column j of the low half pairs with column j + H of the high half
     G = K // GROUP
@@ -384,12 +449,18 @@ def _w4_kernel(x_ptr, c_ptr, r_ptr, s_ptr, m_ptr, y_ptr, M, N, K, SPLITS: tl.con
             s_lo = _scales(s_ptr, m_ptr, rn, k0 // GROUP, N, G, GROUP, NESTED, BLOCK_K)
             s_hi = _scales(s_ptr, m_ptr, rn, (k0 + H) // GROUP, N, G, GROUP, NESTED, BLOCK_K)
         rk = k0 + tl.arange(0, BLOCK_K)
-        lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
         xm = (rm[:, None] < M) & (rk[None, :] < H)
         x_lo = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=xm, other=0.0)
         x_hi = tl.load(x_ptr + rm[:, None] * K + H + rk[None, :], mask=xm, other=0.0)
-        acc = _dequant_dot(acc, lo, x_lo, s_lo, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
-        acc = _dequant_dot(acc, hi, x_hi, s_hi, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
+        if PAIRS and not NESTED:  # (an autotuner of one configuration prunes nothing)
+            c = tl.load(c_ptr + rn[:, None] * H + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < H), other=0)
+            lo, hi = _bf16_weights(c, (s_lo[0], s_hi[0]), (s_lo[1], s_hi[1]), GROUP, BLOCK_N, BLOCK_K, _ASM)
+            acc += tl.dot(x_lo.to(DOT_DTYPE), tl.trans(lo.to(DOT_DTYPE)))
+            acc += tl.dot(x_hi.to(DOT_DTYPE), tl.trans(hi.to(DOT_DTYPE)))
+        else:
+            lo, hi = _codes(c_ptr, r_ptr, rn, rk, N, H, NESTED)
+            acc = _dequant_dot(acc, lo, x_lo, s_lo, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
+            acc = _dequant_dot(acc, hi, x_hi, s_hi, GROUP, DOT_DTYPE, BLOCK_N, BLOCK_K)
         if PREFETCH:
             s_lo, s_hi = nxt_lo, nxt_hi
     tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
