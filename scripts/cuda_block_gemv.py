@@ -3,9 +3,10 @@
 beside gluon_block's Gluon one: microseconds in a CUDA graph over >= 1 GiB of weight copies, share of the
 measured read bandwidth, largest error against the fp32 arithmetic of the weights as dequantized; per kernel the
 line through its two depths' times (1.8x the bytes): a fixed part and a marginal rate. --rows 1 8 --kernels
-triton matmul --int8: the separate ops' matmul alone beside the block kernel (at 8 rows: the tensor-core kernels
-the separate ops take above 4 rows), int8 too. --profile under `ncu --profile-from-start off`: each timed kernel's
-hardware counters (scripts/gpu_kernel_checks.sh's ncu step).
+triton matmul matmul-pairs --int8: the separate ops' matmul alone beside the block kernel (at 8 rows: the
+tensor-core kernels the separate ops take above 4 rows, their 4-bit weights made in fp32 or in bf16 pairs), int8
+too. --profile under `ncu --profile-from-start off`: each timed kernel's hardware counters
+(scripts/gpu_kernel_checks.sh's ncu step).
 
     python scripts/cuda_block_gemv.py --shapes llama3-8b [--out F]
 """
@@ -65,8 +66,9 @@ def fixed_and_marginal(row: dict) -> dict:
 
 
 def op(form: str, group: int, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
-    """fn(x, packed tensors): w4_block in this block form ("matmul": x @ w.T alone, the separate ops' kernel)."""
-    if kernel == "matmul":
+    """fn(x, packed tensors): w4_block in this block form ("matmul": x @ w.T alone, the separate ops' kernel;
+    "matmul-pairs": the same with the tensor-core kernel's weights made in bf16 pairs)."""
+    if kernel.startswith("matmul"):
         return lambda x, t: tk.w4_linear(x, t[0], t[1] if t[1].numel() else t[0], t[2], t[3], group, bool(t[1].numel()))
     if form == "add":
         return lambda x, t: w4_block(x, *t, group, residual=r, kernel=kernel)
@@ -80,6 +82,14 @@ def op8(form: str, lnw: torch.Tensor, r: torch.Tensor, kernel: str):
     if form == "add":
         return lambda x, t: w8_block(x, *t, residual=r)
     return lambda x, t: w8_block(x, *t, lnw=lnw, eps=1e-5, glu=form == "norm_glu")
+
+
+def runs(kernel: str, m: int, depth: int) -> bool:
+    """The block kernels take up to GEMV_ROWS rows of x, matmul any; matmul-pairs is the tensor-core kernel's
+    other way (above GEMV_ROWS rows, depth 4)."""
+    if kernel == "matmul-pairs":
+        return m > tb.GEMV_ROWS and depth == 4
+    return kernel == "matmul" or m <= tb.GEMV_ROWS
 
 
 def timed(fn, x, t, ref, replays: int, bw: float) -> dict:
@@ -106,8 +116,9 @@ def main() -> None:
     ap = parser(__doc__)
     ap.set_defaults(matrices=list(FORMS))
     ap.add_argument("--kernels", nargs="+", default=["triton", "gluon-serial", "gluon"],
-                    choices=["triton", "gluon-serial", "gluon", "matmul"],
-                    help="matmul: x @ w.T alone through the separate ops' kernel (above 4 rows: tensor cores)")
+                    choices=["triton", "gluon-serial", "gluon", "matmul", "matmul-pairs"],
+                    help="matmul: x @ w.T alone through the separate ops' kernel (above 4 rows: tensor cores, "
+                         "their weights made in fp32; matmul-pairs: in bf16 pairs, triton_kernels.W4_PAIRS)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1],
                     help="rows of x (decode batch), each timed; the block kernels take up to 4, matmul any")
     ap.add_argument("--int8", action="store_true", help="also the int8 block GEMV (triton) and matmul")
@@ -141,10 +152,17 @@ def main() -> None:
                     t = packed(n, k, depth, a.group)
                     w = block_op.w4_dequantize(*t, a.group)
                     ref = reference(x, lnw, w, form, r)
-                    for kernel in [kn for kn in a.kernels if m <= tb.GEMV_ROWS or kn == "matmul"]:
-                        want = x.float() @ w.T if kernel == "matmul" else ref
+                    for kernel in [kn for kn in a.kernels if runs(kn, m, depth)]:
+                        want = x.float() @ w.T if kernel.startswith("matmul") else ref
                         fn = op(form, a.group, lnw, r, kernel)
+                        tc = kernel.startswith("matmul") and m > tb.GEMV_ROWS
+                        if tc:  # the tensor-core kernel, autotuned afresh over one way of making its weights
+                            tk._w4_kernel.configs = tk.w4_tc_configs((int(kernel == "matmul-pairs"),))
+                            tk._w4_kernel.cache.clear()
                         row[f"{kernel}{tag}_d{depth}"] = timed(fn, x, t, want, a.replays, bw)
+                        if tc:
+                            row[f"{kernel}{tag}_d{depth}"]["tile"] = [
+                                {k: str(v) for k, v in cfg.all_kwargs().items()} for cfg in tk._w4_kernel.cache.values()]
                         if a.profile:
                             profiled(fn, x, t)
                     del t, w

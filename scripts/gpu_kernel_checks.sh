@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The CUDA kernel checks a borrowed GPU runs first, most important first, each under its own time limit so that
 # one call of at most ~10 minutes brings back whatever finished: the kernels' GPU tests, the 4-bit block GEMVs
-# alone (Triton beside the persistent Gluon kernel), the 4-bit techniques with the faster of the two in the decode
-# path, Nsight Compute's counters of gate_up's kernels, and the batch-8 matmuls. Logs and JSON go to $OUT (one
-# file a step). STEPS picks steps (default: all; they run in this order).
+# alone (Triton beside the persistent Gluon kernel), the batch-8 matmuls, the 4-bit techniques with the faster of
+# the two block kernels in the decode path, and Nsight Compute's counters of gate_up's kernels. Logs and JSON go
+# to $OUT (one file a step; summary.md: their tables and what they decide, scripts/gpu_checks_summary.py, which
+# also runs on the CPU machine over what came back if the call's limit cut it). STEPS picks steps (default: all;
+# they run in this order).
 #   OUT=/tmp/k bash scripts/gpu_kernel_checks.sh
 #   OUT=/tmp/k STEPS="tests gemv" bash scripts/gpu_kernel_checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results are written to}"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
-STEPS=${STEPS:-"tests gemv techniques ncu batch8"}
+STEPS=${STEPS:-"tests gemv batch8 techniques ncu"}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 
@@ -24,8 +26,12 @@ step() {  # name, seconds, command...
   tail -n 4 "$OUT/$name.log"
 }
 
-step tests 150 python -m pytest -q -x tests/test_cuda_graphs.py -k "w4_block_kernel or w8_block or packed_linear"
+step tests 180 python -m pytest -q -x tests/test_cuda_graphs.py \
+  -k "w4_block_kernel or w8_block or packed_linear or tensor_core_4bit"
 step gemv 100 python scripts/cuda_block_gemv.py --shapes llama3-8b --out "$OUT/block_gemv.json"
+# batch 8: the separate ops' matmuls alone (the tensor-core 4-bit kernel's weights made in fp32 or in bf16 pairs)
+step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul matmul-pairs \
+  --depths 4 --int8 --out "$OUT/block_gemv_batch8.json"
 # the techniques with whichever 4-bit block kernel the gemv step found faster over the four matrices at both depths:
 # the Gluon one on the 8B shape (would it be the default?), else the Triton default on the 14B shape
 faster=$(python - "$OUT/block_gemv.json" <<'PY'
@@ -48,11 +54,11 @@ else
     --configs int4-block gears-lag --packed int4-block nested4-block nested8-block --batches 1 --repeats 3 \
     --out "$OUT/techniques_14b_triton.json"
 fi
-# Nsight Compute on gate_up's kernels (Triton and Gluon at 1 row, the tensor-core kernel at 8): where their time goes
+# Nsight Compute on gate_up's kernels (Triton and Gluon at 1 row, the tensor-core kernel at 8, its weights made in
+# fp32 and in bf16 pairs): where their time goes
 NCU_SECTIONS="SpeedOfLight MemoryWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -n 1)
 step ncu 100 "${NCU:-ncu}" --profile-from-start off --clock-control none --log-file "$OUT/ncu_gate_up.txt" \
   $(printf -- "--section %s " $NCU_SECTIONS) python scripts/cuda_block_gemv.py --shapes llama3-8b --matrices gate_up \
-  --rows 1 8 --kernels triton gluon matmul --depths 4 --profile --out "$OUT/block_gemv_ncu.json"
-step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul --depths 4 \
-  --int8 --out "$OUT/block_gemv_batch8.json"
+  --rows 1 8 --kernels triton gluon matmul matmul-pairs --depths 4 --profile --out "$OUT/block_gemv_ncu.json"
+python scripts/gpu_checks_summary.py "$OUT" > "$OUT/summary.md" 2>&1  # the tables and what they decide

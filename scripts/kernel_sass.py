@@ -1,5 +1,6 @@
 """Instructions a weight in the K loop of the block ops' Triton kernels, compiled for sm_90 on this machine (no GPU
-needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes them: the pointers, N and K
+needed: Triton's bundled ptxas, nvdisasm and cuobjdump), by opcode, and each kernel's registers a thread, shared
+memory and the warps an SM can hold by both. Compiled as a launch specializes them: the pointers, N and K
 16-byte aligned (without that every code word loads alone and the counts run about twice too high).
 
     pip install triton==3.6.0   # with its CUDA tools; torch's CPU wheel does not bring it
@@ -8,7 +9,8 @@ needed: Triton's bundled ptxas and nvdisasm). Compiled as a launch specializes t
 
 w8, w4, w4n: triton_block's int8, 4-bit and nested (depth 8) kernels; g4, g4n: gluon_block's 4-bit kernel at
 depth 4 and 8 (tiles ROWSxWARPS, one K a compile); t4, t4p: triton_kernels' tensor-core 4-bit kernel (batch >
-4; --tiles 32x256 --warps 4 --stages 4 as its first autotune tile), the scales loaded where used or a tile ahead.
+4; --tiles 32x256 --warps 4 --stages 4 as its first autotune tile), the scales loaded where used or a tile ahead;
+t4b, t4bp: the same with its weights made in bf16 pairs (PAIRS, f16x2.W4_BF16).
 """
 
 import argparse
@@ -59,16 +61,23 @@ def loop_body(sass: str) -> list[str]:
     return max(bodies, key=len) if bodies else []
 
 
-def compile_sass(src, warps: int, stages: int) -> str:
+def compile_sass(src, warps: int, stages: int) -> tuple[str, dict]:
+    """(SASS, resources): registers a thread, shared memory, and the warps an SM holds at most by both (sm_90:
+    64K registers, 228 KiB shared memory, 64 warps)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    regs, smem = int(re.search(r"REG:(\d+)", usage).group(1)), compiled.metadata.shared
+    ctas = min(65536 // (-(-regs // 8) * 8 * 32 * warps), 228 * 1024 // max(smem, 1), 64 // warps)
+    return sass, {"regs": regs, "smem_kib": round(smem / 1024), "warps_an_sm": ctas * warps}
 
 
 def source(fn, sig: dict, consts: dict, aligned: tuple[str, ...], gluon: bool = False):
@@ -81,10 +90,12 @@ def source(fn, sig: dict, consts: dict, aligned: tuple[str, ...], gluon: bool = 
                                                                          for k, v in consts.items()}, attrs=attrs)
 
 
-def per_weight(sass: str, weights: int, warps: int) -> tuple[float, dict]:
+def per_weight(compiled: tuple[str, dict], weights: int, warps: int) -> tuple[float, dict]:
+    """(instructions a weight in the K loop, its opcode counts and the kernel's resources)."""
+    sass, res = compiled
     body = loop_body(sass)
     ops = collections.Counter(op.split(".")[0] for op in body)
-    return len(body) * 32 * warps / weights, {k: ops[k] for k in OPS if ops[k]}
+    return len(body) * 32 * warps / weights, {**{k: ops[k] for k in OPS if ops[k]}, **res}
 
 
 def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, group: int) -> tuple[float, dict]:
@@ -99,7 +110,8 @@ def count(kernel: str, form: str, bn: int, bk: int, warps: int, stages: int, gro
     return per_weight(sass, weights, warps)
 
 
-def count_tensor_core(bn: int, bk: int, warps: int, stages: int, group: int, prefetch: int) -> tuple[float, dict]:
+def count_tensor_core(bn: int, bk: int, warps: int, stages: int, group: int, prefetch: int,
+                      pairs: int = 0) -> tuple[float, dict]:
     """triton_kernels' tensor-core 4-bit kernel (above 4 rows of x; a 16-row tile): all 16 rows' instructions."""
     import triton.language as tl
 
@@ -110,7 +122,7 @@ def count_tensor_core(bn: int, bk: int, warps: int, stages: int, group: int, pre
            "M": "i32", "N": "i32", "K": "i32"}
     sig = {n: sig.get(n, "constexpr") for n in fn.arg_names}
     consts = {"SPLITS": 1, "GROUP": group, "NESTED": 0, "DOT_DTYPE": tl.bfloat16, "BLOCK_M": 16, "BLOCK_N": bn,
-              "BLOCK_K": bk, "PREFETCH": prefetch}
+              "BLOCK_K": bk, "PREFETCH": prefetch, "PAIRS": pairs}
     sass = compile_sass(source(fn, sig, consts, ("N", "K")), warps, stages)
     return per_weight(sass, bn * bk * 2, warps)  # BLOCK_K packed bytes: 2 weights each
 
@@ -128,7 +140,7 @@ def count_gluon(kernel: str, form: str, rows: int, warps: int, k: int, group: in
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n", "t4", "t4p"),
+    ap.add_argument("--kernels", nargs="+", choices=("w8", "w4", "w4n", "g4", "g4n", "t4", "t4p", "t4b", "t4bp"),
                     default=["w4", "w4n"])
     ap.add_argument("--forms", nargs="+", choices=tuple(FORMS), default=list(FORMS))
     ap.add_argument("--tiles", nargs="+", default=["16x512", "32x512"], help="BLOCK_NxBLOCK_K (triton_block's)")
@@ -145,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue  # no block forms: a plain matmul
                 for tile in args.tiles:
                     bn, bk = (int(v) for v in tile.split("x"))
-                    got, ops = count_tensor_core(bn, bk, args.warps, args.stages, args.group, int(kernel == "t4p"))
+                    got, ops = count_tensor_core(bn, bk, args.warps, args.stages, args.group,
+                                                 int(kernel.endswith("p")), int(kernel.startswith("t4b")))
                     print(f"{kernel:4s} {'matmul':10s} {tile:8s} {got:5.2f} instructions a weight  {ops}")
                 continue
             if kernel.startswith("g"):
