@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 # the counters of ncu's text report worth a row (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, ...)
-NCU_METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate", "Registers Per Thread",
+NCU_METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Cache Throughput", "L1/TEX Cache Throughput",
+               "Compute (SM) Throughput", "L2 Hit Rate", "Registers Per Thread",
                "Theoretical Occupancy", "Achieved Occupancy", "Block Limit Registers", "Block Limit Shared Mem",
                "Warp Cycles Per Issued Instruction", "Issue Slots Busy", "Grid Size", "Block Size")
 NCU_KERNEL = re.compile(r"^\s{0,4}(\w+)\s+\((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\)")

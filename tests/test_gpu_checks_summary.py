@@ -19,6 +19,7 @@ NCU = """==PROF== Connected to process 4242
     Metric Name             Metric Unit Metric Value
     ----------------------- ----------- ------------
     DRAM Throughput                   %        30.12
+    Compute (SM) Throughput           %        41.50
     Duration                         us        77.60
     ----------------------- ----------- ------------
     Section: Occupancy
@@ -65,7 +66,7 @@ def test_tables_and_decisions_when_gluon_and_pairs_win(tmp_path):
     assert "| llama3-8b | int4-block | 300.0 | 1.800 | 3.200 | 0.51 | 0.50 |" in text
     assert "| llama3-8b | baseline | 300.0 | 1.000 | 1.000 | - | 0.50 |" in text
     assert ("- launch 0: _w4_kernel grid 896x1x1 block 128x1x1: Duration 77.60 us; DRAM Throughput 30.12 %; "
-            "Registers Per Thread 255 register/thread; Achieved Occupancy 11.90 %") in text
+            "Compute (SM) Throughput 41.50 %; Registers Per Thread 255 register/thread; Achieved Occupancy 11.90 %") in text
     assert "being stalled waiting for a scoreboard dependency" in text
     assert "- launch 1: _w4_block_kernel grid 1792x1x1 block 128x1x1: Duration 35.10 us" in text
     assert "fp32 weights 155.2 us, bf16 pairs 100.0 us" in text and "32x256p1 / 32x256p1" in text
