@@ -6,11 +6,10 @@ single-row decode is timed on first use (choose_layout). LAYER_SOURCE: the rest 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
-from .errors import UserError
+from .errors import env_choice
 
 SOURCE = r"""
 #include <algorithm>
@@ -284,10 +283,8 @@ def choose_layout(set_layout, one_pass, rounds: int = 5) -> str:
     over weights larger than the caches; the two orders alternate for `rounds` rounds (a shared machine's
     read speed drifts) and the lower median wins. $ADAPTIVE_INFERENCE_DENSE_LAYOUT (rows4 | sequential)
     fixes it instead. Both orders compute the same sums, so the choice moves speed, never a result."""
-    forced = os.environ.get(LAYOUT_ENV)
+    forced = env_choice(LAYOUT_ENV, tuple(LAYOUTS), None)
     if forced:
-        if forced not in LAYOUTS:
-            raise UserError(f"{LAYOUT_ENV}={forced!r}: expected one of {', '.join(LAYOUTS)}")
         set_layout(LAYOUTS[forced])
         return forced
     times = {name: [] for name in LAYOUTS}

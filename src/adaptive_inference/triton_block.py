@@ -8,13 +8,12 @@ pairs made in registers (no x prep launch; ASM on CUDA, emulated in fp32 in the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import block_op  # noqa: F401  (defines the ops this module gives CUDA kernels)
+from .errors import env_choice
 from .triton_kernels import (
     _GEMV_CONFIGS,
     _W4_GEMV_CONFIGS,
@@ -302,7 +301,8 @@ def _w4n_block_kernel(x_ptr, l_ptr, c_ptr, q_ptr, s_ptr, m_ptr, b_ptr, r_ptr, y_
 # which kernel runs the 4-bit block ops on a GPU: this module's Triton one (the measured default; the interpreter's:
 # Gluon has none) or gluon_block's, persistent and launched as a programmatic dependent, which no GPU has run yet
 # (ADAPTIVE_INFERENCE_W4_BLOCK=gluon, or gluon-serial: an ordinary launch; docs/measurements, 2026-12-07)
-W4_BLOCK_KERNEL = "triton" if INTERPRET else os.environ.get("ADAPTIVE_INFERENCE_W4_BLOCK", "triton")
+W4_BLOCK_KERNEL = "triton" if INTERPRET else env_choice("ADAPTIVE_INFERENCE_W4_BLOCK", ("triton", "gluon", "gluon-serial"),
+                                                         "triton")
 
 
 def w4_block(x: torch.Tensor, codes: torch.Tensor, plane: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import attention_op, gated_linear_op  # noqa: F401  (define the ops this module gives CUDA kernels)
+from .errors import env_choice
 from .f16x2 import I8_DOT, N8_DOT, W4_BF16, W4_DOT, prep_x
 from .gated_linear_op import add_partials, partials_dtype
 
@@ -389,9 +390,7 @@ def _bf16_weights(c, sc, mn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K
 
 # ADAPTIVE_INFERENCE_W4_PAIRS=1: the tensor-core 4-bit kernel's autotuner also tries the weights made in bf16
 # pairs (_bf16_weights); off by default until a GPU has checked and timed it (scripts/gpu_kernel_checks.sh)
-W4_PAIRS = os.environ.get("ADAPTIVE_INFERENCE_W4_PAIRS", "0")
-if W4_PAIRS not in ("0", "1"):
-    raise ValueError(f"ADAPTIVE_INFERENCE_W4_PAIRS must be 0 or 1, got {W4_PAIRS!r}")
+W4_PAIRS = env_choice("ADAPTIVE_INFERENCE_W4_PAIRS", ("0", "1"), "0")
 
 
 # its tiles (BLOCK_N, BLOCK_K, warps, stages): _CONFIGS' with K tiles of at most 256 columns, which all compile to
