@@ -130,7 +130,14 @@ def main() -> None:
     ap.add_argument("--triton-tiles", nargs="+", default=["8x512"],
                     help="autotune the Triton kernels over these BLOCK_NxBLOCK_K tiles only (all: 'all'; on an H100 "
                          "their autotuner took 8x512 for every 4-bit shape, docs/measurements 2026-12-07)")
+    ap.add_argument("--tc-tiles", nargs="+", default=["all"],
+                    help="autotune the tensor-core 4-bit kernel (matmul above 4 rows) over these BLOCK_NxBLOCK_K tiles "
+                         "of its list only (each tile two compiles a way, the scales a tile ahead or not: 'all' is 9 tiles, 18)")
     a = ap.parse_args()
+    tc_tiles = [t for t in tk._W4_TC_TILES if a.tc_tiles == ["all"] or f"{t[0]}x{t[1]}" in a.tc_tiles]
+    if not tc_tiles:
+        raise SystemExit(f"--tc-tiles {' '.join(a.tc_tiles)}: none of the kernel's tiles "
+                         f"({' '.join(f'{t[0]}x{t[1]}' for t in tk._W4_TC_TILES)})")
     if a.triton_tiles != ["all"]:
         for kern in (tb._w4_block_kernel, tb._w4n_block_kernel):
             kern.configs = [c for c in kern.configs if f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}" in a.triton_tiles]
@@ -157,7 +164,7 @@ def main() -> None:
                         fn = op(form, a.group, lnw, r, kernel)
                         tc = kernel.startswith("matmul") and m > tb.GEMV_ROWS
                         if tc:  # the tensor-core kernel, autotuned afresh over one way of making its weights
-                            tk._w4_kernel.configs = tk.w4_tc_configs((int(kernel == "matmul-pairs"),))
+                            tk._w4_kernel.configs = tk.w4_tc_configs((int(kernel == "matmul-pairs"),), tc_tiles)
                             tk._w4_kernel.cache.clear()
                         row[f"{kernel}{tag}_d{depth}"] = timed(fn, x, t, want, a.replays, bw)
                         if tc:

@@ -30,8 +30,9 @@ step tests 200 python -m pytest -q -x tests/test_cuda_graphs.py \
   -k "w4_block_kernel or w8_block or packed_linear or tensor_core_4bit"
 step gemv 100 python scripts/cuda_block_gemv.py --shapes llama3-8b --out "$OUT/block_gemv.json"
 # batch 8: the separate ops' matmuls alone (the tensor-core 4-bit kernel's weights made in fp32 or in bf16 pairs)
-step batch8 90 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul matmul-pairs \
-  --depths 4 --int8 --out "$OUT/block_gemv_batch8.json"
+# (four tiles, the old first one and three that hold 12-20 warps an SM: 16 compiles, not the whole list's 36)
+step batch8 150 python scripts/cuda_block_gemv.py --shapes llama3-8b --rows 1 8 --kernels triton matmul matmul-pairs \
+  --depths 4 --int8 --tc-tiles 32x256 64x128 64x64 128x64 --out "$OUT/block_gemv_batch8.json"
 # the techniques with whichever 4-bit block kernel the gemv step found faster over the four matrices at both depths:
 # the Gluon one on the 8B shape (would it be the default?), else the Triton default on the 14B shape
 faster=$(python - "$OUT/block_gemv.json" <<'PY'
@@ -64,7 +65,8 @@ ncu_step() {
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | tail -n 1)
   step ncu 100 "${ncu:-ncu}" --profile-from-start off --clock-control none --log-file "$OUT/ncu_gate_up.txt" \
     $(printf -- "--section %s " $sections) python scripts/cuda_block_gemv.py --shapes llama3-8b --matrices gate_up \
-    --rows 1 8 --kernels triton gluon matmul matmul-pairs --depths 4 --profile --out "$OUT/block_gemv_ncu.json"
+    --rows 1 8 --kernels triton gluon matmul matmul-pairs --depths 4 --tc-tiles 32x256 64x128 64x64 128x64 --profile \
+    --out "$OUT/block_gemv_ncu.json"
 }
 # a ~10-minute call reaches only one of the two: the techniques first where they would make Gluon the default (the
 # headline numbers), else the counters (the 14B rows can wait)
