@@ -112,6 +112,15 @@ def batch8(data: dict | None, shape: str = "llama3-8b") -> tuple[list[str], bool
     return lines, None
 
 
+STEPS = ("tests", "gemv", "batch8", "techniques", "ncu")  # gpu_kernel_checks.sh's
+
+
+def unfinished(steps_txt: str) -> list[str]:
+    """The steps of STEPS without an `exit 0` line in steps.txt (cut by the call's limit, timed out or failed)."""
+    done = {m.group(1) for m in re.finditer(r"^(\w+): exit 0 in", steps_txt, re.M)}
+    return [s for s in STEPS if s not in done]
+
+
 def summary(out: Path) -> str:
     parts = []
     for name in ("device.txt", "steps.txt"):
@@ -140,6 +149,10 @@ def summary(out: Path) -> str:
                    "--batches 8 --repeats 3")
     elif pairs_win is False:
         nxt.append("the bf16-pair weights were not faster at 8 rows: keep ADAPTIVE_INFERENCE_W4_PAIRS off")
+    left = unfinished((out / "steps.txt").read_text() if (out / "steps.txt").exists() else "")
+    if left:
+        nxt.append(f"steps that did not finish: a second call, OUT=$OUT STEPS=\"{' '.join(left)}\" bash "
+                   "scripts/gpu_kernel_checks.sh")
     parts.append("## next\n" + ("\n".join(f"- {n}" for n in nxt) or "(no decision: a step is missing)"))
     return "\n\n".join(parts) + "\n"
 

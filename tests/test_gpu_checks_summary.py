@@ -72,17 +72,28 @@ def test_tables_and_decisions_when_gluon_and_pairs_win(tmp_path):
     assert "fp32 weights 155.2 us, bf16 pairs 100.0 us" in text and "32x256p1 / 32x256p1" in text
     nxt = text.split("## next")[1]
     assert "make it triton_block.W4_BLOCK_KERNEL's default" in nxt and "default ADAPTIVE_INFERENCE_W4_PAIRS to 1" in nxt
+    assert 'STEPS="gemv batch8 techniques ncu"' in nxt  # steps.txt has only the tests' exit 0
+
+
+def test_steps_cut_or_failed_are_named_for_a_second_call():
+    steps = ("tests: exit 0 in 150 s (limit 200)\ngemv: exit 0 in 80 s (limit 100)\n"
+             "batch8: exit 124 in 150 s (limit 150)\nncu: exit 1 in 20 s (limit 100)\n")
+    assert summary.unfinished(steps) == ["batch8", "techniques", "ncu"]
+    assert summary.unfinished("") == list(summary.STEPS)
 
 
 def test_decisions_when_neither_wins_and_when_a_step_is_missing(tmp_path):
     write(tmp_path / "a", gluon_us=12.0, pairs_us=90.0)
+    (tmp_path / "a" / "steps.txt").write_text("".join(f"{s}: exit 0 in 1 s (limit 9)\n" for s in summary.STEPS))
     nxt = summary.summary(tmp_path / "a").split("## next")[1]
     assert "Triton 4-bit block kernel stays the default" in nxt and "keep ADAPTIVE_INFERENCE_W4_PAIRS off" in nxt
+    assert "did not finish" not in nxt
     write(tmp_path / "b", gluon_us=12.0, pairs_us=None)  # batch8 ran without matmul-pairs: no decision on pairs
     assert "ADAPTIVE_INFERENCE_W4_PAIRS" not in summary.summary(tmp_path / "b").split("## next")[1]
     (tmp_path / "c").mkdir()  # nothing came back
     text = summary.summary(tmp_path / "c")
-    assert "(no block_gemv.json: the gemv step did not finish)" in text and "(no decision: a step is missing)" in text
+    assert "(no block_gemv.json: the gemv step did not finish)" in text
+    assert 'STEPS="tests gemv batch8 techniques ncu"' in text.split("## next")[1]
     assert "(no ncu_gate_up.txt: the ncu step did not finish)" in text
 
 
