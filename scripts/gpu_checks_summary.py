@@ -145,8 +145,8 @@ def summary(out: Path) -> str:
     if pairs_win:
         nxt.append("the bf16-pair weights were faster at 8 rows: if the tests passed, default "
                    "ADAPTIVE_INFERENCE_W4_PAIRS to 1 and rerun the batch-8 rows: ADAPTIVE_INFERENCE_W4_PAIRS=1 python "
-                   "scripts/cuda_techniques.py --shapes llama3-8b --modes compiled --configs int4-block int8-block "
-                   "--batches 8 --repeats 3")
+                   "scripts/cuda_techniques.py --shapes llama3-8b --modes compiled --configs int8-block int4-block --packed "
+                   "int8-block int4-block --batches 1 8 --technique-batches 8 --repeats 3 (a cold machine: ~6 min)")
     elif pairs_win is False:
         nxt.append("the bf16-pair weights were not faster at 8 rows: keep ADAPTIVE_INFERENCE_W4_PAIRS off")
     left = unfinished((out / "steps.txt").read_text() if (out / "steps.txt").exists() else "")
