@@ -10,6 +10,13 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
+# Triton for its CPU interpreter only (tests/test_triton_interpreter.py: the CUDA kernels' logic without a GPU), kept
+# out of the venv's site-packages so that torch on the CPU never sees it; the version the GPU hosts run
+TRITON_DIR := $(VENV)/triton
+$(TRITON_DIR)/.installed: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --target $(TRITON_DIR) triton==3.6.0
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -32,7 +39,7 @@ dvc-repro: setup
 regenerate: setup
 	cd ci && PATH=$(CURDIR)/$(BIN):$$PATH adaptive-inference regenerate
 
-test: lint
+test: lint $(TRITON_DIR)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH pytest -q
 
 lint: setup
