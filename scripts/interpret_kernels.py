@@ -9,6 +9,8 @@ float64 use fp32 partial sums (split K) and the bf16 outputs a bf16 tolerance. C
   w4_gemv  the 4-bit GEMVs (up to GEMV_ROWS rows): fp32 words, fp16 pairs from prep_x, nested at depth 8
   w8       int8: the GEMV (fp32 and fp16 pairs) and the tensor-core path
   block    triton_block's int8 and 4-bit block GEMVs (RMS norm, SwiGLU, residual add) against block_op's ops
+  gates    the decisions taken on the device: matmul_partials' gated columns, select_linear's two heads
+  attention  the decode attention kernel (RoPE, the cache written at the step's slot, GQA) against attention_op
 
     pip install --no-deps --target .venv/triton triton==3.6.0   # `make test` does; torch's CPU wheel has none
     TRITON_INTERPRET=1 PYTHONPATH=.venv/triton python scripts/interpret_kernels.py [--only w4_tc ...]
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-CHECKS = ("w4_tc", "w4_gemv", "w8", "block")
+CHECKS = ("w4_tc", "w4_gemv", "w8", "block", "gates", "attention")
 EXACT, BF16 = 1e-5, 1.2e-2  # tolerances: fp32 partial sums against float64; a bf16 output against its reference
 
 
@@ -155,6 +157,60 @@ def check_block(rng):
                 got = w4_block(x, *t, group, lnw=lnw, eps=1e-5, glu=glu, kernel="triton")
                 want = block_op.w4_norm_linear(x.float(), lnw.float(), 1e-5, *t, group, torch.empty(0), glu)
             yield f"block w4 {fmt} group {group} {op} rows {m}", rel_err(got, want), BF16
+
+
+def check_gates(rng):
+    """The device-side decisions: matmul_partials' gated columns (zero, their weights unread, unless some row's flag
+    equals want) and select_linear (the vocab router's two heads, each computed only if some row takes it)."""
+    from adaptive_inference import triton_kernels as tk
+
+    n, k, gated = 96, 320, 40
+    w = bf16_x(rng, n, k, 0.05)
+    for m in (1, 3, 9):  # the CUDA-core GEMV and the tensor-core path
+        x = bf16_x(rng, m, k)
+        full = x.double() @ w.double().T
+        for flags in ([False] * m, [True] * m, [i % 2 == 0 for i in range(m)]):
+            run = torch.tensor(flags)
+            for want_flag in (True, False):
+                want = full.clone()
+                if want_flag not in flags:
+                    want[:, :gated] = 0
+                y = tk.matmul_partials(x, w, None, run, gated, 2, want_flag).sum(0)
+                yield f"gates matmul_partials rows {m} flags {flags} want {want_flag}", rel_err(y, want), EXACT
+    w_yes = bf16_x(rng, n, k, 0.05)
+    x = bf16_x(rng, 3, k)
+    for take in ([False] * 3, [True] * 3, [True, False, True]):
+        no, yes = tk.select_linear(x, w, w_yes, torch.tensor(take))
+        for got, ww, used in ((no, w, False in take), (yes, w_yes, True in take)):
+            want = x.double() @ ww.double().T if used else torch.zeros(3, n, dtype=torch.float64)
+            err = rel_err(got, want) if used else got.abs().max().item()
+            yield f"gates select_linear take {take} {'head used' if used else 'head skipped (zeros)'}", err, 1e-2
+
+
+def check_attention(rng):
+    """The decode attention kernel (RoPE, the cache's slot written, attention over the written slots, GQA) against
+    attention_op's torch ops, each on its own copy of the caches."""
+    from adaptive_inference import attention_op
+    from adaptive_inference import triton_kernels as tk
+
+    b, heads, kv_heads, d, slots = 2, 4, 2, 64, 100
+    for pos in (0, 37, 99):
+        qkv = bf16_x(rng, b, (heads + 2 * kv_heads) * d)
+        k_cache, v_cache = (bf16_x(rng, b * kv_heads * slots, d).reshape(b, kv_heads, slots, d) for _ in range(2))
+        bias = torch.full((b, slots), float("-inf"))
+        bias[:, :pos] = 0.0
+        angle = torch.from_numpy(rng.uniform(0, 6.3, d // 2).astype(np.float32)).repeat(2)[None]
+        cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+        positions = torch.tensor([pos])
+        ref = [t.clone() for t in (k_cache, v_cache, bias)]
+        want = attention_op.decode_attention(qkv, *ref, cos, sin, positions, heads, kv_heads)
+        got_caches = [t.clone() for t in (k_cache, v_cache, bias)]
+        got = tk._decode_attention_cuda(qkv, *got_caches, cos, sin, positions, heads, kv_heads)
+        yield f"attention pos {pos} output", rel_err(got, want), BF16
+        for name, g, r in zip(("k cache (RoPE'd: one rounding, the ops' several)", "v cache"), got_caches[:2], ref[:2],
+                              strict=True):
+            yield f"attention pos {pos} {name}", rel_err(g, r), BF16
+        yield f"attention pos {pos} bias (slots written)", float(not torch.equal(got_caches[2], ref[2])), 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
