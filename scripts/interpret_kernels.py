@@ -1,8 +1,9 @@
 """The CUDA decode's Triton kernels run in Triton's interpreter on the CPU (no GPU), each against float64 or the
-block ops' torch arithmetic: what tests/test_triton_interpreter.py runs in CI. The interpreter runs no inline PTX,
-so the kernels take their ASM-free forms (the same tiles, masks, groups, K slices and epilogues in fp32; the PTX
-itself is tests/test_f16x2.py's, through f16x2.emulate) and it rounds bf16 unlike a GPU, so the checks against
-float64 use fp32 partial sums (split K) and the bf16 outputs a bf16 tolerance. Checks:
+torch ops they stand for: what tests/test_triton_interpreter.py runs in CI. The interpreter runs no inline PTX, so
+the kernels take their ASM-free forms (the same tiles, masks, groups, K slices and epilogues in fp32; the PTX itself
+is tests/test_f16x2.py's, through f16x2.emulate), and their dots run in fp32 there (DOT_DTYPE): the checks against
+float64 read fp32 partial sums (split K), the bf16 outputs get a bf16 tolerance (the interpreter's fp32 -> bf16 is
+made to round as a GPU does: _interpreter_fix). Checks:
 
   w4_tc    the tensor-core 4-bit kernel (above GEMV_ROWS rows): every tile of its list, weights made in fp32 or
            (PAIRS) in bf16 pairs, the scales a tile ahead or not, groups 32 / 64 / 128
