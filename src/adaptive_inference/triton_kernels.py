@@ -415,14 +415,12 @@ _W4_TC_CONFIGS = w4_tc_configs((1, 0) if W4_PAIRS == "1" else (0,))
 
 
 def _w4_prune(configs, named_args, **kwargs):
-    """K tiles of at least a group; no PAIRS form for the nested read (depth 8: its 8-bit codes are not exact in a
-    bf16 mantissa; a PAIRS-only list falls back to its tiles' fp32 form there)."""
+    """K tiles of at least a group; for the nested read (depth 8: its 8-bit codes are not exact in a bf16 mantissa)
+    the PAIRS configurations are dropped where fp32 ones remain, as the kernel runs those for it anyway."""
     fit = [c for c in configs if c.kwargs["BLOCK_K"] >= kwargs["GROUP"]]
     if not fit:
         raise ValueError(f"_w4_kernel: no tile of its list has BLOCK_K >= the group size {kwargs['GROUP']}")
-    kept = [c for c in fit if not (kwargs["NESTED"] and c.kwargs["PAIRS"])]
-    return kept or [triton.Config({**c.kwargs, "PAIRS": 0}, num_warps=c.num_warps, num_stages=c.num_stages)
-                    for c in fit]
+    return [c for c in fit if not (kwargs["NESTED"] and c.kwargs["PAIRS"])] or fit
 
 
 @triton.autotune(configs=_W4_TC_CONFIGS, key=["N", "K", "SPLITS", "NESTED", "GROUP"],
